@@ -1,0 +1,1 @@
+"""Block devices: the contract every export is built on, and its implementations."""

@@ -1,0 +1,1 @@
+"""`qnbd` subcommands: one module each, with `add_parser(subparsers)` and `run(args)`."""

@@ -1,0 +1,109 @@
+"""The one seam for file access.
+
+Every byte the engines read or write goes through a `File`. Tests replace `open_file`
+(or wrap a `File`) to count calls or to simulate crashes: writes not yet fsynced can be
+dropped or torn, as a power cut would.
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import functools
+import os
+
+from .errors import ImageError
+
+# linux/falloc.h
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+class File:
+    """A positional-I/O file handle (no shared file offset)."""
+
+    def __init__(self, path: str, fd: int, writable: bool):
+        self.path = path
+        self.fd = fd
+        self.writable = writable
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Read up to `length` bytes; short only at end of file."""
+        data = os.pread(self.fd, length, offset)
+        if len(data) == length or not data:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < length:
+            more = os.pread(self.fd, length - got, offset + got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def preadinto(self, buf, offset: int) -> int:
+        """Fill `buf` (a writable buffer) from `offset`; returns bytes read (short at EOF)."""
+        view = memoryview(buf)
+        total = 0
+        while total < len(view):
+            n = os.preadv(self.fd, [view[total:]], offset + total)
+            if n == 0:
+                break
+            total += n
+        return total
+
+    def pwrite(self, data, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def fsync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def truncate(self, length: int) -> None:
+        os.ftruncate(self.fd, length)
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Give the space back to the filesystem; the range then reads as zeros.
+        Returns False (data untouched) where the filesystem cannot punch holes."""
+        try:
+            _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@functools.cache
+def _libc_fallocate():
+    # os.posix_fallocate cannot punch holes; fallocate(2) with its mode argument can.
+    fallocate = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    return fallocate
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc_fallocate()(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def open_file(path: str, writable: bool) -> File:
+    """Open `path` for positional I/O; errors become one-line ImageErrors."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise ImageError(f"Could not open '{path}': {e.strerror}") from None
+    return File(path, fd, writable)
