@@ -62,6 +62,15 @@ class File:
             view = view[n:]
             offset += n
 
+    def pwritev(self, buffers: list, offset: int) -> None:
+        if len(buffers) == 1:
+            self.pwrite(buffers[0], offset)
+            return
+        total = sum(len(b) for b in buffers)
+        written = os.pwritev(self.fd, buffers, offset)
+        if written < total:  # rare: finish the remainder byte-exactly
+            self.pwrite(memoryview(b"".join(buffers))[written:], offset + written)
+
     def fsync(self) -> None:
         os.fdatasync(self.fd)
 

@@ -1,0 +1,309 @@
+"""Host cluster management: qcow2.rst, "Host cluster management".
+
+A two-level structure: the refcount table (contiguous, in memory here) points to
+cluster-sized refcount blocks of `refcount_bits`-wide entries (cached). A cluster is free
+when its refcount is 0. Allocation takes the lowest free clusters; a region without a
+refcount block is entirely free, and its new block is placed on the region's first
+cluster so that it describes itself.
+
+Durability: refcount increments live in the cache until the L2 cache's barrier writes
+them back (rule 2). Decrements of clusters still referenced on disk are not done here
+directly by callers; the image queues them until the dropped reference is durable
+(rule 3), then calls `release`.
+"""
+
+import struct
+import sys
+from array import array
+from collections.abc import Callable
+
+from ..errors import CorruptImage, IOFailure
+from .cache import TableCache
+
+_SWAP = sys.byteorder == "little"
+_TYPECODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
+REFTABLE_ENTRY_RESERVED = 0x1FF
+_U64 = struct.Struct(">Q")
+
+
+class WordBlock:
+    """A refcount block of 8-, 16-, 32- or 64-bit entries, as a native array."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, raw: bytes, bits: int):
+        self.entries = array(_TYPECODES[bits], raw)
+        if _SWAP and bits > 8:
+            self.entries.byteswap()
+
+    def get(self, i: int) -> int:
+        return self.entries[i]
+
+    def set(self, i: int, value: int) -> None:
+        self.entries[i] = value
+
+    def find_zero(self, start: int) -> int:
+        try:
+            return self.entries.index(0, start)
+        except ValueError:
+            return -1
+
+    def encode(self) -> bytes:
+        if not _SWAP or self.entries.itemsize == 1:
+            return self.entries.tobytes()
+        out = array(self.entries.typecode, self.entries)
+        out.byteswap()
+        return out.tobytes()
+
+
+class SubByteBlock:
+    """A refcount block of 1-, 2- or 4-bit entries; qcow2.rst: "bit 0 means the least
+    significant bit", so entry i sits at bit (i * bits) % 8 of byte (i * bits) // 8."""
+
+    __slots__ = ("data", "bits", "mask", "per_byte")
+
+    def __init__(self, raw: bytes, bits: int):
+        self.data = bytearray(raw)
+        self.bits = bits
+        self.mask = (1 << bits) - 1
+        self.per_byte = 8 // bits
+
+    def get(self, i: int) -> int:
+        byte, slot = divmod(i, self.per_byte)
+        return (self.data[byte] >> (slot * self.bits)) & self.mask
+
+    def set(self, i: int, value: int) -> None:
+        byte, slot = divmod(i, self.per_byte)
+        shift = slot * self.bits
+        self.data[byte] = (self.data[byte] & ~(self.mask << shift) & 0xFF) | (value << shift)
+
+    def find_zero(self, start: int) -> int:
+        # Skip whole bytes that are fully used, then look inside the first other one.
+        i = start
+        n = len(self.data) * self.per_byte
+        while i < n:
+            if i % self.per_byte == 0:
+                byte = i // self.per_byte
+                while byte < len(self.data) and self._byte_full(self.data[byte]):
+                    byte += 1
+                i = byte * self.per_byte
+                if i >= n:
+                    break
+            if self.get(i) == 0:
+                return i
+            i += 1
+        return -1
+
+    def _byte_full(self, value: int) -> bool:
+        return all((value >> (s * self.bits)) & self.mask for s in range(self.per_byte))
+
+    def encode(self) -> bytes:
+        return bytes(self.data)
+
+
+class Refcounts:
+    def __init__(self, image, table_offset: int, table_clusters: int, cache_tables: int):
+        """`image` provides file, cluster_bits, refcount_bits, metadata (a MetadataMap),
+        l2_barrier-independent helpers: sync(), mark_corrupt(), write_reftable_location()."""
+        self.image = image
+        self.file = image.file
+        self.cluster_bits = image.cluster_bits
+        self.cluster_size = 1 << self.cluster_bits
+        self.bits = image.header.refcount_bits
+        self.max_refcount = (1 << self.bits) - 1
+        self.per_block = self.cluster_size * 8 // self.bits
+        self._block_class = WordBlock if self.bits >= 8 else SubByteBlock
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        raw = self.file.pread(table_clusters * self.cluster_size, table_offset)
+        raw += bytes(table_clusters * self.cluster_size - len(raw))
+        self.table = array("Q", raw)
+        if _SWAP:
+            self.table.byteswap()
+        self.cache = TableCache("refcount", self._load_block, self._store_block, cache_tables)
+        self.free_hint = 0
+        # Clusters at or past this index are free: nothing beyond the file end or beyond
+        # what this session allocated is in use (refcounts past EOF would be corruption).
+        self.end_cluster = -(-self.file.size() // self.cluster_size)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def block_offsets(self):
+        return (e & ~REFTABLE_ENTRY_RESERVED for e in self.table if e)
+
+    def _load_block(self, offset: int):
+        if offset % self.cluster_size or offset >= self.file.size():
+            self.image.mark_corrupt(f"refcount block offset 0x{offset:x} is invalid")
+            raise IOFailure(f"refcount block offset 0x{offset:x} is invalid")
+        raw = self.file.pread(self.cluster_size, offset)
+        return self._block_class(raw + bytes(self.cluster_size - len(raw)), self.bits)
+
+    def _store_block(self, offset: int, block) -> None:
+        self.file.pwrite(block.encode(), offset)
+
+    def _block(self, block_index: int):
+        """The refcount block of region `block_index`, or None where none is allocated."""
+        if block_index >= len(self.table):
+            return None
+        entry = self.table[block_index] & ~REFTABLE_ENTRY_RESERVED
+        return self.cache.get(entry) if entry else None
+
+    def get(self, cluster: int) -> int:
+        block_index, i = divmod(cluster, self.per_block)
+        block = self._block(block_index)
+        return block.get(i) if block is not None else 0
+
+    # -- changing ----------------------------------------------------------------------
+
+    def add(self, cluster: int, delta: int) -> int:
+        """Change one cluster's refcount; returns the new value."""
+        block_index, i = divmod(cluster, self.per_block)
+        if delta > 0:
+            self._ensure_block(block_index)
+        block = self._block(block_index)
+        if block is None:
+            raise CorruptImage(f"cluster 0x{cluster << self.cluster_bits:x} has no refcount")
+        value = block.get(i) + delta
+        if value < 0:
+            self.image.mark_corrupt(f"refcount of cluster 0x{cluster << self.cluster_bits:x} "
+                                    "would drop below zero")
+            raise IOFailure("refcount underflow")
+        if value > self.max_refcount:
+            raise IOFailure(f"refcount of cluster 0x{cluster << self.cluster_bits:x} would "
+                            f"exceed {self.max_refcount}")
+        block.set(i, value)
+        self.cache.mark_dirty(self.table[block_index] & ~REFTABLE_ENTRY_RESERVED, block)
+        if value == 0 and cluster < self.free_hint:
+            self.free_hint = cluster
+        return value
+
+    def allocate(self, count: int = 1) -> int:
+        """Take `count` contiguous free clusters (refcount 0 -> 1); returns the host offset
+        of the first."""
+        while True:
+            start = self._find_free_run(self.free_hint, count)
+            # New refcount blocks may land inside the run (on a region's first cluster).
+            for block_index in range(start // self.per_block,
+                                     (start + count - 1) // self.per_block + 1):
+                self._ensure_block(block_index)
+            if all(self.get(c) == 0 for c in range(start, start + count)):
+                break
+        for c in range(start, start + count):
+            self.add(c, 1)
+        self.image.metadata.check_free(start, count)
+        if start == self.free_hint:
+            self.free_hint = start + count
+        self.end_cluster = max(self.end_cluster, start + count)
+        return start << self.cluster_bits
+
+    def release(self, offset: int, length: int) -> list[int]:
+        """Drop one reference from every cluster touched by the byte range; returns the
+        clusters that became free."""
+        first = offset >> self.cluster_bits
+        last = (offset + length - 1) >> self.cluster_bits
+        return [c for c in range(first, last + 1) if self.add(c, -1) == 0]
+
+    def _next_free(self, cluster: int) -> int:
+        while True:
+            block_index, i = divmod(cluster, self.per_block)
+            block = self._block(block_index)
+            if block is None:
+                return cluster
+            j = block.find_zero(i)
+            if j >= 0:
+                return block_index * self.per_block + j
+            cluster = (block_index + 1) * self.per_block
+
+    def _find_free_run(self, cluster: int, count: int) -> int:
+        start = self._next_free(cluster)
+        while True:
+            for c in range(start + 1, start + count):
+                if self.get(c):
+                    start = self._next_free(c + 1)
+                    break
+            else:
+                return start
+
+    def _ensure_block(self, block_index: int) -> None:
+        """Give region `block_index` a refcount block if it has none. Made durable at
+        once (block, fsync, table entry, fsync): this happens once per region."""
+        if block_index >= len(self.table):
+            self._grow_table(block_index + 1)
+        if self.table[block_index]:
+            return
+        cluster = block_index * self.per_block
+        offset = cluster << self.cluster_bits
+        block = self._block_class(bytes(self.cluster_size), self.bits)
+        block.set(0, 1)  # it describes itself
+        self.image.metadata.check_free(cluster, 1)
+        self.file.pwrite(block.encode(), offset)
+        self.image.sync()
+        self.table[block_index] = offset
+        self.file.pwrite(_U64.pack(offset), self.table_offset + block_index * 8)
+        self.image.sync()
+        self.image.metadata.add(cluster)
+        self.cache.mark_dirty(offset, block)  # already on disk; rewriting it is harmless
+        self.end_cluster = max(self.end_cluster, cluster + 1)
+
+    def _grow_table(self, min_entries: int) -> None:
+        """Move the refcount table to a larger one at the end of the image, together with
+        the new refcount blocks that describe it (as QEMU does), then switch the header."""
+        per_cluster = self.cluster_size // 8
+        entries = max(min_entries, len(self.table) * 2)
+        base = max(self.end_cluster, 1)
+        while True:
+            table_clusters = -(-entries // per_cluster)
+            # Regions touched by [base, base + table_clusters + new_blocks) need blocks;
+            # the new blocks sit right after the table. Iterate to a fixed point.
+            new_blocks: list[int] = []
+            while True:
+                end = base + table_clusters + len(new_blocks)
+                needed = [b for b in range(base // self.per_block, (end - 1) // self.per_block + 1)
+                          if b >= len(self.table) or not self.table[b]]
+                if len(needed) == len(new_blocks):
+                    break
+                new_blocks = needed
+            if end // self.per_block < entries:
+                break
+            entries = end // self.per_block + 1
+        if (table_clusters << self.cluster_bits) > 8 << 20:
+            raise IOFailure("the refcount table would exceed 8 MiB", 27)  # EFBIG
+        new_table = array("Q", self.table) + array("Q", bytes(8 * (table_clusters * per_cluster
+                                                                  - len(self.table))))
+        area = range(base, end)
+        blocks = {}
+        for n, block_index in enumerate(new_blocks):
+            offset = (base + table_clusters + n) << self.cluster_bits
+            new_table[block_index] = offset
+            blocks[block_index] = self._block_class(bytes(self.cluster_size), self.bits)
+        for c in area:
+            self.image.metadata.check_free(c, 1)
+            block_index, i = divmod(c, self.per_block)
+            if block_index in blocks:
+                blocks[block_index].set(i, 1)
+            else:
+                self.add(c, 1)
+        for block_index, block in blocks.items():
+            self.file.pwrite(block.encode(), new_table[block_index])
+        encoded = array("Q", new_table)
+        if _SWAP:
+            encoded.byteswap()
+        self.file.pwrite(encoded.tobytes(), base << self.cluster_bits)
+        self.cache.write_dirty()
+        self.image.sync()
+        old_offset, old_clusters = self.table_offset, self.table_clusters
+        self.table = new_table
+        self.table_offset = base << self.cluster_bits
+        self.table_clusters = table_clusters
+        self.image.write_reftable_location(self.table_offset, table_clusters)
+        self.end_cluster = max(self.end_cluster, end)
+        metadata = self.image.metadata
+        for block_index, block in blocks.items():
+            metadata.add(new_table[block_index] >> self.cluster_bits)
+            self.cache.mark_dirty(new_table[block_index], block)
+        for c in range(old_offset >> self.cluster_bits, (old_offset >> self.cluster_bits) + old_clusters):
+            metadata.remove(c)
+        for c in range(base, base + table_clusters):
+            metadata.add(c)
+        # The header now points at the new table: the old one is unreferenced.
+        self.release(old_offset, old_clusters << self.cluster_bits)
