@@ -1,0 +1,107 @@
+"""A throwaway copy-on-write overlay for `qnbd serve --snapshot` (qemu-nbd -s).
+
+The base device is opened read-only; every write lands in an unlinked temporary file of
+the same size, tracked per 64 KiB grain. Nothing written through the overlay ever reaches
+the base image, and the temporary file disappears with the process.
+"""
+
+import os
+import tempfile
+
+from ..errors import NotFast
+from ..fileio import File
+from .base import Extent
+
+GRAIN = 64 * 1024
+_ZERO_GRAIN = bytes(GRAIN)
+
+
+class SnapshotOverlay:
+    supports_fast_zero = True
+    read_only = False
+
+    def __init__(self, base, tmpdir: str | None = None):
+        self.base = base
+        self.size = base.size
+        fd, path = tempfile.mkstemp(prefix="qnbd-snapshot-", dir=tmpdir)
+        os.unlink(path)
+        self.file = File(path, fd, writable=True)
+        self.file.truncate(self.size)
+        # One byte per grain: 1 = the grain's current content is in the overlay file.
+        self.mine = bytearray(-(-self.size // GRAIN))
+
+    def _runs(self, offset: int, length: int):
+        """(start, length, in_overlay) runs of grains with the same owner."""
+        end = offset + length
+        while offset < end:
+            g = offset // GRAIN
+            owner = self.mine[g]
+            stop = g + 1
+            last = (end - 1) // GRAIN
+            while stop <= last and self.mine[stop] == owner:
+                stop += 1
+            n = min(stop * GRAIN, end) - offset
+            yield offset, n, owner
+            offset += n
+
+    def read(self, offset: int, length: int) -> bytes:
+        parts = []
+        for start, n, mine in self._runs(offset, length):
+            if mine:
+                data = self.file.pread(n, start)
+                parts.append(data + bytes(n - len(data)))
+            else:
+                parts.append(self.base.read(start, n))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _take(self, offset: int, length: int) -> None:
+        """Claim the grains of a range, copying base content into the parts of the edge
+        grains the range does not cover (copy-on-write)."""
+        if length == 0:
+            return
+        first, last = offset // GRAIN, (offset + length - 1) // GRAIN
+        for g in {first, last}:
+            if not self.mine[g]:
+                start = g * GRAIN
+                n = min(GRAIN, self.size - start)
+                self.file.pwrite(self.base.read(start, n), start)
+        self.mine[first:last + 1] = b"\x01" * (last - first + 1)
+
+    def write(self, offset, data, fua=False):
+        self._take(offset, len(data))
+        self.file.pwrite(data, offset)
+
+    def write_zeroes(self, offset, length, may_trim=False, fast=False, fua=False):
+        self._take(offset, length)
+        if self.file.punch_hole(offset, length):
+            return
+        if fast:
+            raise NotFast()
+        end = offset + length
+        while offset < end:
+            n = min(GRAIN, end - offset)
+            self.file.pwrite(memoryview(_ZERO_GRAIN)[:n], offset)
+            offset += n
+
+    def discard(self, offset, length, fua=False):
+        # Whole grains only, so partial grains keep their content (the contract's rule).
+        start = -(-offset // GRAIN) * GRAIN
+        end = min((offset + length) // GRAIN * GRAIN, self.size)
+        if offset + length >= self.size:
+            end = self.size
+        if end > start:
+            self.write_zeroes(start, end - start)
+
+    def flush(self):
+        """Nothing to make durable: the overlay dies with the process."""
+
+    def block_status(self, offset, length):
+        start, n, mine = next(self._runs(offset, length))
+        if mine:
+            return [Extent(n, 0, 1)]
+        ext = self.base.block_status(start, n)[0]
+        return [Extent(min(ext.length, n), ext.flags, ext.depth + 1 if ext.depth else 0)]
+
+    def close(self):
+        self.file.close()
+        self.base.close()

@@ -1,0 +1,206 @@
+"""`qnbd serve`: a drop-in for qemu-nbd's server mode (same options, same meaning), or a
+multi-export server from a TOML file (`--config`)."""
+
+import argparse
+import logging
+import os
+import sys
+
+from ..config import DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT, Listener, ServerConfig, load_config
+from ..errors import QnbdError
+from ..export import CACHE_MODES, DETECT_ZEROES_MODES, DISCARD_MODES, ExportConfig
+
+# qemu-nbd options that qnbd does not implement yet: accepted by the parser only to be
+# refused by name, never silently ignored. (flag, long name, takes a value)
+UNSUPPORTED = (
+    ("-o", "--offset", True), ("-P", "--partition", True), ("-l", "--load-snapshot", True),
+    ("-B", "--bitmap", True), ("-A", "--allocation-depth", False), (None, "--object", True),
+    (None, "--image-opts", False), (None, "--tls-creds", True), (None, "--tls-hostname", True),
+    (None, "--tls-authz", True), ("-c", "--connect", True), ("-d", "--disconnect", False),
+    ("-L", "--list", False), (None, "--aio", True), ("-T", "--trace", True),
+    (None, "--selinux-label", True),
+)
+# Options that describe the one export or listener of a command-line server.
+_EXPORT_OPTIONS = ("format", "export_name", "description", "read_only", "shared", "discard",
+                   "detect_zeroes", "cache", "snapshot")
+_LISTEN_OPTIONS = ("socket", "bind", "port")
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "serve", help="export an image over NBD (qemu-nbd compatible)",
+        description="Export IMAGE over NBD. Options have qemu-nbd's meaning.")
+    p.add_argument("image", nargs="?", metavar="IMAGE", help="image file to export")
+    p.add_argument("--config", metavar="FILE", help="serve the exports of a TOML file")
+    p.add_argument("-f", "--format", choices=("qcow2", "raw"), help="image format (probed if omitted)")
+    p.add_argument("-k", "--socket", metavar="PATH", help="listen on a unix socket")
+    p.add_argument("-b", "--bind", metavar="ADDR", help="TCP address to listen on (default 0.0.0.0)")
+    p.add_argument("-p", "--port", type=_port, metavar="PORT",
+                   help=f"TCP port to listen on (default {DEFAULT_PORT})")
+    p.add_argument("-x", "--export-name", metavar="NAME", help="export name (default empty)")
+    p.add_argument("-D", "--description", metavar="TEXT", help="export description")
+    p.add_argument("-r", "--read-only", action="store_true", default=None,
+                   help="export read-only")
+    p.add_argument("-s", "--snapshot", action="store_true", default=None,
+                   help="writes go to a temporary overlay; the image is not modified")
+    p.add_argument("-t", "--persistent", action="store_true",
+                   help="keep serving after the last client disconnects")
+    p.add_argument("-e", "--shared", type=_count, metavar="N",
+                   help="clients allowed at once (default 1, 0 = unlimited)")
+    p.add_argument("--discard", choices=DISCARD_MODES, help="ignore (default) or unmap trims")
+    p.add_argument("--detect-zeroes", choices=DETECT_ZEROES_MODES,
+                   help="turn all-zero writes into zero writes (off, on, unmap)")
+    p.add_argument("--cache", choices=CACHE_MODES, help="cache mode (default writeback)")
+    p.add_argument("-n", "--nocache", dest="cache", action="store_const", const="none",
+                   help="same as --cache=none")
+    p.add_argument("--handshake-timeout", type=float, metavar="SECONDS", default=10.0,
+                   help="drop clients that have not finished the handshake (default 10, 0 = never)")
+    p.add_argument("--fork", action="store_true",
+                   help="run in the background; return once the server listens")
+    p.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
+    p.add_argument("-v", "--verbose", action="store_true", help="log connections to stderr")
+    for short, long, takes_value in UNSUPPORTED:
+        names = [n for n in (short, long) if n]
+        kw = {"metavar": "ARG"} if takes_value else {"action": "store_true"}
+        p.add_argument(*names, dest=f"unsupported_{long[2:].replace('-', '_')}",
+                       help=argparse.SUPPRESS, **kw)
+    return p
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"invalid port '{text}'")
+    return port
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"invalid value '{text}' (a number, 0 = unlimited)")
+    return n
+
+
+def build_config(args) -> ServerConfig:
+    for short, long, _ in UNSUPPORTED:
+        value = getattr(args, f"unsupported_{long[2:].replace('-', '_')}")
+        if value not in (None, False):
+            raise QnbdError(f"option {long} is not supported yet")
+    given = [name for name in _EXPORT_OPTIONS if getattr(args, name) is not None]
+    if args.config:
+        if args.image or given:
+            what = "IMAGE" if args.image else "--" + given[0].replace("_", "-")
+            raise QnbdError(f"{what} cannot be combined with --config (describe exports "
+                            "in the file)")
+        config = load_config(args.config)
+        if args.pid_file:
+            config.pid_file = args.pid_file
+        if args.persistent:
+            config.persistent = True
+        config.handshake_timeout = args.handshake_timeout
+        if any(getattr(args, name) is not None for name in _LISTEN_OPTIONS):
+            config.listeners = [_cli_listener(args)]
+    else:
+        if not args.image:
+            raise QnbdError("expected an image to serve (or --config FILE)")
+        shared = 1 if args.shared is None else args.shared
+        export = ExportConfig(
+            image=args.image, name=args.export_name or "", format=args.format,
+            description=args.description or "", read_only=bool(args.read_only),
+            discard=args.discard or "ignore", detect_zeroes=args.detect_zeroes or "off",
+            cache=args.cache or "writeback", snapshot=bool(args.snapshot), shared=shared)
+        export.validate()
+        config = ServerConfig(exports=[export], listeners=[_cli_listener(args)],
+                              persistent=args.persistent,
+                              max_connections=shared or DEFAULT_MAX_CONNECTIONS,
+                              handshake_timeout=args.handshake_timeout,
+                              pid_file=args.pid_file)
+    if args.handshake_timeout < 0:
+        raise QnbdError("--handshake-timeout must not be negative")
+    activated = _socket_activation()
+    if activated:
+        if any(getattr(args, name) is not None for name in _LISTEN_OPTIONS):
+            raise QnbdError("-k, -b and -p cannot be used with socket activation")
+        config.listeners = activated
+    return config
+
+
+def _cli_listener(args) -> Listener:
+    if args.socket is not None:
+        if args.bind is not None or args.port is not None:
+            raise QnbdError("-k cannot be combined with -b or -p")
+        return Listener(unix=args.socket)
+    return Listener(address=args.bind or "0.0.0.0", port=args.port or DEFAULT_PORT)
+
+
+def _socket_activation() -> list[Listener]:
+    """systemd's protocol (sd_listen_fds(3)): LISTEN_PID names this process and
+    LISTEN_FDS counts listening sockets passed from fd 3 on. The variables are removed so
+    that nothing started later mistakes them for its own."""
+    pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
+    if pid is None or count is None:
+        return []
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    try:
+        if int(pid) != os.getpid():
+            return []
+        n = int(count)
+    except ValueError:
+        raise QnbdError(f"bad socket activation variables LISTEN_PID={pid} LISTEN_FDS={count}") \
+            from None
+    for fd in range(3, 3 + n):
+        os.set_inheritable(fd, False)
+    return [Listener(fd=fd) for fd in range(3, 3 + n)]
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="qnbd serve: %(message)s", stream=sys.stderr)
+    config = build_config(args)
+    from ..nbd.server import serve
+    if not args.fork:
+        return serve(config)
+    return _fork(config, args.verbose)
+
+
+def _fork(config, verbose: bool) -> int:
+    """qemu-nbd --fork: the parent waits until the child listens (exit 0) or fails (exit 1
+    with the child's reason). A pipe carries "ok" or the error message."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        chunks = []
+        while chunk := os.read(r, 4096):
+            chunks.append(chunk)
+        os.close(r)
+        message = b"".join(chunks).decode(errors="replace")
+        if message == "ok":
+            return 0
+        os.waitpid(pid, 0)
+        raise QnbdError(message or "the server exited before it was ready")
+    os.close(r)
+    os.setsid()
+
+    def ready():
+        os.write(w, b"ok")
+        os.close(w)
+        if not verbose:
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(null)
+
+    try:
+        code = serve(config, on_ready=ready)
+    except QnbdError as e:
+        os.write(w, str(e).encode())
+        os._exit(1)
+    os._exit(code)

@@ -1,0 +1,144 @@
+"""Server configuration: the objects `qnbd serve` runs from, built either from command-line
+options (qemu-nbd's) or from a TOML file (`qnbd serve --config FILE`, see config/qnbd.toml).
+
+The file format:
+
+    [server]            persistent, pid_file
+    [limits]            max_connections, handshake_timeout
+    [[listen]]          unix = PATH | address = HOST, port = N   (any number of them)
+    [[export]]          image, name, format, description, read_only, discard,
+                        detect_zeroes, cache, snapshot, shared   (one or more)
+
+Unknown keys and wrong types are errors that name the key (e.g. "export[1].discard").
+"""
+
+import tomllib
+from dataclasses import dataclass
+
+from .errors import QnbdError
+from .export import ExportConfig
+
+DEFAULT_PORT = 10809
+# Greeted connections at once when no smaller cap is asked for (bounds memory).
+DEFAULT_MAX_CONNECTIONS = 1024
+
+
+@dataclass
+class Listener:
+    """Where to accept clients: a unix socket path, a TCP host/port, or an inherited
+    listening socket (systemd socket activation)."""
+    unix: str | None = None
+    address: str | None = None
+    port: int = DEFAULT_PORT
+    fd: int | None = None
+
+    def describe(self) -> str:
+        if self.fd is not None:
+            return f"fd {self.fd}"
+        if self.unix is not None:
+            return self.unix
+        host = self.address or "0.0.0.0"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+@dataclass
+class ServerConfig:
+    exports: list[ExportConfig]
+    listeners: list[Listener]
+    persistent: bool = False
+    # Clients served at once; later ones wait, unanswered, until one leaves (qemu-nbd -e).
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    handshake_timeout: float = 10.0
+    pid_file: str | None = None
+
+
+class ConfigError(QnbdError):
+    pass
+
+
+def _check_table(table: dict, where: str, schema: dict[str, type | tuple]) -> dict:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    for key, value in table.items():
+        if key not in schema:
+            raise ConfigError(f"{where}.{key}: unknown key (expected one of: "
+                              f"{', '.join(schema)})")
+        want = schema[key]
+        # bool is an int in Python; do not accept true for a number or 1 for a flag.
+        if isinstance(value, bool) != (want is bool) or not isinstance(value, want):
+            names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+            raise ConfigError(f"{where}.{key}: expected {names.replace('str', 'string')}, "
+                              f"got {value!r}")
+    return table
+
+
+_EXPORT_KEYS = {"image": str, "name": str, "format": str, "description": str,
+                "read_only": bool, "discard": str, "detect_zeroes": str, "cache": str,
+                "snapshot": bool, "shared": int}
+_LISTEN_KEYS = {"unix": str, "address": str, "port": int}
+_SERVER_KEYS = {"persistent": bool, "pid_file": str}
+_LIMIT_KEYS = {"max_connections": int, "handshake_timeout": (int, float)}
+
+
+def load_config(path: str) -> ServerConfig:
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    try:
+        return parse_config(doc)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def parse_config(doc: dict) -> ServerConfig:
+    _check_table(doc, "file", {"server": dict, "limits": dict, "listen": list, "export": list})
+    server = _check_table(doc.get("server", {}), "server", _SERVER_KEYS)
+    limits = _check_table(doc.get("limits", {}), "limits", _LIMIT_KEYS)
+
+    listeners = []
+    for i, table in enumerate(doc.get("listen", [])):
+        where = f"listen[{i}]"
+        _check_table(table, where, _LISTEN_KEYS)
+        if ("unix" in table) == ("address" in table or "port" in table):
+            raise ConfigError(f"{where}: give either unix = PATH or address/port")
+        port = table.get("port", DEFAULT_PORT)
+        if not 0 < port < 65536:
+            raise ConfigError(f"{where}.port: {port} is not a TCP port")
+        listeners.append(Listener(unix=table.get("unix"), address=table.get("address"),
+                                  port=port))
+    if not listeners:
+        listeners.append(Listener())
+
+    exports = []
+    names = set()
+    for i, table in enumerate(doc.get("export", [])):
+        where = f"export[{i}]"
+        _check_table(table, where, _EXPORT_KEYS)
+        if "image" not in table:
+            raise ConfigError(f"{where}.image: missing (the image file to serve)")
+        cfg = ExportConfig(**table)
+        if cfg.name in names:
+            raise ConfigError(f"{where}.name: duplicate export name {cfg.name!r}")
+        names.add(cfg.name)
+        try:
+            cfg.validate()
+        except QnbdError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        exports.append(cfg)
+    if not exports:
+        raise ConfigError("no [[export]] table: nothing to serve")
+
+    max_conn = limits.get("max_connections", DEFAULT_MAX_CONNECTIONS)
+    if max_conn < 1:
+        raise ConfigError("limits.max_connections: must be at least 1")
+    timeout = float(limits.get("handshake_timeout", 10.0))
+    if timeout < 0:
+        raise ConfigError("limits.handshake_timeout: must not be negative (0 = none)")
+    return ServerConfig(exports=exports, listeners=listeners,
+                        persistent=server.get("persistent", True),
+                        max_connections=max_conn, handshake_timeout=timeout,
+                        pid_file=server.get("pid_file"))

@@ -1,0 +1,140 @@
+"""An Export: one block device offered over NBD, plus the policy around it.
+
+Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
+- discard=ignore|unmap: whether NBD_CMD_TRIM and WRITE_ZEROES without NO_HOLE may
+  release space (ignore: TRIM succeeds and does nothing).
+- detect_zeroes=off|on|unmap: turn all-zero WRITEs into write-zeroes (unmap: that may
+  also release space; needs discard=unmap, as in qemu).
+- cache=writeback|none|writethrough|directsync|unsafe: what FUA and FLUSH cost.
+  writeback/none honour them as asked; writethrough/directsync make every write FUA;
+  unsafe ignores FUA and FLUSH (fast, and not crash-safe). O_DIRECT is not used.
+- snapshot: writes go to a throwaway overlay; the image itself is opened read-only.
+- shared: how many clients may use the export at once (0 = unlimited); more than one
+  advertises NBD_FLAG_CAN_MULTI_CONN, which is true because every connection of an
+  export shares this one open device.
+"""
+
+from dataclasses import dataclass
+
+from .block.open import open_image
+from .block.overlay import SnapshotOverlay
+from .errors import QnbdError
+from .nbd import protocol as p
+from .nbd.contexts import contexts_for
+
+DISCARD_MODES = ("ignore", "unmap")
+DETECT_ZEROES_MODES = ("off", "on", "unmap")
+CACHE_MODES = ("writeback", "none", "writethrough", "directsync", "unsafe")
+
+
+@dataclass
+class ExportConfig:
+    """Everything needed to open and serve one export; built by the CLI or the config file."""
+    image: str
+    name: str = ""
+    format: str | None = None
+    description: str = ""
+    read_only: bool = False
+    discard: str = "ignore"
+    detect_zeroes: str = "off"
+    cache: str = "writeback"
+    snapshot: bool = False
+    shared: int = 1
+
+    def validate(self) -> None:
+        """One-line errors in qemu-nbd's words for the combinations it refuses."""
+        for key, value, allowed in (("discard", self.discard, DISCARD_MODES),
+                                    ("detect-zeroes", self.detect_zeroes, DETECT_ZEROES_MODES),
+                                    ("cache", self.cache, CACHE_MODES)):
+            if value not in allowed:
+                raise QnbdError(f"Invalid {key} mode '{value}' (expected {'|'.join(allowed)})")
+        if self.detect_zeroes == "unmap" and self.discard != "unmap":
+            raise QnbdError("--detect-zeroes=unmap can only be used if discard is set to unmap")
+        if self.shared < 0:
+            raise QnbdError(f"Invalid shared value '{self.shared}' (0 = unlimited)")
+        if len(self.name.encode()) > p.MAX_STRING:
+            raise QnbdError("export name is longer than 4096 bytes")
+        if len(self.description.encode()) > p.MAX_STRING:
+            raise QnbdError("export description is longer than 4096 bytes")
+
+
+class Export:
+    def __init__(self, config: ExportConfig, device):
+        self.config = config
+        self.name = config.name
+        self.description = config.description
+        self.device = device
+        self.size = device.size
+        self.read_only = config.read_only or device.read_only
+        self.shared = config.shared
+        self.clients = 0
+        self.may_trim = config.discard == "unmap"
+        self.detect_zeroes = config.detect_zeroes != "off"
+        self.fua_always = config.cache in ("writethrough", "directsync")
+        self.unsafe = config.cache == "unsafe"
+        self.contexts = contexts_for(self)
+
+    @classmethod
+    def open(cls, config: ExportConfig) -> "Export":
+        config.validate()
+        if config.snapshot:
+            base = open_image(config.image, config.format, read_only=True)
+            device = SnapshotOverlay(base)
+        else:
+            device = open_image(config.image, config.format, read_only=config.read_only)
+        return cls(config, device)
+
+    def transmission_flags(self, structured: bool) -> int:
+        flags = (p.FLAG_HAS_FLAGS | p.FLAG_SEND_FLUSH | p.FLAG_SEND_FUA | p.FLAG_SEND_CACHE)
+        if structured:
+            flags |= p.FLAG_SEND_DF  # only with structured replies (proto.md SEND_DF)
+        if self.read_only:
+            flags |= p.FLAG_READ_ONLY
+        else:
+            flags |= p.FLAG_SEND_TRIM | p.FLAG_SEND_WRITE_ZEROES
+            if self.device.supports_fast_zero:
+                flags |= p.FLAG_SEND_FAST_ZERO
+        if self.shared != 1:
+            flags |= p.FLAG_CAN_MULTI_CONN
+        return flags
+
+    def admit(self) -> str | None:
+        """Why one more client may not use this export, or None."""
+        if self.shared and self.clients >= self.shared:
+            return f"export '{self.name}' already has {self.clients} client(s) (shared={self.shared})"
+        return None
+
+    # --- I/O with policy applied; ranges were checked by the NBD layer ---
+
+    def _fua(self, fua: bool) -> bool:
+        return (fua or self.fua_always) and not self.unsafe
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.device.read(offset, length)
+
+    def write(self, offset: int, data: bytes, fua: bool) -> None:
+        # detect-zeroes: lstrip returns the same object when the first byte is not zero,
+        # so ordinary data costs nothing.
+        if self.detect_zeroes and data and not data.lstrip(b"\0"):
+            self.device.write_zeroes(offset, len(data), may_trim=self.may_trim,
+                                     fua=self._fua(fua))
+        else:
+            self.device.write(offset, data, fua=self._fua(fua))
+
+    def write_zeroes(self, offset: int, length: int, no_hole: bool, fast: bool, fua: bool):
+        self.device.write_zeroes(offset, length, may_trim=self.may_trim and not no_hole,
+                                 fast=fast, fua=self._fua(fua))
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        if self.may_trim:
+            self.device.discard(offset, length, fua=self._fua(fua))
+
+    def flush(self) -> None:
+        if not self.unsafe:
+            self.device.flush()
+
+    def block_status(self, offset: int, length: int):
+        return self.device.block_status(offset, length)
+
+    def close(self) -> None:
+        self.device.close()

@@ -1,0 +1,1 @@
+"""The NBD protocol: sans-I/O handshake and transmission, and the asyncio server glue."""

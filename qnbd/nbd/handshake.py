@@ -1,0 +1,335 @@
+"""Option haggling, sans-I/O (proto.md "Handshake", "Option types", "Option reply types").
+
+Covers the fixed newstyle handshake with NO_ZEROES and the options EXPORT_NAME, ABORT,
+LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT, SET_META_CONTEXT and STARTTLS (as
+a server without TLS answers it). `Handshake.feed(bytes)` returns events: `Send` (bytes
+for the client), then at most one of `Ready` (transmission starts, with the `Session`) or
+`Close` (hard disconnect, with the reason for the log). No sockets, no clocks here.
+"""
+
+from dataclasses import dataclass, field
+
+from . import protocol as p
+from .contexts import MetaContext, list_contexts, select_contexts
+
+# Largest option payload read into memory. GO and the meta-context options carry strings
+# of at most 4096 bytes each, so this leaves room for many queries; anything longer is
+# skipped unread and refused with ERR_TOO_BIG.
+MAX_OPTION_LENGTH = 64 * 1024
+# The fixed newstyle server only ever needs these client flags; others close the session.
+KNOWN_CLIENT_FLAGS = p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES
+
+
+@dataclass
+class Session:
+    """What the handshake agreed on; the transmission phase works from this alone."""
+    export: object
+    flags: int                       # transmission flags sent to the client
+    structured: bool                 # NBD_OPT_STRUCTURED_REPLY acknowledged
+    contexts: list[tuple[int, MetaContext]] = field(default_factory=list)  # (id, context)
+
+
+class Send:
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+
+class Ready:
+    __slots__ = ("session", "leftover")
+
+    def __init__(self, session: Session, leftover: bytes):
+        self.session = session
+        self.leftover = leftover  # bytes already received that belong to transmission
+
+
+class Close:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class OptionError(Exception):
+    """An option refused with an error reply; the session goes on."""
+
+    def __init__(self, reply: int, message: str):
+        super().__init__(message)
+        self.reply = reply
+
+
+def option_reply(option: int, reply: int, payload: bytes = b"") -> bytes:
+    return p.OPTION_REPLY.pack(p.OPT_REPLY_MAGIC, option, reply, len(payload)) + payload
+
+
+def _decode(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OptionError(p.REP_ERR_INVALID, f"{what} is not valid UTF-8") from None
+
+
+class _Reader:
+    """Bounds-checked parsing of one option payload: any overrun is ERR_INVALID."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if n > len(self.data) - self.pos:
+            raise OptionError(p.REP_ERR_INVALID, "option data is shorter than its fields")
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    def u16(self) -> int:
+        return p.U16.unpack(self.take(2))[0]
+
+    def u32(self) -> int:
+        return p.U32.unpack(self.take(4))[0]
+
+    def string32(self, what: str) -> str:
+        return _decode(self.take(self.u32()), what)
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise OptionError(p.REP_ERR_INVALID, "option data is longer than its fields")
+
+
+_CLIENT_FLAGS, _OPTION_HEADER, _OPTION_DATA, _SKIP, _DONE = range(5)
+
+
+class Handshake:
+    """One client's option haggling.
+
+    `catalog` offers `find(name) -> Export | None` (the empty name meaning the default
+    export), `exports` (for NBD_OPT_LIST) and `shutting_down`. An Export offers `name`,
+    `description`, `size`, `contexts`, `transmission_flags(structured)` and
+    `admit() -> str | None` (a reason to refuse one more client).
+    """
+
+    greeting = p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)
+
+    def __init__(self, catalog):
+        self.catalog = catalog
+        self.buf = bytearray()
+        self.state = _CLIENT_FLAGS
+        self.fixed = False
+        self.no_zeroes = False
+        self.structured = False
+        self.meta_export = None      # export named by the last SET_META_CONTEXT
+        self.meta_selected: list[tuple[int, MetaContext]] = []
+        self.option = 0
+        self.length = 0
+
+    @property
+    def done(self) -> bool:
+        return self.state == _DONE
+
+    def feed(self, data: bytes) -> list:
+        """Consume client bytes; return the events they cause, in order."""
+        self.buf += data
+        events: list = []
+        while self.state != _DONE:
+            if self.state == _CLIENT_FLAGS:
+                if len(self.buf) < 4:
+                    break
+                flags = p.CLIENT_FLAGS.unpack_from(self.buf)[0]
+                del self.buf[:4]
+                if flags & ~KNOWN_CLIENT_FLAGS:
+                    # "the server MUST drop the TCP connection if the client sets an
+                    # unknown flag" (proto.md "Client flags").
+                    return self._close(events, f"unknown client flags {flags:#x}")
+                self.fixed = bool(flags & p.FLAG_C_FIXED_NEWSTYLE)
+                self.no_zeroes = bool(flags & p.FLAG_C_NO_ZEROES)
+                self.state = _OPTION_HEADER
+            elif self.state == _OPTION_HEADER:
+                if len(self.buf) < p.OPTION_HEADER.size:
+                    break
+                magic, self.option, self.length = p.OPTION_HEADER.unpack_from(self.buf)
+                del self.buf[:p.OPTION_HEADER.size]
+                if magic != p.IHAVEOPT:
+                    return self._close(events, "bad option magic")
+                if not self.fixed and self.option != p.OPT_EXPORT_NAME:
+                    # Non-fixed newstyle knows no other option and no way to refuse one.
+                    return self._close(events, f"option {self.option} without fixed newstyle")
+                if self.length > MAX_OPTION_LENGTH:
+                    if self.option == p.OPT_EXPORT_NAME:
+                        return self._close(events, "export name too long")
+                    self.state = _SKIP
+                else:
+                    self.state = _OPTION_DATA
+            elif self.state == _SKIP:
+                n = min(self.length, len(self.buf))
+                del self.buf[:n]
+                self.length -= n
+                if self.length:
+                    break
+                events.append(Send(option_reply(self.option, p.REP_ERR_TOO_BIG,
+                                                b"option data too long")))
+                self.state = _OPTION_HEADER
+            else:  # _OPTION_DATA
+                if len(self.buf) < self.length:
+                    break
+                payload = bytes(self.buf[:self.length])
+                del self.buf[:self.length]
+                self.state = _OPTION_HEADER
+                if self._handle(self.option, payload, events):
+                    break
+        return events
+
+    def _close(self, events: list, reason: str) -> list:
+        self.state = _DONE
+        events.append(Close(reason))
+        return events
+
+    def _handle(self, option: int, data: bytes, events: list) -> bool:
+        """Answer one option; True when the handshake is over."""
+        if option == p.OPT_EXPORT_NAME:
+            return self._export_name(data, events)
+        if option == p.OPT_ABORT:
+            # "The server MUST reply with NBD_REP_ACK" and ignore any data sent along.
+            events.append(Send(option_reply(option, p.REP_ACK)))
+            self._close(events, "client aborted the handshake")
+            return True
+        handler = self._handlers.get(option)
+        try:
+            if handler is None:
+                raise OptionError(p.REP_ERR_UNSUP, f"option {option} is not supported")
+            if self.catalog.shutting_down:
+                raise OptionError(p.REP_ERR_SHUTDOWN, "server is shutting down")
+            replies, session = handler(self, option, data)
+        except OptionError as e:
+            events.append(Send(option_reply(option, e.reply, str(e).encode())))
+            return False
+        events.append(Send(b"".join(replies)))
+        if session is None:
+            return False
+        self.state = _DONE
+        events.append(Ready(session, bytes(self.buf)))
+        self.buf.clear()
+        return True
+
+    def _export_name(self, data: bytes, events: list) -> bool:
+        """NBD_OPT_EXPORT_NAME cannot report errors: refusing it means disconnecting."""
+        try:
+            name = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self._close(events, "export name is not valid UTF-8")
+            return True
+        export = self.catalog.find(name)
+        if export is None or self.catalog.shutting_down:
+            self._close(events, f"unknown export {name!r}")
+            return True
+        refusal = export.admit()
+        if refusal:
+            self._close(events, refusal)
+            return True
+        session = self._session(export, name)
+        reply = p.EXPORT_NAME_REPLY.pack(export.size, session.flags)
+        if not self.no_zeroes:
+            reply += bytes(124)
+        events.append(Send(reply))
+        self.state = _DONE
+        events.append(Ready(session, bytes(self.buf)))
+        self.buf.clear()
+        return True
+
+    def _session(self, export, name: str) -> Session:
+        # Contexts count only if the last SET_META_CONTEXT named the export entered
+        # (proto.md NBD_CMD_BLOCK_STATUS); otherwise block status is refused.
+        contexts = self.meta_selected if self.meta_export is export else []
+        return Session(export, export.transmission_flags(self.structured), self.structured,
+                       list(contexts))
+
+    def _find(self, name: str):
+        export = self.catalog.find(name)
+        if export is None:
+            raise OptionError(p.REP_ERR_UNKNOWN, f"export {name!r} not present")
+        return export
+
+    def _opt_list(self, option, data):
+        if data:
+            raise OptionError(p.REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+        replies = []
+        for export in self.catalog.exports:
+            name = export.name.encode()
+            replies.append(option_reply(option, p.REP_SERVER,
+                                        p.U32.pack(len(name)) + name + export.description.encode()))
+        replies.append(option_reply(option, p.REP_ACK))
+        return replies, None
+
+    def _opt_starttls(self, option, data):
+        if data:
+            raise OptionError(p.REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        # NOTLS mode (proto.md "NOTLS mode"): ERR_POLICY, as qemu-nbd without TLS creds.
+        raise OptionError(p.REP_ERR_POLICY, "TLS not configured")
+
+    def _opt_structured_reply(self, option, data):
+        if data:
+            raise OptionError(p.REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+        if self.structured:
+            raise OptionError(p.REP_ERR_INVALID, "structured replies already negotiated")
+        self.structured = True
+        return [option_reply(option, p.REP_ACK)], None
+
+    def _opt_info_go(self, option, data):
+        r = _Reader(data)
+        name = r.string32("export name")
+        requests = [r.u16() for _ in range(r.u16())]
+        r.end()
+        export = self._find(name)
+        if option == p.OPT_GO:
+            refusal = export.admit()
+            if refusal:
+                raise OptionError(p.REP_ERR_POLICY, refusal)
+        flags = export.transmission_flags(self.structured)
+        replies = [option_reply(option, p.REP_INFO,
+                                p.INFO_EXPORT_PAYLOAD.pack(p.INFO_EXPORT, export.size, flags))]
+        if p.INFO_NAME in requests:
+            replies.append(option_reply(option, p.REP_INFO,
+                                        p.U16.pack(p.INFO_NAME) + export.name.encode()))
+        if p.INFO_DESCRIPTION in requests and export.description:
+            replies.append(option_reply(option, p.REP_INFO, p.U16.pack(p.INFO_DESCRIPTION)
+                                        + export.description.encode()))
+        # Always sent: the defaults need no agreement, and clients learn the 32 MiB cap.
+        replies.append(option_reply(option, p.REP_INFO, p.INFO_BLOCK_SIZE_PAYLOAD.pack(
+            p.INFO_BLOCK_SIZE, p.MIN_BLOCK_SIZE, p.PREFERRED_BLOCK_SIZE, p.MAX_PAYLOAD)))
+        replies.append(option_reply(option, p.REP_ACK))
+        return replies, (self._session(export, name) if option == p.OPT_GO else None)
+
+    def _opt_meta_context(self, option, data):
+        if option == p.OPT_SET_META_CONTEXT:
+            # "Issuing this command replaces all previously-set metadata contexts
+            # (including when this command fails)".
+            self.meta_export, self.meta_selected = None, []
+        if not self.structured:
+            raise OptionError(p.REP_ERR_INVALID, "structured replies not negotiated")
+        r = _Reader(data)
+        name = r.string32("export name")
+        queries = [r.string32("context query") for _ in range(r.u32())]
+        r.end()
+        export = self._find(name)
+        ids = {id(ctx): i for i, ctx in enumerate(export.contexts, 1)}
+        if option == p.OPT_LIST_META_CONTEXT:
+            # IDs in a LIST reply are reserved and SHOULD be zero.
+            chosen = [(0, ctx) for ctx in list_contexts(export.contexts, queries)]
+        else:
+            chosen = [(ids[id(ctx)], ctx) for ctx in select_contexts(export.contexts, queries)]
+            self.meta_export, self.meta_selected = export, chosen
+        replies = [option_reply(option, p.REP_META_CONTEXT, p.U32.pack(cid) + ctx.name.encode())
+                   for cid, ctx in chosen]
+        replies.append(option_reply(option, p.REP_ACK))
+        return replies, None
+
+    _handlers = {
+        p.OPT_LIST: _opt_list,
+        p.OPT_STARTTLS: _opt_starttls,
+        p.OPT_INFO: _opt_info_go,
+        p.OPT_GO: _opt_info_go,
+        p.OPT_STRUCTURED_REPLY: _opt_structured_reply,
+        p.OPT_LIST_META_CONTEXT: _opt_meta_context,
+        p.OPT_SET_META_CONTEXT: _opt_meta_context,
+    }
