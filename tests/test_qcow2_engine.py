@@ -1,0 +1,268 @@
+"""The qcow2 engine against qemu: reads equal qemu-img convert's, and random workloads
+mirrored on a model leave images that qemu-img check calls clean and compare equal."""
+
+import os
+import random
+import subprocess
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qnbd.block.open import open_image
+from qnbd.errors import NotFast
+
+from images import MiB, RAW, SHAPES, qemu_img
+
+ALL_SHAPES = SHAPES + [RAW]
+
+
+def converted(image, fmt, directory):
+    out = os.path.join(str(directory), "expected.raw")
+    qemu_img("convert", "-f", fmt, "-O", "raw", image, out)
+    with open(out, "rb") as f:
+        return f.read()
+
+
+def check_clean(image):
+    r = subprocess.run(["qemu-img", "check", image], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "No errors were found" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("shape", ALL_SHAPES, ids=lambda s: s.name)
+def test_reads_equal_qemu(shape, tmp_path):
+    image = shape.build(tmp_path)
+    expected = converted(image, shape.fmt, tmp_path)
+    dev = open_image(image, shape.fmt, read_only=True)
+    try:
+        assert dev.size == len(expected)
+        # Whole image in one call, then odd-sized pieces crossing cluster boundaries.
+        assert bytes(dev.read(0, dev.size)) == expected
+        rng = random.Random(7)
+        for _ in range(200):
+            off = rng.randrange(0, dev.size)
+            n = min(rng.randrange(1, 300000), dev.size - off)
+            assert bytes(dev.read(off, n)) == expected[off:off + n], (off, n)
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_block_status_matches_data(shape, tmp_path):
+    """Extents tile the range, and every extent flagged ZERO really reads as zeros."""
+    image = shape.build(tmp_path)
+    expected = converted(image, "qcow2", tmp_path)
+    dev = open_image(image, read_only=True)
+    try:
+        pos = 0
+        while pos < dev.size:
+            extents = dev.block_status(pos, dev.size - pos)
+            assert extents and all(e.length > 0 for e in extents)
+            for e in extents:
+                if e.flags & 2:
+                    assert expected[pos:pos + e.length].count(0) == e.length, (pos, e)
+                pos += e.length
+        assert pos == dev.size
+    finally:
+        dev.close()
+
+
+class Model:
+    """The expected content of an image, as plain bytes, under the BlockDevice contract."""
+
+    def __init__(self, content: bytes, cluster_size: int, discard_keeps: bool):
+        self.data = bytearray(content)
+        self.cs = cluster_size
+        self.discard_keeps = discard_keeps  # v2 with backing: discard is a no-op
+
+    def write(self, off, buf):
+        self.data[off:off + len(buf)] = buf
+
+    def zero(self, off, n):
+        self.data[off:off + n] = bytes(n)
+
+    def discard(self, off, n):
+        if self.discard_keeps:
+            return
+        start = -(-off // self.cs) * self.cs
+        end = (off + n) // self.cs * self.cs
+        if off + n == len(self.data):
+            end = off + n
+        if start < end:
+            self.zero(start, end - start)
+
+
+def random_ops(rng, size, count):
+    ops = []
+    for _ in range(count):
+        kind = rng.choice(["write", "write", "write", "zero", "zero_trim", "discard", "flush"])
+        off = rng.randrange(0, size)
+        # Sizes from a few bytes to several clusters; some aligned, some not.
+        n = rng.choice([1, 511, 4096, 65536, 65537, 200000, rng.randrange(1, 600000)])
+        if rng.random() < 0.3:
+            off = off // 65536 * 65536
+        n = max(1, min(n, size - off))
+        ops.append((kind, off, n, rng.randrange(1, 256)))
+    return ops
+
+
+def apply_ops(dev, model, ops):
+    for kind, off, n, pattern in ops:
+        if kind == "write":
+            buf = bytes([pattern]) * n
+            dev.write(off, buf, fua=pattern % 17 == 0)
+            model.write(off, buf)
+        elif kind in ("zero", "zero_trim"):
+            dev.write_zeroes(off, n, may_trim=kind == "zero_trim")
+            model.zero(off, n)
+        elif kind == "discard":
+            dev.discard(off, n)
+            model.discard(off, n)
+        else:
+            dev.flush()
+
+
+def run_workload(shape, tmp_path, ops, reopen_every=None):
+    image = shape.build(tmp_path)
+    model_path = os.path.join(str(tmp_path), "model.raw")
+    dev = open_image(image, shape.fmt, read_only=False)
+    cs = getattr(dev, "cluster_size", 1)
+    model = Model(converted(image, shape.fmt, tmp_path), cs,
+                  discard_keeps=shape.v2 and shape.backing is not None)
+    try:
+        for i in range(0, len(ops), reopen_every or len(ops) or 1):
+            apply_ops(dev, model, ops[i:i + (reopen_every or len(ops))])
+            assert bytes(dev.read(0, dev.size)) == model.data
+            if reopen_every:
+                dev.close()
+                dev = open_image(image, shape.fmt, read_only=False)
+    finally:
+        dev.close()
+    with open(model_path, "wb") as f:
+        f.write(model.data)
+    if shape.fmt == "qcow2":
+        check_clean(image)
+    r = subprocess.run(["qemu-img", "compare", "-f", shape.fmt, "-F", "raw", image, model_path],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_workload(shape, seed, tmp_path):
+    rng = random.Random(seed * 1000 + len(shape.name))
+    ops = random_ops(rng, shape.size, 120)
+    run_workload(shape, tmp_path, ops, reopen_every=40)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+@pytest.mark.parametrize("seed", range(3, 13))
+def test_random_workload_long(shape, seed, tmp_path):
+    rng = random.Random(seed * 1000 + len(shape.name))
+    run_workload(shape, tmp_path, random_ops(rng, shape.size, 400), reopen_every=100)
+
+
+_op = st.tuples(st.sampled_from(["write", "zero", "zero_trim", "discard", "flush"]),
+                st.integers(0, 12 * MiB - 1), st.integers(1, 300000), st.integers(1, 255))
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[6]],
+                         ids=lambda s: s.name)
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_op, max_size=25))
+def test_hypothesis_workload(shape, ops, tmp_path_factory):
+    ops = [(k, o, min(n, shape.size - o), p) for k, o, n, p in ops if o < shape.size]
+    run_workload(shape, tmp_path_factory.mktemp(shape.name), ops)
+
+
+def test_fast_zero_refused_where_data_must_be_written(tmp_path):
+    """v2 with a backing file has no zero flag: zeroing means writing, so not fast."""
+    shape = SHAPES[8]
+    assert shape.name == "v2-backing"
+    image = shape.build(tmp_path)
+    dev = open_image(image, read_only=False)
+    try:
+        before = bytes(dev.read(0, 4 * MiB))
+        with pytest.raises(NotFast):
+            dev.write_zeroes(0, 4 * MiB, fast=True)
+        assert bytes(dev.read(0, 4 * MiB)) == before
+    finally:
+        dev.close()
+    check_clean(image)
+
+
+def test_fast_zero_of_whole_clusters_on_v3(tmp_path):
+    image = SHAPES[0].build(tmp_path)
+    dev = open_image(image, read_only=False)
+    try:
+        dev.write_zeroes(0, 4 * MiB, fast=True)
+        assert bytes(dev.read(0, 4 * MiB)) == bytes(4 * MiB)
+        with pytest.raises(NotFast):  # a partial cluster with data in it
+            dev.write(8 * MiB, b"x" * 100)
+            dev.write_zeroes(8 * MiB + 10, 20, fast=True)
+    finally:
+        dev.close()
+    check_clean(image)
+
+
+def test_discard_returns_space(tmp_path):
+    image = os.path.join(str(tmp_path), "d.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+    dev = open_image(image, read_only=False)
+    try:
+        dev.write(0, os.urandom(32 * MiB))
+        dev.flush()
+        used = os.stat(image).st_blocks * 512
+        dev.discard(0, 32 * MiB)
+        dev.flush()
+        assert os.stat(image).st_blocks * 512 < used - 30 * MiB
+        assert bytes(dev.read(0, 32 * MiB)) == bytes(32 * MiB)
+        # Freed clusters are reused: rewriting does not grow the file.
+        end = os.path.getsize(image)
+        dev.write(0, b"y" * (16 * MiB))
+        dev.flush()
+        assert os.path.getsize(image) <= end
+    finally:
+        dev.close()
+    check_clean(image)
+
+
+def test_refcount_table_growth(tmp_path):
+    """512-byte clusters with 64-bit refcounts: a refcount block covers 32 KiB, so a few
+    MiB of writes need new refcount blocks and several moves of the refcount table."""
+    image = os.path.join(str(tmp_path), "g.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64",
+             image, "16M")
+    dev = open_image(image, read_only=False)
+    data = os.urandom(6 * MiB)
+    try:
+        dev.write(MiB, data)
+        dev.flush()
+        assert dev.refcounts.table_clusters > 1
+        assert bytes(dev.read(MiB, len(data))) == data
+    finally:
+        dev.close()
+    check_clean(image)
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"read -v {MiB} 16", image],
+                       capture_output=True, text=True)
+    assert data[:16].hex()[:8] in r.stdout.replace(" ", "")
+
+
+def test_memory_bounded_by_cache(tmp_path):
+    """The L2 cache holds at most its configured number of tables, however much of a
+    large image is touched."""
+    image = os.path.join(str(tmp_path), "big.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", image, "64G")
+    dev = open_image(image, read_only=False, l2_cache_bytes=16 * 4096)
+    try:
+        for i in range(300):  # one write per L2 table (each maps 2 MiB here)
+            dev.write(i * (2 * MiB) + 5, b"z" * 10)
+        assert len(dev.l2_cache) <= 16
+        for i in range(300):
+            assert bytes(dev.read(i * (2 * MiB) + 5, 10)) == b"z" * 10
+    finally:
+        dev.close()
+    check_clean(image)
