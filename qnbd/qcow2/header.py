@@ -148,7 +148,9 @@ class Header:
         exts = []
         if self.backing_format:
             exts.append((EXT_BACKING_FORMAT, self.backing_format.encode()))
-        if self.version >= 3:
+        # qemu (block/qcow2.c, qcow2_update_header) writes the feature-name table only for
+        # clusters above 4 KiB: in smaller ones it would leave no room for a backing name.
+        if self.version >= 3 and (cluster_size or self.cluster_size) > 4096:
             names = {(k, b): n for k, b, n in KNOWN_FEATURE_NAMES} | self.feature_names
             exts.append((EXT_FEATURE_TABLE, b"".join(
                 _FEATURE_ENTRY.pack(k, b, n.encode()) for (k, b), n in sorted(names.items()))))
