@@ -136,8 +136,11 @@ class Header:
         return None
 
     def feature_name(self, kind: int, bit: int) -> str:
-        return self.feature_names.get((kind, bit)) or dict(
+        """The feature's name for messages: from the image's feature-name table (made
+        printable, since it is untrusted input), else the known name, else "bit N"."""
+        name = self.feature_names.get((kind, bit)) or dict(
             ((k, b), n) for k, b, n in KNOWN_FEATURE_NAMES).get((kind, bit), f"bit {bit}")
+        return printable(name)
 
     # -- serialisation ---------------------------------------------------------------
 
@@ -175,6 +178,13 @@ class Header:
             raise ImageError("header, extensions and backing file name do not fit in the "
                              "first cluster")
         return out
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped, so that names taken from an image (feature
+    names, backing file names) cannot break an error message's single line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 def _parse_fields(data: bytes) -> dict:

@@ -139,7 +139,8 @@ class Qcow2Image:
         if name is None:
             return None
         if ":" in name.split("/", 1)[0]:
-            raise ImageError(f"backing file '{name}' uses a protocol prefix, which is not "
+            raise ImageError(f"backing file '{hdr.printable(name)}' uses a protocol prefix, "
+                             "which is not "
                              "supported")
         return name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
 
@@ -149,7 +150,8 @@ class Qcow2Image:
         path = self.backing_path()
         chain = chain + (os.path.realpath(self.path),)
         if os.path.realpath(path) in chain:
-            raise ImageError(f"backing file '{path}' makes a loop in the backing chain")
+            raise ImageError(f"backing file '{hdr.printable(path)}' makes a loop in the "
+                             "backing chain")
         if len(chain) > max_depth:
             raise ImageError(f"backing chain of '{chain[0]}' is deeper than {max_depth}")
         fmt = self.header.backing_format
@@ -159,7 +161,8 @@ class Qcow2Image:
         try:
             return open_image(path, fmt, read_only=True, **options)
         except ImageError as e:
-            raise ImageError(f"could not open backing file: {e}") from None
+            # The name comes from the image: escape it to keep the message on one line.
+            raise ImageError(f"could not open backing file: {hdr.printable(str(e))}") from None
 
     # -- metadata I/O ------------------------------------------------------------------
 
@@ -388,6 +391,8 @@ class Qcow2Image:
             entry = table[i]
             kind = classify(entry, self.version)
             host = entry & L2E_OFFSET_MASK
+            if host & (cs - 1) and kind in (DATA, ZERO):
+                self._bad_entry(entry)  # never write (or free) at an unaligned host offset
             if kind == DATA and entry & OFLAG_COPIED:
                 writes.add(host + in_cluster, chunk)
             else:
@@ -499,6 +504,8 @@ class Qcow2Image:
     def _zeroed_entry(self, entry: int, trim: bool) -> int:
         kind = classify(entry, self.version)
         host = entry & L2E_OFFSET_MASK
+        if host & (self.cluster_size - 1) and kind in (DATA, ZERO):
+            self._bad_entry(entry)  # keeping or freeing it would hit the wrong clusters
         if kind in (DATA, ZERO) and host and entry & OFLAG_COPIED and not trim \
                 and self.version >= 3:
             return host | OFLAG_COPIED | OFLAG_ZERO
@@ -552,6 +559,10 @@ class Qcow2Image:
         earlier updates are applied once the references they drop are durable."""
         if self.read_only or self._closed:
             return
+        if self._corrupt:
+            # Rule 7: after an inconsistency, nothing more is written (as QEMU, which makes
+            # the image inaccessible): dirty metadata may describe the damage.
+            raise IOFailure("the image is marked corrupt; metadata is not written back")
         self._write_metadata()
         if self._pending_releases:
             self._apply_releases()

@@ -188,9 +188,10 @@ class Refcounts:
                 self._ensure_block(block_index)
             if all(self.get(c) == 0 for c in range(start, start + count)):
                 break
+        # Checked before the refcounts change, so a refused allocation leaves no trace.
+        self.image.metadata.check_free(start, count)
         for c in range(start, start + count):
             self.add(c, 1)
-        self.image.metadata.check_free(start, count)
         if start == self.free_hint:
             self.free_hint = start + count
         self.end_cluster = max(self.end_cluster, start + count)

@@ -1,0 +1,570 @@
+"""Broken images: the engine refuses them with a one-line project error, or copes.
+
+Issue 2, "Broken images": every header field and table location is validated before use;
+a broken image raises a QnbdError with a one-line reason (never IndexError, struct.error,
+a giant allocation or a hang), and the file is left as it was. Images start valid (made by
+qemu-img / qemu-io) and are damaged here with `struct` at the offsets of qcow2.rst.
+
+The one change the engine may make to a damaged file is DESIGN.md rule 7: an inconsistency
+met at run time in a read-write session sets the corrupt bit (header bytes 72-79), and
+nothing else is written.
+"""
+
+import errno
+import os
+import shutil
+import signal
+import struct
+from contextlib import contextmanager
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from qnbd.errors import IOFailure, QnbdError
+from qnbd.qcow2.image import Qcow2Image
+
+from qcow2util import (COPIED, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT,
+                       INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, feature_entry,
+                       patch_bytes, patch_fields, patch_u64, qemu_img, qemu_io,
+                       qemu_says_corrupt, read_extensions, read_field, read_u64, sha256,
+                       truncate, write_extensions)
+
+SIZE = 4 << 20
+READ_CHUNK = 1 << 20
+READ_LIMIT = 64 << 20  # beyond this, the middle of a (fuzzed) huge image is not read
+
+
+# -- base images ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bases")
+    qemu_img("create", "-f", "qcow2", str(d / "v3.qcow2"), str(SIZE))
+    qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", str(d / "v2.qcow2"), str(SIZE))
+    qemu_img("create", "-f", "qcow2", str(d / "data.qcow2"), str(SIZE))
+    qemu_io(str(d / "data.qcow2"), "write -P 1 0 1M")
+    qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", str(d / "data2.qcow2"), str(SIZE))
+    qemu_io(str(d / "data2.qcow2"), "write -P 1 0 1M")
+    qemu_img("create", "-f", "qcow2", str(d / "base.qcow2"), str(SIZE))
+    qemu_io(str(d / "base.qcow2"), "write -P 2 0 2M")
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+             str(d / "overlay.qcow2"))
+    return d
+
+
+@pytest.fixture
+def copy(bases, tmp_path):
+    """copy("v3") -> path of a private copy of a base image (backing files come along)."""
+    def make(name: str):
+        if name == "overlay":
+            shutil.copy(bases / "base.qcow2", tmp_path / "base.qcow2")
+        dst = tmp_path / f"{name}.qcow2"
+        shutil.copy(bases / f"{name}.qcow2", dst)
+        return dst
+    return make
+
+
+# -- the property every case checks ----------------------------------------------------
+
+class Hang(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: float):
+    def alarm(_signum, _frame):
+        raise Hang(f"no answer within {seconds} s")
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def read_all(img) -> None:
+    size = img.size
+    offsets = range(0, min(size, READ_LIMIT), READ_CHUNK)
+    for offset in offsets:
+        img.read(offset, min(READ_CHUNK, size - offset))
+    if size > READ_LIMIT:
+        img.read(size - READ_CHUNK, READ_CHUNK)
+
+
+def masked_corrupt_bit(data: bytes) -> bytes:
+    """The file with the corrupt bit cleared (it may be set by a read-write session)."""
+    if len(data) < 80 or data[4:8] != b"\0\0\0\3":
+        return data
+    incompat = struct.unpack_from(">Q", data, 72)[0] & ~INCOMPAT_CORRUPT
+    return data[:72] + struct.pack(">Q", incompat) + data[80:]
+
+
+def try_open_and_read(path, read_only: bool, timeout: float = 10):
+    """Open and read everything; returns None on success or the QnbdError raised. Any
+    other exception (or a hang) fails the test. When it fails, the file must be unchanged
+    (read-write sessions may only have set the corrupt bit, rule 7)."""
+    before = path.read_bytes()
+    error = stage = None
+    img = None
+    try:
+        with time_limit(timeout):
+            stage = "open"
+            img = Qcow2Image.open(str(path), read_only=read_only)
+            stage = "read"
+            read_all(img)
+    except QnbdError as e:
+        error = e
+    finally:
+        if img is not None:
+            img.close()
+    if error is None:
+        return None
+    message = str(error)
+    assert message and message.isprintable(), repr(message)  # one line, no control chars
+    after = path.read_bytes()
+    if read_only or stage == "open":
+        assert after == before, f"{stage} failed ({message}) but the file changed"
+    else:
+        assert masked_corrupt_bit(after) == masked_corrupt_bit(before), \
+            f"read failed ({message}) and more than the corrupt bit changed"
+    if stage == "read":
+        assert isinstance(error, IOFailure) and error.errno == errno.EIO, repr(error)
+    return error
+
+
+def expect_error(path, fragment: str, read_only=(True, False)):
+    for ro in read_only:
+        error = try_open_and_read(path, ro)
+        mode = "read-only" if ro else "read-write"
+        assert error is not None, f"{mode} open of a broken image succeeded"
+        assert fragment.lower() in str(error).lower(), f"{mode}: {error}"
+
+
+def expect_ok(path, read_only=(True, False)):
+    for ro in read_only:
+        error = try_open_and_read(path, ro)
+        assert error is None, f"{'read-only' if ro else 'read-write'}: {error}"
+
+
+# -- header fields -----------------------------------------------------------------------
+
+BOTH = ["v3", "v2"]
+
+FIELD_CASES = [
+    # (id, fields to patch, expected fragment of the one-line error)
+    ("bad-magic", dict(magic=b"QFI\xfa"), "bad magic"),
+    ("version-1", dict(version=1), "version 1"),
+    ("version-4", dict(version=4), "version 4"),
+    ("version-huge", dict(version=0xFFFFFFFF), "version 4294967295"),
+    ("cluster-bits-8", dict(cluster_bits=8), "cluster size"),
+    ("cluster-bits-22", dict(cluster_bits=22), "cluster size"),
+    ("cluster-bits-63", dict(cluster_bits=63), "cluster size"),
+    ("cluster-bits-huge", dict(cluster_bits=0xFFFFFFFF), "cluster size"),
+    ("size-2^63", dict(size=1 << 63), "virtual size"),
+    ("size-max", dict(size=(1 << 64) - 1), "virtual size"),
+    ("l1-too-small", dict(size=1 << 40), "l1_size"),
+    ("l1-size-0", dict(l1_size=0), "l1_size"),
+    ("l1-enormous", dict(l1_size=1 << 31), "l1_size"),
+    ("l1-size-max", dict(l1_size=0xFFFFFFFF), "l1_size"),
+    ("l1-unaligned", dict(l1_table_offset=0x30008), "l1_table offset 0x30008 is not aligned"),
+    ("l1-past-eof", dict(l1_table_offset=0x10000000000),
+     "l1_table offset 0x10000000000 is past the end of the file"),
+    ("l1-offset-max", dict(l1_table_offset=(1 << 64) - (1 << 16)), "l1_table offset"),
+    ("reftable-unaligned", dict(refcount_table_offset=0x10200), "refcount_table offset"),
+    ("reftable-past-eof", dict(refcount_table_offset=0x10000000000),
+     "refcount_table offset 0x10000000000 is past the end of the file"),
+    ("reftable-clusters-0", dict(refcount_table_clusters=0), "refcount table"),
+    ("reftable-clusters-huge", dict(refcount_table_clusters=0xFFFFFFFF),
+     "refcount_table_clusters"),
+    ("reftable-clusters-past-eof", dict(refcount_table_clusters=100),
+     "refcount_table offset"),
+    ("nb-snapshots-huge", dict(nb_snapshots=0xFFFFFFFF, snapshots_offset=0x10000),
+     "nb_snapshots"),
+    ("snapshots-past-eof", dict(nb_snapshots=1, snapshots_offset=0x10000000000),
+     "snapshots offset 0x10000000000 is past the end of the file"),
+    ("snapshots-unaligned", dict(nb_snapshots=1, snapshots_offset=0x10008), "snapshots"),
+    ("crypt-aes", dict(crypt_method=1), "encrypted images are not supported"),
+    ("crypt-luks", dict(crypt_method=2), "encrypted images are not supported"),
+    ("crypt-unknown", dict(crypt_method=77), "encrypted images are not supported"),
+    ("backing-name-past-cluster", dict(backing_file_offset=0x20000, backing_file_size=10),
+     "backing file name"),
+    ("backing-name-too-long", dict(backing_file_offset=0x200, backing_file_size=1024),
+     "backing file name"),
+    ("backing-name-offset-max", dict(backing_file_offset=(1 << 64) - 1, backing_file_size=1),
+     "backing file name"),
+]
+
+
+@pytest.mark.parametrize("base", BOTH)
+@pytest.mark.parametrize("case", FIELD_CASES, ids=[c[0] for c in FIELD_CASES])
+def test_bad_header_field(copy, base, case):
+    _id, fields, fragment = case
+    path = copy(base)
+    patch_fields(path, **fields)
+    expect_error(path, fragment)
+
+
+V3_FIELD_CASES = [
+    ("header-length-unaligned", dict(header_length=108), "header_length 108"),
+    ("header-length-small", dict(header_length=96), "header_length 96"),
+    ("header-length-0", dict(header_length=0), "header_length 0"),
+    ("header-length-past-cluster", dict(header_length=0x10008), "header_length 65544"),
+    ("header-length-max", dict(header_length=0xFFFFFFF8), "header_length"),
+    ("refcount-order-7", dict(refcount_order=7), "refcount_order 7"),
+    ("refcount-order-huge", dict(refcount_order=0xFFFFFFFF), "refcount_order"),
+    ("incompat-bit-10-unnamed", dict(incompatible_features=1 << 10),
+     "Unsupported qcow2 feature(s): bit 10"),
+    ("incompat-bit-63", dict(incompatible_features=1 << 63), "bit 63"),
+    ("external-data-file", dict(incompatible_features=INCOMPAT_DATA_FILE),
+     "Unsupported qcow2 feature(s): external data file"),
+    ("extended-l2", dict(incompatible_features=INCOMPAT_EXTL2),
+     "Unsupported qcow2 feature(s): extended L2 entries"),
+    ("compression-bit-type-0", dict(incompatible_features=INCOMPAT_COMPRESSION),
+     "compression type"),
+    ("compression-type-no-bit", dict(compression_type=1), "compression type"),
+    ("compression-type-unknown", dict(incompatible_features=INCOMPAT_COMPRESSION,
+                                      compression_type=9), "compression type 9"),
+]
+
+
+@pytest.mark.parametrize("case", V3_FIELD_CASES, ids=[c[0] for c in V3_FIELD_CASES])
+def test_bad_v3_header_field(copy, case):
+    _id, fields, fragment = case
+    path = copy("v3")
+    patch_fields(path, **fields)
+    expect_error(path, fragment)
+
+
+def test_compression_type_without_the_field(copy):
+    """header_length 104 has no compression_type byte: the bit alone is inconsistent."""
+    path = copy("v3")
+    patch_fields(path, header_length=104, incompatible_features=INCOMPAT_COMPRESSION)
+    exts = read_extensions(path)
+    patch_bytes(path, 104, bytes(16))
+    write_extensions(path, exts)
+    expect_error(path, "compression type")
+
+
+def test_unknown_incompatible_bit_named_by_feature_table(copy):
+    path = copy("v3")
+    exts = read_extensions(path)
+    exts = [(t, d + feature_entry(0, 10, "frobnicated clusters") if t == EXT_FEATURE_TABLE
+             else d) for t, d in exts]
+    write_extensions(path, exts)
+    patch_fields(path, incompatible_features=1 << 10)
+    expect_error(path, "Unsupported qcow2 feature(s): frobnicated clusters")
+
+
+def test_feature_name_with_control_characters_stays_one_line(copy):
+    path = copy("v3")
+    exts = [(EXT_FEATURE_TABLE, feature_entry(0, 12, "evil\nname\r\x1b[2J"))]
+    write_extensions(path, exts)
+    patch_fields(path, incompatible_features=1 << 12)
+    expect_error(path, "Unsupported qcow2 feature(s): evil")
+
+
+def test_corrupt_bit(copy):
+    path = copy("data")
+    patch_fields(path, incompatible_features=INCOMPAT_CORRUPT)
+    expect_ok(path, read_only=[True])
+    expect_error(path, "corrupt", read_only=[False])
+
+
+def test_dirty_bit(copy):
+    path = copy("data")
+    patch_fields(path, incompatible_features=INCOMPAT_DIRTY)
+    expect_ok(path, read_only=[True])
+    expect_error(path, "needs repair", read_only=[False])
+
+
+def test_unknown_compatible_and_autoclear_bits_are_accepted(copy):
+    path = copy("data")
+    patch_fields(path, compatible_features=1 << 40, autoclear_features=1 << 40)
+    expect_ok(path)
+
+
+# -- header extensions ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("base", BOTH)
+def test_extension_longer_than_cluster(copy, base):
+    path = copy(base)
+    write_extensions(path, [(0x12345678, b"")])
+    start = 112 if base == "v3" else 72
+    patch_bytes(path, start + 4, struct.pack(">I", 0x20000))
+    expect_error(path, "header extension")
+
+
+@pytest.mark.parametrize("base", BOTH)
+def test_extension_length_max(copy, base):
+    path = copy(base)
+    start = 112 if base == "v3" else 72
+    patch_bytes(path, start, struct.pack(">II", EXT_FEATURE_TABLE, 0xFFFFFFFF))
+    expect_error(path, "header extension")
+
+
+def test_extensions_without_end_marker(copy):
+    path = copy("v3")
+    with open(path, "r+b") as f:  # fill the whole first cluster with tiny extensions
+        f.seek(112)
+        f.write(struct.pack(">II", 0x1234, 0) * ((0x10000 - 112) // 8))
+    expect_error(path, "header extension")
+
+
+def test_duplicate_backing_format_extension(copy):
+    path = copy("overlay")
+    exts = read_extensions(path)
+    name_offset = read_field(path, "backing_file_offset")
+    name = path.read_bytes()[name_offset:name_offset + read_field(path, "backing_file_size")]
+    end = write_extensions(path, exts + [(0xE2792ACA, b"raw")])
+    patch_bytes(path, end, name)
+    patch_fields(path, backing_file_offset=end)
+    expect_error(path, "appears twice")
+
+
+# -- backing files ---------------------------------------------------------------------------
+
+def test_backing_file_ok(copy):
+    expect_ok(copy("overlay"))
+
+
+def test_backing_file_missing(copy):
+    path = copy("overlay")
+    os.unlink(path.parent / "base.qcow2")
+    expect_error(path, "base.qcow2")
+
+
+def test_backing_file_broken(copy):
+    path = copy("overlay")
+    patch_fields(path.parent / "base.qcow2", cluster_bits=30)
+    expect_error(path, "backing file")
+
+
+def test_backing_format_unknown(copy):
+    path = copy("overlay")
+    exts = [(t, b"vmdk" if t == 0xE2792ACA else d) for t, d in read_extensions(path)]
+    name_offset = read_field(path, "backing_file_offset")
+    name = path.read_bytes()[name_offset:name_offset + read_field(path, "backing_file_size")]
+    end = write_extensions(path, exts)
+    patch_bytes(path, end, name)
+    patch_fields(path, backing_file_offset=end)
+    expect_error(path, "vmdk")
+
+
+def test_backing_name_with_newline_stays_one_line(copy):
+    path = copy("overlay")
+    offset = read_field(path, "backing_file_offset")
+    patch_bytes(path, offset, b"no\nsuch\rfile")
+    patch_fields(path, backing_file_size=12)
+    expect_error(path, "backing file")
+
+
+def test_backing_loop(tmp_path):
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    qemu_img("create", "-f", "qcow2", "-u", "-b", "b.qcow2", "-F", "qcow2", str(a), "1M")
+    qemu_img("create", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", str(b), "1M")
+    expect_error(a, "loop")
+    expect_error(b, "loop")
+
+
+def test_backing_self_loop(tmp_path):
+    a = tmp_path / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", str(a), "1M")
+    expect_error(a, "loop")
+
+
+def test_backing_chain_too_deep(tmp_path):
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "img0.qcow2"), "1M")
+    for i in range(1, 20):
+        qemu_img("create", "-f", "qcow2", "-u", "-b", f"img{i - 1}.qcow2", "-F", "qcow2",
+                 str(tmp_path / f"img{i}.qcow2"), "1M")
+    expect_ok(tmp_path / "img8.qcow2")
+    expect_error(tmp_path / "img19.qcow2", "deeper than")
+
+
+# -- truncated files ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("base", BOTH)
+@pytest.mark.parametrize("length", [0, 3, 50, 100, 0x200, 0x10000, 0x10000 + 0x8000,
+                                    0x30004])
+def test_truncated(copy, base, length):
+    """Cut in the header, in the extensions, in the refcount table, in the L1 table."""
+    path = copy(base)
+    truncate(path, length)
+    expect_error(path, "")
+
+
+@pytest.mark.parametrize("base", ["data", "data2"])
+@pytest.mark.parametrize("length", [0x40000, 0x48000, 0x50000, 0x90000])
+def test_truncated_after_tables(copy, base, length):
+    """Cut in or before the L2 table (read fails with EIO), or in the data (reads zeros)."""
+    path = copy(base)
+    truncate(path, length)
+    for ro in (True, False):
+        error = try_open_and_read(path, ro)
+        if length <= 0x40000 + 0x8000:
+            assert isinstance(error, IOFailure), error
+        else:
+            assert error is None, error
+
+
+# -- damaged tables: reads fail with EIO, writes set the corrupt bit ------------------------------
+
+L1 = 0x30000   # qemu-img's layout for these images: header, reftable, refblock, L1, L2, data
+L2 = 0x40000
+REFBLOCK = 0x20000
+
+
+def check_write_sets_corrupt(path, offset=0, length=0x10000):
+    before = path.read_bytes()
+    img = Qcow2Image.open(str(path), read_only=False)
+    try:
+        with pytest.raises(IOFailure) as info:
+            img.write(offset, b"\x07" * length)
+        assert info.value.errno == errno.EIO
+        assert "\n" not in str(info.value)
+        with pytest.raises(IOFailure):  # no more writes once corrupt
+            img.write(offset, b"\x07" * length)
+        with pytest.raises(IOFailure):  # nor metadata write-back
+            img.flush()
+    finally:
+        img.close()
+    after = path.read_bytes()
+    assert read_field(path, "incompatible_features") & INCOMPAT_CORRUPT
+    assert qemu_says_corrupt(path)
+    # Nothing but the corrupt bit was written.
+    assert masked_corrupt_bit(after) == masked_corrupt_bit(before)
+    expect_error(path, "corrupt", read_only=[False])
+
+
+@pytest.mark.parametrize("entry", [COPIED | 0x10000000000, COPIED | 0x41000, 0x10000000000])
+def test_l1_entry_past_eof_or_unaligned(copy, entry):
+    path = copy("data")
+    patch_u64(path, L1, entry)
+    expect_error(path, "L2 table offset", read_only=[True])
+    check_write_sets_corrupt(path)
+
+
+def test_l1_entry_past_eof_read_write_read(copy):
+    """A read-write session that meets the damage while reading marks the image corrupt."""
+    path = copy("data")
+    patch_u64(path, L1, COPIED | 0x10000000000)
+    expect_error(path, "L2 table offset", read_only=[False])
+    assert qemu_says_corrupt(path)
+
+
+@pytest.mark.parametrize("base", ["data", "data2"])
+def test_l2_entry_unaligned(copy, base):
+    path = copy(base)
+    host = read_u64(path, L2)
+    patch_u64(path, L2, host + 0x200)  # COPIED kept
+    expect_error(path, "unaligned", read_only=[True])
+    if base == "data":
+        check_write_sets_corrupt(path)
+    else:  # v2 has no corrupt bit, but the write must still fail and write nothing
+        before = path.read_bytes()
+        img = Qcow2Image.open(str(path), read_only=False)
+        with pytest.raises(IOFailure):
+            img.write(0, b"\x07" * 0x10000)
+        img.close()
+        assert path.read_bytes() == before
+
+
+def test_l2_entry_unaligned_zero_and_discard(copy):
+    """Zeroing or discarding through a bad entry must not free the wrong clusters."""
+    for op in ("write_zeroes", "discard"):
+        path = copy("data")
+        host = read_u64(path, L2)
+        patch_u64(path, L2, host + 0x200)
+        before = path.read_bytes()
+        img = Qcow2Image.open(str(path), read_only=False)
+        try:
+            try:
+                getattr(img, op)(0, 0x10000)
+                img.flush()
+            except IOFailure:
+                pass
+        finally:
+            img.close()
+        after = path.read_bytes()
+        assert masked_corrupt_bit(after) == masked_corrupt_bit(before), op
+        assert qemu_says_corrupt(path), op
+
+
+def test_l2_entry_past_eof_reads_zeros(copy):
+    """Data past the end of the file reads as zeros (qemu does the same)."""
+    path = copy("data")
+    patch_u64(path, L2, COPIED | 0x10000000000)
+    expect_ok(path)
+
+
+def test_l2_compressed_entry_garbage(copy):
+    path = copy("data")
+    patch_u64(path, L2, (1 << 62) | (3 << 54) | 0x51234)  # points into plain data
+    expect_error(path, "compressed cluster", read_only=[True])
+
+
+def test_refcount_block_says_l1_is_free(copy):
+    """Allocation of a new L2 table would land on the L1 table: refused, corrupt."""
+    path = copy("v3")
+    patch_bytes(path, REFBLOCK + 2 * (L1 >> 16), b"\0\0")  # 16-bit refcount of L1 -> 0
+    check_write_sets_corrupt(path)
+
+
+def test_refcount_block_says_l2_is_free(copy):
+    """A new data cluster would land on the L2 table: refused, corrupt."""
+    path = copy("data")
+    patch_bytes(path, REFBLOCK + 2 * (L2 >> 16), b"\0\0")
+    check_write_sets_corrupt(path, offset=2 << 20)
+
+
+@pytest.mark.parametrize("target", [0x10000, REFBLOCK, L1, L2])
+def test_l2_entry_points_at_metadata(copy, target):
+    """Writing in place through a COPIED entry that points at metadata: refused, corrupt."""
+    path = copy("data")
+    patch_u64(path, L2, COPIED | target)
+    check_write_sets_corrupt(path)
+
+
+def test_reftable_entry_past_eof(copy):
+    path = copy("v3")
+    patch_u64(path, 0x10000, 0x10000000000)
+    expect_ok(path, read_only=[True])  # reads do not need refcounts
+    check_write_sets_corrupt(path)
+
+
+# -- fuzzing -----------------------------------------------------------------------------------------
+
+FUZZ_REGIONS = {  # (start, length) of the areas damaged at random
+    "header": (0, 512),
+    "reftable": (0x10000, 64),
+    "refblock": (REFBLOCK, 64),
+    "l1": (L1, 8),
+    "l2": (L2, 256),
+}
+
+
+@pytest.fixture(scope="module")
+def fuzz_bases(bases):
+    return {name: (bases / f"{name}.qcow2").read_bytes() for name in ("data", "data2")}
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(base=st.sampled_from(["data", "data2"]),
+       edits=st.lists(st.tuples(st.sampled_from(sorted(FUZZ_REGIONS)),
+                                st.integers(0, 511),
+                                st.one_of(st.binary(min_size=1, max_size=8),
+                                          st.sampled_from([b"\xff" * 8, b"\0" * 8,
+                                                           b"\x80", b"\x7f", b"\x01"]))),
+                      min_size=1, max_size=4),
+       read_only=st.booleans())
+def test_fuzz_open_and_read(fuzz_bases, tmp_path, base, edits, read_only):
+    data = bytearray(fuzz_bases[base])
+    for region, pos, payload in edits:
+        start, length = FUZZ_REGIONS[region]
+        offset = start + pos % length
+        data[offset:offset + len(payload)] = payload
+    path = tmp_path / "fuzz.qcow2"
+    path.write_bytes(data)
+    try_open_and_read(path, read_only)
