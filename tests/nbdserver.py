@@ -88,20 +88,18 @@ class Server:
 
 @pytest.fixture
 def serve():
-    """serve(IMAGE, *options) -> Server listening on a fresh unix socket (persistent
-    unless the test says otherwise with persistent=False)."""
+    """serve(IMAGE, *options) -> a persistent Server listening on a fresh unix socket."""
     started = []
     dirs = []
 
-    def start(image, *options, persistent=True, wait=True):
+    def start(image, *options):
         d = short_tmpdir()
         dirs.append(d)
         sock = os.path.join(d, "nbd.sock")
-        args = ["-k", sock, *(["-t"] if persistent else []), *options, image]
+        args = ["-k", sock, "-t", *options, image]
         server = Server(args, sock)
         started.append(server)
-        if wait:
-            wait_for_socket(sock, server.proc)
+        wait_for_socket(sock, server.proc)
         return server
 
     yield start

@@ -9,6 +9,7 @@ import sys
 from ..config import DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT, Listener, ServerConfig, load_config
 from ..errors import QnbdError
 from ..export import CACHE_MODES, DETECT_ZEROES_MODES, DISCARD_MODES, ExportConfig
+from ..nbd.server import serve
 
 # qemu-nbd options that qnbd does not implement yet: accepted by the parser only to be
 # refused by name, never silently ignored. (flag, long name, takes a value)
@@ -123,10 +124,11 @@ def build_config(args) -> ServerConfig:
                               pid_file=args.pid_file)
     if args.handshake_timeout < 0:
         raise QnbdError("--handshake-timeout must not be negative")
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and \
+            any(getattr(args, name) is not None for name in _LISTEN_OPTIONS):
+        raise QnbdError("-k, -b and -p cannot be used with socket activation")
     activated = _socket_activation()
     if activated:
-        if any(getattr(args, name) is not None for name in _LISTEN_OPTIONS):
-            raise QnbdError("-k, -b and -p cannot be used with socket activation")
         config.listeners = activated
     return config
 
@@ -156,7 +158,10 @@ def _socket_activation() -> list[Listener]:
         raise QnbdError(f"bad socket activation variables LISTEN_PID={pid} LISTEN_FDS={count}") \
             from None
     for fd in range(3, 3 + n):
-        os.set_inheritable(fd, False)
+        try:
+            os.set_inheritable(fd, False)
+        except OSError as e:
+            raise QnbdError(f"socket activation: fd {fd}: {e.strerror}") from None
     return [Listener(fd=fd) for fd in range(3, 3 + n)]
 
 
@@ -164,7 +169,6 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="qnbd serve: %(message)s", stream=sys.stderr)
     config = build_config(args)
-    from ..nbd.server import serve
     if not args.fork:
         return serve(config)
     return _fork(config, args.verbose)
@@ -188,19 +192,29 @@ def _fork(config, verbose: bool) -> int:
         raise QnbdError(message or "the server exited before it was ready")
     os.close(r)
     os.setsid()
+    ready_sent = False
 
     def ready():
+        nonlocal ready_sent
         os.write(w, b"ok")
         os.close(w)
+        ready_sent = True
         if not verbose:
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             os.close(null)
 
+    code = 1
     try:
         code = serve(config, on_ready=ready)
     except QnbdError as e:
-        os.write(w, str(e).encode())
-        os._exit(1)
-    os._exit(code)
+        if ready_sent:
+            logging.getLogger("qnbd.serve").error("%s", e)
+        else:
+            os.write(w, str(e).encode())
+    except BaseException:
+        logging.getLogger("qnbd.serve").exception("the server failed")
+    finally:
+        # The child never returns into the caller's stack: that belongs to the parent.
+        os._exit(code)
