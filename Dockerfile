@@ -1,0 +1,27 @@
+# qnbd: an NBD server for qcow2 images.
+#   docker build -t qnbd .
+#   docker run -p 10809:10809 -v /srv/images:/var/lib/qnbd -v ./config/qnbd.toml:/etc/qnbd/qnbd.toml:ro qnbd
+FROM python:3.11-slim-bookworm
+
+# qemu-utils: qemu-img for creating and checking images; libnbd-bin: nbdinfo for health checks.
+# Not pinned: the base image tracks Debian stable, whose updates are security fixes we want.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends qemu-utils libnbd-bin \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY qnbd ./qnbd
+RUN pip install --no-cache-dir . \
+    && rm -rf /src
+
+RUN useradd --system --uid 10809 --home-dir /var/lib/qnbd --create-home qnbd \
+    && mkdir -p /etc/qnbd \
+    && chown qnbd:qnbd /var/lib/qnbd
+COPY config/qnbd.toml /etc/qnbd/qnbd.toml
+
+USER 10809:10809
+WORKDIR /var/lib/qnbd
+EXPOSE 10809
+CMD ["qnbd", "serve", "--config", "/etc/qnbd/qnbd.toml"]
