@@ -58,9 +58,9 @@ KNOWN_FEATURE_NAMES = (
 )
 # Incompatible bits this engine implements; any other set bit refuses the open (rule 1).
 SUPPORTED_INCOMPATIBLE = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION
-# Autoclear bits whose meaning this engine keeps true while writing. None yet: bitmaps
-# are not maintained by writes, so bit 0 must be cleared before the first write.
-MAINTAINED_AUTOCLEAR = 0
+# Autoclear bits whose meaning this engine keeps true while writing (bitmaps.py keeps the
+# bitmaps consistent); any other set bit is cleared before the first write (rule 1).
+MAINTAINED_AUTOCLEAR = AUTOCLEAR_BITMAPS
 
 # Header extension types
 EXT_END = 0x00000000
@@ -134,6 +134,15 @@ class Header:
             if t == ext_type:
                 return data
         return None
+
+    def set_extension(self, ext_type: int, data: bytes | None) -> None:
+        """Replace (or add, or with None remove) a kept extension, keeping file order."""
+        kept = [(t, d) for t, d in self.other_extensions if t != ext_type]
+        if data is not None:
+            at = next((i for i, (t, _) in enumerate(self.other_extensions) if t == ext_type),
+                      len(kept))
+            kept.insert(at, (ext_type, data))
+        self.other_extensions = kept
 
     def feature_name(self, kind: int, bit: int) -> str:
         """The feature's name for messages: from the image's feature-name table (made

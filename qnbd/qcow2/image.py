@@ -24,6 +24,7 @@ from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_
                       decode_table, encode_table)
 from .metadata_map import MetadataMap
 from .refcount import Refcounts
+from .persistent_bitmaps import PersistentBitmaps
 from .snapshots import read_table as read_snapshot_table
 
 log = logging.getLogger("qnbd.qcow2")
@@ -40,7 +41,6 @@ _REFTABLE_LOCATION = struct.Struct(">QI")  # header bytes 48-59
 _REFTABLE_LOCATION_OFFSET = 48
 _INCOMPATIBLE_OFFSET = 72
 _AUTOCLEAR_OFFSET = 88
-_BITMAPS_EXT = struct.Struct(">IIQQ")  # qcow2.rst, "Bitmaps extension"
 
 
 class Qcow2Image:
@@ -102,7 +102,6 @@ class Qcow2Image:
             self.metadata.add_range(h.snapshots_offset, table_bytes)
             for snap in self.snapshots:
                 self.metadata.add_range(snap.l1_offset, snap.l1_size * 8)
-        self._protect_bitmap_directory(file_size)
         self.l2_cache = TableCache("l2", self._load_l2, self._store_metadata_table,
                                    l2_cache_bytes // cs, barrier=self._l2_barrier)
         self._pending_releases: list[tuple[int, int]] = []
@@ -113,6 +112,7 @@ class Qcow2Image:
         self.backing = None
         if h.backing_file:
             self.backing = self._open_backing(max_backing_depth, chain)
+        self.bitmaps = PersistentBitmaps(self)
 
     # -- opening -----------------------------------------------------------------------
 
@@ -121,17 +121,6 @@ class Qcow2Image:
         if len(data) != length:
             raise ImageError(f"{what} at 0x{offset:x} is past the end of the file")
         return data
-
-    def _protect_bitmap_directory(self, file_size: int) -> None:
-        ext = self.header.extension(hdr.EXT_BITMAPS)
-        if ext is None:
-            return
-        if len(ext) < _BITMAPS_EXT.size:
-            raise ImageError("bitmaps extension is too short")
-        _nb, _reserved, dir_size, dir_offset = _BITMAPS_EXT.unpack_from(ext)
-        if dir_offset % self.cluster_size or dir_offset + dir_size > file_size:
-            raise ImageError(f"bitmap directory offset 0x{dir_offset:x} is invalid")
-        self.metadata.add_range(dir_offset, dir_size)
 
     def backing_path(self) -> str | None:
         """The backing file name resolved against this image's directory, as qemu does."""
@@ -195,6 +184,11 @@ class Qcow2Image:
         self.header.refcount_table_offset = offset
         self.header.refcount_table_clusters = clusters
         self._pwrite(_REFTABLE_LOCATION.pack(offset, clusters), _REFTABLE_LOCATION_OFFSET)
+        self.sync()
+
+    def write_header(self) -> None:
+        """Rewrite the header cluster's contents (fields, extensions, backing name)."""
+        self._pwrite(self.header.encode(), 0)
         self.sync()
 
     def mark_corrupt(self, reason: str) -> None:
@@ -367,6 +361,7 @@ class Qcow2Image:
     def write(self, offset: int, data, fua: bool = False) -> None:
         self._check_writable()
         view = memoryview(data).cast("B")
+        self.bitmaps.mark(offset, len(view))
         table_shift = self.cluster_bits + self.l2_bits
         pos, end = offset, offset + len(view)
         while pos < end:
@@ -421,6 +416,7 @@ class Qcow2Image:
     def write_zeroes(self, offset: int, length: int, may_trim: bool = False,
                      fast: bool = False, fua: bool = False) -> None:
         self._check_writable()
+        self.bitmaps.mark(offset, length)
         cs = self.cluster_size
         first_full = -(-offset // cs) * cs
         end_full = (offset + length) // cs * cs
@@ -449,6 +445,7 @@ class Qcow2Image:
 
     def discard(self, offset: int, length: int, fua: bool = False) -> None:
         self._check_writable()
+        self.bitmaps.mark(offset, length)
         cs = self.cluster_size
         start = -(-offset // cs) * cs
         end = (offset + length) // cs * cs
@@ -600,6 +597,7 @@ class Qcow2Image:
         try:
             if not self.read_only and not self._corrupt:
                 self.flush()
+                self.bitmaps.store()
         finally:
             self._closed = True
             self.file.close()

@@ -1,0 +1,215 @@
+"""The life cycle of an image's persistent bitmaps (DESIGN.md rule 9).
+
+Open read-write: load every usable bitmap, set in_use on disk (durable) before any write.
+While open: `mark` dirties the enabled (auto) bitmaps for every write, zero and discard.
+Clean close: `store` writes each loaded bitmap to new clusters, then a new directory, then
+points the header at it, and only then releases the old tables, data and directory
+(rule 2: refcounts before references; rule 3: references dropped before release).
+"""
+
+import logging
+from dataclasses import replace
+
+from ..errors import ImageError
+from . import bitmaps as bm
+from . import header as hdr
+
+log = logging.getLogger("qnbd.qcow2")
+
+
+class PersistentBitmaps:
+    def __init__(self, image):
+        self.image = image
+        self.entries: list[bm.DirectoryEntry] = []  # directory order, as stored next
+        self.loaded: dict[str, bm.DirtyBitmap] = {}
+        self._on_disk: dict[str, tuple[int, list[int]]] = {}  # name -> (table offset, table)
+        self._directory: tuple[int, int] | None = None  # (offset, size) on disk
+        self._drop_extension = False
+        self._changed = False
+        self._tracking: list[bm.DirtyBitmap] = []
+        self._load()
+        if not image.read_only and self.loaded:
+            self._mark_in_use()
+
+    # -- loading -----------------------------------------------------------------------
+
+    def _load(self) -> None:
+        image = self.image
+        h = image.header
+        ext = h.extension(hdr.EXT_BITMAPS)
+        if ext is None:
+            return
+        if not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+            # qcow2.rst: without the autoclear bit the extension must be considered
+            # inconsistent (a program without bitmap support wrote the image).
+            log.warning("%s: bitmaps extension is inconsistent (autoclear bit clear); "
+                        "its bitmaps are ignored", image.path)
+            self._drop_extension = not image.read_only
+            self._changed = self._drop_extension
+            return
+        file_size = image.file.size()
+        cs = image.cluster_size
+        self.entries = bm.read_directory(image.file, ext, image.size, cs, file_size)
+        _nb, size, offset = bm.parse_extension(ext)
+        self._directory = (offset, size)
+        image.metadata.add_range(offset, size)
+        for entry in self.entries:
+            table = bm.read_table(image.file, entry, cs, file_size)
+            self._on_disk[entry.name] = (entry.table_offset, table)
+            image.metadata.add_range(entry.table_offset, entry.table_size * 8)
+            for data in bm.data_clusters(table):
+                image.metadata.add_range(data, cs)
+            if entry.usable:
+                bitmap = bm.DirtyBitmap(entry, image.size)
+                bitmap.load(image.file, table, cs)
+                self.loaded[entry.name] = bitmap
+        self._retrack()
+
+    def _retrack(self) -> None:
+        self._tracking = [b for b in self.loaded.values() if b.entry.auto]
+
+    def _mark_in_use(self) -> None:
+        """Rule 9: in_use is on disk before the first write can change the disk."""
+        for i, entry in enumerate(self.entries):
+            if entry.name in self.loaded:
+                entry = replace(entry, flags=entry.flags | bm.FLAG_IN_USE)
+                self.entries[i] = entry
+        offset, _size = self._directory
+        self.image._pwrite(bm.encode_directory(self.entries), offset)
+        self.image.sync()
+        self._changed = True
+
+    # -- use ---------------------------------------------------------------------------
+
+    def mark(self, offset: int, length: int) -> None:
+        for bitmap in self._tracking:
+            bitmap.set_range(offset, length)
+
+    def get(self, name: str) -> bm.DirtyBitmap:
+        """A consistent bitmap by name, for export; one-line errors as qemu-nbd's."""
+        if name in self.loaded:
+            return self.loaded[name]
+        if any(e.name == name for e in self.entries):
+            raise ImageError(f"Bitmap '{name}' is inconsistent and cannot be used")
+        raise ImageError(f"Bitmap '{name}' is not found")
+
+    def describe(self) -> list[bm.DirectoryEntry]:
+        return list(self.entries)
+
+    # -- operations (qemu-img bitmap) ----------------------------------------------------
+
+    def _require_writable(self) -> None:
+        if self.image.read_only:
+            raise ImageError("bitmap operations need the image opened read-write")
+
+    def add(self, name: str, granularity: int | None = None, disabled: bool = False) -> None:
+        self._require_writable()
+        image = self.image
+        if granularity is None:
+            # qemu's default: the cluster size, at least 4 KiB.
+            granularity = max(4096, image.cluster_size)
+        gbits = bm.check_new_bitmap(name, granularity, self.entries, image.version)
+        flags = bm.FLAG_IN_USE | (0 if disabled else bm.FLAG_AUTO)
+        entry = bm.DirectoryEntry(name, 0, bm.table_entries(image.size, granularity,
+                                                            image.cluster_size), flags, gbits)
+        self.entries.append(entry)
+        self.loaded[name] = bm.DirtyBitmap(entry, image.size)
+        self._changed = True
+        self._retrack()
+
+    def remove(self, name: str) -> None:
+        self._require_writable()
+        self._entry_index(name)
+        self.entries = [e for e in self.entries if e.name != name]
+        self.loaded.pop(name, None)
+        self._changed = True
+        self._retrack()
+
+    def clear(self, name: str) -> None:
+        self._require_writable()
+        self.get(name).clear()
+        self._changed = True
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        self._require_writable()
+        bitmap = self.get(name)
+        flags = (bitmap.entry.flags | bm.FLAG_AUTO) if enabled else \
+            (bitmap.entry.flags & ~bm.FLAG_AUTO)
+        bitmap.entry = replace(bitmap.entry, flags=flags)
+        self.entries[self._entry_index(name)] = bitmap.entry
+        self._changed = True
+        self._retrack()
+
+    def merge(self, name: str, source: bm.DirtyBitmap) -> None:
+        self._require_writable()
+        self.get(name).merge_from(source)
+        self._changed = True
+
+    def _entry_index(self, name: str) -> int:
+        for i, e in enumerate(self.entries):
+            if e.name == name:
+                return i
+        raise ImageError(f"Bitmap '{name}' is not found")
+
+    # -- storing -----------------------------------------------------------------------
+
+    def store(self) -> None:
+        """Write the bitmaps and a new directory, switch the header, free the old ones."""
+        if not self._changed:
+            return
+        image = self.image
+        cs = image.cluster_size
+        releases = []
+        new_entries = []
+        for entry in self.entries:
+            bitmap = self.loaded.get(entry.name)
+            if bitmap is None:
+                new_entries.append(entry)  # inconsistent or unusable: kept untouched
+                continue
+            table = [self._write_cluster(bitmap.bits[i:i + cs])
+                     for i in range(0, len(bitmap.bits), cs)]
+            table_offset = self._write_new(bm.encode_table(table)) if table else 0
+            new_entries.append(replace(bitmap.entry, table_offset=table_offset,
+                                       table_size=len(table),
+                                       flags=bitmap.entry.flags & ~bm.FLAG_IN_USE))
+        kept = {e.name for e in new_entries if e.name not in self.loaded}
+        for name, (table_offset, table) in self._on_disk.items():
+            if name in kept:
+                continue
+            releases.append((table_offset, len(table) * 8))
+            releases.extend((data, cs) for data in bm.data_clusters(table))
+        if self._directory:
+            releases.append(self._directory)
+        h = image.header
+        if new_entries:
+            directory = bm.encode_directory(new_entries)
+            offset = self._write_new(directory)
+            h.set_extension(hdr.EXT_BITMAPS, bm.BITMAPS_EXT.pack(len(new_entries), 0,
+                                                                 len(directory), offset))
+            h.autoclear_features |= hdr.AUTOCLEAR_BITMAPS
+        else:
+            h.set_extension(hdr.EXT_BITMAPS, None)
+            h.autoclear_features &= ~hdr.AUTOCLEAR_BITMAPS
+        image._write_metadata()  # refcounts of the new clusters durable first (rule 2)
+        image.write_header()
+        for offset, length in releases:
+            if length:
+                image._queue_release(offset, length)
+        image.flush()
+        self._changed = False
+
+    def _write_new(self, data: bytes) -> int:
+        """Allocate clusters for `data`, write it (zero-padded) and protect it."""
+        image = self.image
+        cs = image.cluster_size
+        count = max(1, -(-len(data) // cs))
+        offset = image.refcounts.allocate(count)
+        image._pwrite(bytes(data) + bytes(count * cs - len(data)), offset)
+        image.metadata.add_range(offset, count * cs)
+        return offset
+
+    def _write_cluster(self, chunk) -> int:
+        """A bitmap data cluster, or 0 where all its bits are clear (qcow2.rst)."""
+        if chunk.count(0) == len(chunk):
+            return 0
+        return self._write_new(chunk)
