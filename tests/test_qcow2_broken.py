@@ -568,3 +568,56 @@ def test_fuzz_open_and_read(fuzz_bases, tmp_path, base, edits, read_only):
     path = tmp_path / "fuzz.qcow2"
     path.write_bytes(data)
     try_open_and_read(path, read_only)
+
+
+@pytest.mark.parametrize("target", [0x10000, L1])
+def test_l1_entry_points_at_other_metadata(copy, target):
+    """An "L2 table" that is really the refcount table or the L1 table itself must not be
+    written back over it: the write is refused and the image marked corrupt."""
+    path = copy("data")
+    patch_u64(path, L1, COPIED | target)
+    check_write_sets_corrupt(path, offset=0x20000)
+
+
+def test_reftable_entry_unaligned(copy):
+    path = copy("v3")
+    patch_u64(path, 0x10000, 0x20200)
+    expect_ok(path, read_only=[True])
+    check_write_sets_corrupt(path)
+
+
+@pytest.fixture
+def snap(copy):
+    path = copy("data")
+    qemu_img("snapshot", "-c", "s1", str(path))
+    return path, read_field(path, "snapshots_offset")
+
+
+def test_snapshot_ok(snap):
+    expect_ok(snap[0])
+
+
+@pytest.mark.parametrize("field,offset,value,fragment", [
+    ("l1_offset", 0, struct.pack(">Q", 0x10000000000), "snapshot 0 L1 table"),
+    ("l1_offset-unaligned", 0, struct.pack(">Q", 0x30008), "snapshot 0 L1 table"),
+    ("l1_size", 8, struct.pack(">I", 0xFFFFFFFF), "snapshot 0 L1 table"),
+    ("extra_data_size", 36, struct.pack(">I", 0xFFFFFFFF), "extra data"),
+    ("name-lengths", 12, struct.pack(">HH", 0xFFFF, 0xFFFF), "snapshot table entry 0"),
+])
+def test_snapshot_table_damaged(snap, field, offset, value, fragment):
+    path, table = snap
+    patch_bytes(path, table + offset, value)
+    expect_error(path, fragment)
+
+
+def test_snapshot_count_too_large(snap):
+    path, _table = snap
+    patch_fields(path, nb_snapshots=60000)
+    expect_error(path, "snapshot")
+
+
+@pytest.mark.parametrize("table", [0, 0x20000])
+def test_snapshot_table_on_other_metadata(copy, table):
+    path = copy("data")
+    patch_fields(path, nb_snapshots=1, snapshots_offset=table)
+    expect_error(path, "snapshot")

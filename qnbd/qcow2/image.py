@@ -158,9 +158,24 @@ class Qcow2Image:
     def _load_l2(self, offset: int) -> array:
         if offset % self.cluster_size or offset + self.cluster_size > self.file.size():
             reason = f"L2 table offset 0x{offset:x} is invalid or past the end of the file"
-            self.mark_corrupt(reason)
-            raise IOFailure(reason)
-        return decode_table(self.file.pread(self.cluster_size, offset))
+        elif self._is_fixed_table(offset):
+            # Else writing this "L2 table" back would overwrite the header, the L1 table
+            # or the refcount table (QEMU's overlap check for metadata writes).
+            reason = (f"L2 table offset 0x{offset:x} overlaps the header, the L1 table or "
+                      "the refcount table")
+        else:
+            return decode_table(self.file.pread(self.cluster_size, offset))
+        self.mark_corrupt(reason)
+        raise IOFailure(reason)
+
+    def _is_fixed_table(self, offset: int) -> bool:
+        """Whether the cluster at `offset` is the header or in the L1 or refcount table."""
+        h, rc = self.header, self.refcounts
+        return (offset < self.cluster_size
+                or h.l1_table_offset <= offset + self.cluster_size - 1
+                and offset < h.l1_table_offset + h.l1_size * 8
+                or rc.table_offset <= offset
+                and offset < rc.table_offset + (rc.table_clusters << self.cluster_bits))
 
     def _store_metadata_table(self, offset: int, table: array) -> None:
         self._pwrite(encode_table(table), offset)

@@ -34,9 +34,11 @@ def read_table(file, offset: int, count: int, cluster_size: int,
         pos += _ENTRY.size + extra
         names = file.pread(id_len + name_len, pos)
         pos += id_len + name_len
-        pos += -(pos - offset) % 8
+        # The entry's bytes must be in the file; its padding need not be (qemu does not
+        # write the last entry's padding, so the file may end before it).
         if pos - offset > MAX_TABLE_BYTES or pos > file_size:
-            raise ImageError("snapshot table is past the end of the file")
+            raise ImageError(f"snapshot table entry {n} is past the end of the file")
+        pos += -(pos - offset) % 8
         if l1_offset % cluster_size or l1_offset + l1_size * 8 > file_size:
             raise ImageError(f"snapshot {n} L1 table offset 0x{l1_offset:x} is invalid")
         snapshots.append(Snapshot(names[:id_len].decode("utf-8", "replace"),
