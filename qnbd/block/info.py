@@ -11,7 +11,7 @@ import os
 
 from .. import fileio
 from ..errors import ImageError
-from ..qcow2 import bitmaps_dir
+from ..qcow2 import bitmaps as bm
 from ..qcow2 import header as hdr
 from .open import FORMATS, probe_format
 
@@ -40,10 +40,12 @@ def _qcow2_info(path: str, file, st) -> dict:
             "compression-type": hdr.COMPRESSION_NAMES[h.compression_type]}
     if h.version >= 3:
         data["lazy-refcounts"] = h.lazy_refcounts
-        directory = bitmaps_dir.read_directory(file, h, file_size)
-        if directory:
-            data["bitmaps"] = [{"flags": _bitmap_flags(e), "name": e.name,
-                                "granularity": e.granularity} for e in directory.entries]
+        ext = h.extension(hdr.EXT_BITMAPS)
+        # qcow2.rst: with the autoclear bit clear the extension is stale; qemu lists none.
+        if ext is not None and h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+            data["bitmaps"] = [
+                {"flags": _bitmap_flags(e), "name": e.name, "granularity": e.granularity}
+                for e in bm.read_directory(file, ext, h.size, h.cluster_size, file_size)]
     data["refcount-bits"] = h.refcount_bits
     if h.version >= 3:
         data["corrupt"] = h.corrupt
@@ -61,7 +63,8 @@ def _qcow2_info(path: str, file, st) -> dict:
     return info
 
 
-def _bitmap_flags(entry: bitmaps_dir.BitmapEntry) -> list[str]:
+def _bitmap_flags(entry: bm.DirectoryEntry) -> list[str]:
+    # qemu's order (block/qcow2-bitmap.c, get_bitmap_info_flags)
     return ["in-use"] * entry.in_use + ["auto"] * entry.auto
 
 
