@@ -9,8 +9,12 @@ import nbd
 import pytest
 
 from nbdserver import RawClient, make_raw, serve  # noqa: F401
+from qnbd.errors import IOFailure, NotFast
+from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
-from qnbd.nbd.transmission import Request, RequestParser
+from qnbd.nbd.handshake import Session
+from qnbd.nbd.server import Connection
+from qnbd.nbd.transmission import Request, RequestParser, allowed_flags
 
 SIZE = 4 << 20
 
@@ -256,3 +260,56 @@ def test_bad_request_magic_disconnects_only_that_client(raw, server):
     raw.s.sendall(b"\0" * 28)
     assert raw.closed_by_server()
     assert connect(server).pread(1, 65536) == b"\x11"
+
+
+# --- error mapping, in process: a device that fails the way engines fail ---
+
+class FailingDevice:
+    size = 1 << 20
+    read_only = False
+    supports_fast_zero = True
+
+    def __init__(self, failure):
+        self.failure = failure
+
+    def write_zeroes(self, *a, **kw):
+        raise self.failure
+
+    write = discard = write_zeroes
+
+    def flush(self):
+        pass
+
+
+class FakeTransport:
+    def __init__(self):
+        self.out = []
+
+    def writelines(self, pieces):
+        self.out += pieces
+
+    def close(self):
+        pass
+
+
+def run_requests(failure, *requests):
+    """Feed requests to a server Connection over a fake transport; the reply errors."""
+    export = Export(ExportConfig(image="-", discard="unmap"), FailingDevice(failure))
+    conn = Connection(server=None)
+    conn.transport = FakeTransport()
+    conn.session = Session(export, export.transmission_flags(False), False)
+    conn.parser = RequestParser()
+    conn.allowed = allowed_flags(conn.session)
+    conn.data_received(b"".join(requests))
+    raw = b"".join(bytes(x) for x in conn.transport.out)
+    return [struct.unpack_from(">IIQ", raw, i)[1] for i in range(0, len(raw), 16)]
+
+
+def test_engine_errors_map_onto_nbd_errors():
+    assert run_requests(NotFast(), req(p.CMD_WRITE_ZEROES, 0, 4096, p.CMD_FLAG_FAST_ZERO)) == [p.ENOTSUP]
+    assert run_requests(IOFailure("disk gone"), req(p.CMD_WRITE, 0, 1, payload=b"x")) == [p.EIO]
+    assert run_requests(IOFailure("full", errno.ENOSPC), req(p.CMD_TRIM, 0, 4096)) == [p.ENOSPC]
+    assert run_requests(OSError(errno.EDQUOT, "quota"), req(p.CMD_WRITE, 0, 1, payload=b"x")) == [p.ENOSPC]
+    # A bug in an engine costs the request (EIO), not the connection.
+    assert run_requests(ZeroDivisionError(), req(p.CMD_WRITE, 0, 1, payload=b"x"),
+                        req(p.CMD_FLUSH, cookie=8)) == [p.EIO, 0]

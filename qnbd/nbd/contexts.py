@@ -45,6 +45,7 @@ class BaseAllocation(MetaContext):
         end = min(offset + length, self.device.size)
         out: list[tuple[int, int]] = []
         while offset < end:
+            start = offset
             for ext in self.device.block_status(offset, end - offset):
                 n = min(ext.length, end - offset)
                 if n <= 0:
@@ -54,8 +55,10 @@ class BaseAllocation(MetaContext):
                 else:
                     out.append((n, ext.flags))
                 offset += n
-            if one or len(out) >= MAX_DESCRIPTORS:
+            if one or offset == start or len(out) >= MAX_DESCRIPTORS:
                 break
+        if not out:  # "MUST return at least one status descriptor": 0 is always safe
+            out.append((end - offset, 0))
         return out[:1] if one else out
 
 

@@ -64,7 +64,8 @@ class RequestParser:
                 if end - pos - _REQ_SIZE < length:
                     break
                 start = pos + _REQ_SIZE
-                payload = bytes(buf[start:start + length])
+                with memoryview(buf) as view:  # one copy, released before buf shrinks
+                    payload = bytes(view[start:start + length])
                 pos = start + length
             else:
                 payload = None
