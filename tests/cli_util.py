@@ -1,0 +1,50 @@
+"""Run `qnbd` commands for tests and compare with qemu-img.
+
+`qnbd()` calls the real command-line entry point (argument parsing, error reporting) in
+this process, because a fresh interpreter costs ~0.4 s and the matrices run it often;
+`qnbd_subprocess()` runs the installed console script, for the exit-code and
+no-traceback checks that only a separate process shows.
+"""
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+
+from qnbd import cli
+
+
+def qnbd(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = cli.main([str(a) for a in args])
+        except SystemExit as e:  # argparse usage errors
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def qnbd_ok(*args) -> str:
+    rc, out, err = qnbd(*args)
+    assert rc == 0, err
+    return out
+
+
+def qnbd_subprocess(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qnbd.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def run(*cmd, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd)
+
+
+def qemu_img_info(path, *extra, cwd=None):
+    p = run("qemu-img", "info", "--output=json", *extra, path, cwd=cwd)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def qemu_img_check(path) -> subprocess.CompletedProcess:
+    return run("qemu-img", "check", path)
