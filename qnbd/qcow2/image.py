@@ -190,10 +190,16 @@ class Qcow2Image:
 
     def _l2_barrier(self) -> None:
         """Before an L2 table is written: the refcounts of what it points to, and the data
-        written into newly mapped clusters, must be durable (rules 2 and 4)."""
-        self.refcounts.cache.write_dirty()
+        written into newly mapped clusters, must be durable (rules 2 and 4). Under the
+        dirty bit (lazy refcounts, rule 6) refcounts may lag: repair rebuilds them."""
+        if not self.header.dirty:
+            self.refcounts.cache.write_dirty()
         if self._unsynced:
             self.sync()
+
+    def _write_incompatible_features(self) -> None:
+        self._pwrite(_U64.pack(self.header.incompatible_features), _INCOMPATIBLE_OFFSET)
+        self.sync()
 
     def write_reftable_location(self, offset: int, clusters: int) -> None:
         self.header.refcount_table_offset = offset
@@ -216,8 +222,7 @@ class Qcow2Image:
             return
         self.header.incompatible_features |= hdr.INCOMPAT_CORRUPT
         try:
-            self._pwrite(_U64.pack(self.header.incompatible_features), _INCOMPATIBLE_OFFSET)
-            self.sync()
+            self._write_incompatible_features()
         except OSError as e:
             log.error("%s: could not set the corrupt bit: %s", self.path, e)
 
@@ -334,13 +339,17 @@ class Qcow2Image:
 
     def _prepare_first_write(self) -> None:
         """Rule 1: autoclear bits this engine does not keep true are cleared (and made
-        durable) before the first write changes anything they describe."""
+        durable) before the first write changes anything they describe. Rule 6: with lazy
+        refcounts the dirty bit is set, durably, before any refcount update is deferred."""
         h = self.header
         stale = h.autoclear_features & ~hdr.MAINTAINED_AUTOCLEAR
         if stale and h.version >= 3:
             h.autoclear_features &= ~stale
             self._pwrite(_U64.pack(h.autoclear_features), _AUTOCLEAR_OFFSET)
             self.sync()
+        if h.lazy_refcounts and h.version >= 3 and not h.dirty:
+            h.incompatible_features |= hdr.INCOMPAT_DIRTY
+            self._write_incompatible_features()
         self._write_prepared = True
 
     def _l2_for_write(self, l1_index: int) -> tuple[int, array]:
@@ -613,6 +622,10 @@ class Qcow2Image:
             if not self.read_only and not self._corrupt:
                 self.flush()
                 self.bitmaps.store()
+                if self.header.dirty:
+                    # Rule 6: cleared only once every cache is written back and synced.
+                    self.header.incompatible_features &= ~hdr.INCOMPAT_DIRTY
+                    self._write_incompatible_features()
         finally:
             self._closed = True
             self.file.close()
