@@ -6,6 +6,7 @@ import time
 
 import nbd
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from nbdserver import RawClient, make_raw, meta_payload, serve  # noqa: F401
 from qnbd.export import Export, ExportConfig
@@ -267,3 +268,26 @@ def test_libnbd_without_structured_replies(server):
     assert not h.can_df()
     h.pwrite(b"abc", 100)
     assert h.pread(3, 100) == b"abc"
+
+
+# --- fuzzing the sans-I/O core: arbitrary bytes never raise, only close ---
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=64), max_size=8), flags=st.integers(0, 3))
+def test_fuzz_handshake_never_raises(tmp_path_factory, chunks, flags):
+    img = make_raw(tmp_path_factory.mktemp("fz") / "a.raw", 4096)
+    catalog = Catalog([Export(ExportConfig(image=img, name="a"), _NullDevice())])
+    hs = Handshake(catalog)
+    stream = struct.pack(">I", flags)
+    for chunk in chunks:
+        # Give every chunk a chance of being a well-formed option header.
+        stream += option(chunk[0] % 12, chunk[1:]) if chunk and chunk[0] & 0x80 else chunk
+    for event in hs.feed(stream):
+        assert isinstance(event, (Send, Close, Ready))
+
+
+class _NullDevice:
+    size = 4096
+    read_only = False
+    supports_fast_zero = False

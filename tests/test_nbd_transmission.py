@@ -7,6 +7,7 @@ import struct
 
 import nbd
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from nbdserver import RawClient, make_raw, serve  # noqa: F401
 from qnbd.errors import IOFailure, NotFast
@@ -14,7 +15,7 @@ from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
 from qnbd.nbd.handshake import Session
 from qnbd.nbd.server import Connection
-from qnbd.nbd.transmission import Request, RequestParser, allowed_flags
+from qnbd.nbd.transmission import Request, RequestParser, allowed_flags, check
 
 SIZE = 4 << 20
 
@@ -313,3 +314,33 @@ def test_engine_errors_map_onto_nbd_errors():
     # A bug in an engine costs the request (EIO), not the connection.
     assert run_requests(ZeroDivisionError(), req(p.CMD_WRITE, 0, 1, payload=b"x"),
                         req(p.CMD_FLUSH, cookie=8)) == [p.EIO, 0]
+
+
+
+@settings(max_examples=300, deadline=None)
+@given(reqs=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 0x3F), st.integers(0, 2**64 - 1),
+                               st.integers(0, 2**32 - 1)), max_size=6),
+       split=st.integers(1, 40))
+def test_fuzz_parser_and_checks_stay_in_step(reqs, split):
+    """Any sequence of requests, however split, parses back to the same requests, and
+    the checks answer each one without raising."""
+    session = Session(Export(ExportConfig(image="-"), FailingDevice(None)),
+                      p.FLAG_HAS_FLAGS | p.FLAG_SEND_FUA | p.FLAG_SEND_DF, True)
+    allowed = allowed_flags(session)
+    stream = b""
+    expected = []
+    for cmd, flags, offset, length in reqs:
+        if cmd == p.CMD_WRITE:
+            length %= 64
+        stream += req(cmd, offset, length, flags, payload=b"w" * length if cmd == p.CMD_WRITE else b"")
+        expected.append((cmd, offset, length))
+        if cmd == p.CMD_DISC:
+            break
+    parser = RequestParser()
+    got = []
+    for i in range(0, len(stream), split):
+        got += parser.feed(stream[i:i + split])
+    assert [(r.cmd, r.offset, r.length) for r in got] == expected
+    for r in got:
+        err, _ = check(session, allowed, 1 << 20, r)
+        assert err in (0, p.EINVAL, p.ENOSPC, p.EPERM)
