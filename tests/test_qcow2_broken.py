@@ -621,3 +621,42 @@ def test_snapshot_table_on_other_metadata(copy, table):
     path = copy("data")
     patch_fields(path, nb_snapshots=1, snapshots_offset=table)
     expect_error(path, "snapshot")
+
+
+def _field_value(name: str):
+    from qcow2util import HEADER_FIELDS
+    code = HEADER_FIELDS[name][1]
+    if code == ">4s":
+        return st.binary(min_size=4, max_size=4)
+    top = (1 << (8 * struct.calcsize(code))) - 1
+    interesting = [0, 1, 2, 3, 4, 7, 8, 9, 16, 21, 22, 63, 64, 104, 112, 0x200, 0x10000,
+                   0x20000, 0x30000, 0x40000, 0x150000, 1 << 31, 1 << 32, 1 << 40, 1 << 63]
+    return st.one_of(st.integers(0, top),
+                     st.sampled_from([v for v in interesting if v <= top] + [top]))
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(base=st.sampled_from(["data", "data2"]),
+       fields=st.lists(st.sampled_from(["magic", "version", "backing_file_offset",
+                                        "backing_file_size", "cluster_bits", "size",
+                                        "crypt_method", "l1_size", "l1_table_offset",
+                                        "refcount_table_offset", "refcount_table_clusters",
+                                        "nb_snapshots", "snapshots_offset",
+                                        "incompatible_features", "compatible_features",
+                                        "autoclear_features", "refcount_order",
+                                        "header_length", "compression_type"])
+                       .flatmap(lambda n: st.tuples(st.just(n), _field_value(n))),
+                       min_size=1, max_size=3),
+       read_only=st.booleans())
+def test_fuzz_header_fields(fuzz_bases, tmp_path, base, fields, read_only):
+    path = tmp_path / "fuzz.qcow2"
+    path.write_bytes(fuzz_bases[base])
+    patch_fields(path, **dict(fields))
+    try_open_and_read(path, read_only)
+
+
+def test_backing_name_with_nul(copy):
+    path = copy("v3")
+    patch_fields(path, backing_file_offset=512, backing_file_size=1)  # bytes there are 0
+    expect_error(path, "NUL")

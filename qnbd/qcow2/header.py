@@ -289,7 +289,10 @@ def _parse_backing_name(header: Header, data: bytes, offset: int, size: int) -> 
                          f"{MAX_BACKING_FILE_NAME})")
     if offset + size > min(len(data), header.cluster_size):
         raise ImageError("backing file name lies outside the first cluster")
-    header.backing_file = _decode_name(data[offset:offset + size], "backing file")
+    raw = data[offset:offset + size]
+    if b"\0" in raw:  # no file name can contain one; the OS calls would reject it
+        raise ImageError("backing file name contains a NUL byte")
+    header.backing_file = _decode_name(raw, "backing file")
 
 
 def _check_features(h: Header) -> None:
