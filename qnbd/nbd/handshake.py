@@ -227,7 +227,7 @@ class Handshake:
         if refusal:
             self._close(events, refusal)
             return True
-        session = self._session(export, name)
+        session = self._session(export)
         reply = p.EXPORT_NAME_REPLY.pack(export.size, session.flags)
         if not self.no_zeroes:
             reply += bytes(124)
@@ -237,7 +237,7 @@ class Handshake:
         self.buf.clear()
         return True
 
-    def _session(self, export, name: str) -> Session:
+    def _session(self, export) -> Session:
         # Contexts count only if the last SET_META_CONTEXT named the export entered
         # (proto.md NBD_CMD_BLOCK_STATUS); otherwise block status is refused.
         contexts = self.meta_selected if self.meta_export is export else []
@@ -298,7 +298,7 @@ class Handshake:
         replies.append(option_reply(option, p.REP_INFO, p.INFO_BLOCK_SIZE_PAYLOAD.pack(
             p.INFO_BLOCK_SIZE, p.MIN_BLOCK_SIZE, p.PREFERRED_BLOCK_SIZE, p.MAX_PAYLOAD)))
         replies.append(option_reply(option, p.REP_ACK))
-        return replies, (self._session(export, name) if option == p.OPT_GO else None)
+        return replies, (self._session(export) if option == p.OPT_GO else None)
 
     def _opt_meta_context(self, option, data):
         if option == p.OPT_SET_META_CONTEXT:

@@ -19,8 +19,11 @@ import signal
 import socket
 import stat
 
+import uvloop
+
 from ..block.base import ZERO
 from ..errors import IOFailure, QnbdError
+from ..export import Export
 from . import protocol as p
 from . import transmission as t
 from .handshake import Close, Handshake, Ready, Send
@@ -58,6 +61,7 @@ class Connection(asyncio.Protocol):
         self.handshake: Handshake | None = None
         self.session = None
         self.parser: t.RequestParser | None = None
+        self.allowed: dict[int, int] = {}   # command -> valid flags, fixed per session
         self.timer = None
         self.closing = False
 
@@ -116,8 +120,9 @@ class Connection(asyncio.Protocol):
                 log.info("%s: %s", self.peer, event.reason)
                 self.close()
             elif isinstance(event, Ready):
-                self.timer.cancel() if self.timer else None
-                self.timer = None
+                if self.timer:
+                    self.timer.cancel()
+                    self.timer = None
                 self.handshake = None
                 self.session = event.session
                 export = self.session.export
@@ -179,8 +184,9 @@ class Connection(asyncio.Protocol):
     def _read(self, export, req):
         cookie, offset, length = req.cookie, req.offset, req.length
         if not self.session.structured:
-            return [t.simple_reply(cookie), export.read(offset, length)] if length else \
-                [t.simple_reply(cookie)]
+            if length == 0:
+                return [t.simple_reply(cookie)]
+            return [t.simple_reply(cookie), export.read(offset, length)]
         if length == 0:
             return [t.none_chunk(cookie)]
         if req.flags & p.CMD_FLAG_DF:
@@ -391,9 +397,6 @@ def serve(config, on_ready=None) -> int:
     """Open the exports, listen, call `on_ready()` once clients can connect, and serve until
     SIGTERM/SIGINT (or, without persistent, until the last client leaves). Images are
     flushed and closed on the way out."""
-    import uvloop
-    from ..export import Export
-
     exports = []
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
