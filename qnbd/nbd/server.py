@@ -271,7 +271,7 @@ def _bind_unix(path: str) -> socket.socket:
         sock.listen(128)
     except OSError as e:
         sock.close()
-        raise QnbdError(f"Failed to bind socket to {path}: {e.strerror}") from None
+        raise QnbdError(f"Failed to bind socket to {path}: {e.strerror or e}") from None
     return sock
 
 
@@ -320,7 +320,7 @@ class Server:
                                                         listener.port, reuse_address=True)
                 except OSError as e:
                     raise QnbdError(f"Failed to bind socket to {listener.describe()}: "
-                                    f"{e.strerror}") from None
+                                    f"{e.strerror or e}") from None
             self.servers.append(srv)
             log.info("listening on %s", listener.describe())
         for sig in (signal.SIGTERM, signal.SIGINT):
