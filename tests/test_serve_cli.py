@@ -245,6 +245,30 @@ def test_snapshot_writes_do_not_reach_the_image(tmp_path, serve):
     assert open(img, "rb").read() == before
 
 
+def test_snapshot_of_qcow2_leaves_it_untouched_and_clean(tmp_path, serve):
+    img = qcow2(tmp_path / "a.qcow2", "8M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 3 0 1M", img)
+    before = open(img, "rb").read()
+    server = serve(img, "-s")
+    run("qemu-io", "-f", "raw", "-c", "write -P 4 512k 1M", "-c", "read -P 3 0 512k",
+        "-c", "read -P 4 512k 1M", "-c", "flush", server.uri)
+    code, err = server.stop()
+    assert code == 0, err
+    assert open(img, "rb").read() == before
+    run("qemu-img", "check", img)
+
+
+def test_qcow2_trim_with_discard_unmap_frees_clusters(tmp_path, serve):
+    img = qcow2(tmp_path / "a.qcow2", "8M")
+    server = serve(img, "--discard=unmap")
+    run("qemu-io", "-f", "raw", "-c", "write -P 9 0 2M", "-c", "discard 0 1M", server.uri)
+    out = json.loads(run("nbdinfo", "--map", "--json", server.uri).stdout)
+    assert out[0]["offset"] == 0 and out[0]["length"] == MiB and out[0]["type"] & 2
+    assert any(e["offset"] == MiB and e["type"] == 0 for e in out)
+    server.stop()
+    run("qemu-img", "check", img)
+
+
 def test_detect_zeroes_unmap_makes_holes(tmp_path, serve):
     img = make_raw(tmp_path / "a.raw", 4 * MiB, b"\x01" * MiB, 0)
     server = serve(img, "-f", "raw", "--discard=unmap", "--detect-zeroes=unmap")
@@ -349,6 +373,25 @@ shared = 0
         h = nbd.NBD()
         h.connect_uri(server.uri_for("a"))
         assert h.pread(4, 0) == b"AAAA" and h.get_size() == MiB
+    finally:
+        code, err = server.stop()
+    assert code == 0, err
+
+
+def test_config_export_client_limit_refuses_go(tmp_path):
+    a = make_raw(tmp_path / "a.raw", MiB)
+    sock = sock_path()
+    conf = tmp_path / "qnbd.toml"
+    conf.write_text(f'[[listen]]\nunix = "{sock}"\n[[export]]\nname = "a"\nimage = "{a}"\nshared = 1\n')
+    server = Server(["--config", conf], sock)
+    try:
+        wait_for_socket(sock, server.proc)
+        first = nbd.NBD()
+        first.connect_uri(server.uri_for("a"))
+        second = nbd.NBD()
+        with pytest.raises(nbd.Error, match="policy prevents NBD_OPT_GO"):
+            second.connect_uri(server.uri_for("a"))
+        first.shutdown()
     finally:
         code, err = server.stop()
     assert code == 0, err
