@@ -16,6 +16,7 @@ from array import array
 from .. import fileio
 from ..block.base import HOLE, ZERO as ZERO_FLAG, Extent
 from ..errors import ImageError, IOFailure, NotFast
+from ..lock import lock_image
 from . import header as hdr
 from .cache import TableCache
 from .compression import decompress
@@ -51,9 +52,11 @@ class Qcow2Image:
     def open(cls, path: str, read_only: bool = True, *,
              l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
              refcount_cache_bytes: int = DEFAULT_REFCOUNT_CACHE_BYTES,
-             max_backing_depth: int = MAX_BACKING_DEPTH, _chain: tuple = ()):
+             max_backing_depth: int = MAX_BACKING_DEPTH, force_share: bool = False,
+             _chain: tuple = ()):
         file = fileio.open_file(path, writable=not read_only)
         try:
+            lock_image(file, not read_only, force_share)  # rule 11, before any read
             return cls(path, file, read_only, l2_cache_bytes, refcount_cache_bytes,
                        max_backing_depth, _chain)
         except BaseException:
@@ -422,6 +425,12 @@ class Qcow2Image:
                     self._release_entry(entry, kind)
                 if n == cs:
                     writes.add(host, chunk)
+                elif self._reads_zero_before_write(kind) and self._past_eof(writes, host):
+                    # Past the end of the file the cluster already reads as zeros: extend
+                    # the file instead of writing the zeros around the data (as QEMU skips
+                    # a copy-on-write from nothing).
+                    self.file.truncate(host + cs)
+                    writes.add(host + in_cluster, chunk)
                 else:
                     content = self._cluster_content(entry, kind, guest - in_cluster)
                     content[in_cluster:in_cluster + n] = chunk
@@ -436,6 +445,13 @@ class Qcow2Image:
             for i, entry in updates:
                 table[i] = entry
             self.l2_cache.mark_dirty(table_offset, table)
+
+    def _past_eof(self, writes: "_WriteGather", host: int) -> bool:
+        writes.flush()  # gathered writes may end past the file's current end
+        return host >= self.file.size()
+
+    def _reads_zero_before_write(self, kind: int) -> bool:
+        return kind == ZERO or (kind == UNALLOCATED and self.backing is None)
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool = False,
                      fast: bool = False, fua: bool = False) -> None:
@@ -653,8 +669,9 @@ class _WriteGather:
 
     def flush(self) -> None:
         if self.buffers:
-            self.image.file.pwritev(self.buffers, self.start)
-            self.image._unsynced = True
+            image = self.image
+            image.file.pwritev(self.buffers, self.start)
+            image._unsynced = True
             self.buffers = []
 
 

@@ -181,6 +181,8 @@ class Refcounts:
         """Take `count` contiguous free clusters (refcount 0 -> 1); returns the host offset
         of the first."""
         while True:
+            # Everything below the first free cluster is in use: later searches start there.
+            self.free_hint = self._next_free(self.free_hint)
             start = self._find_free_run(self.free_hint, count)
             # New refcount blocks may land inside the run (on a region's first cluster).
             for block_index in range(start // self.per_block,
