@@ -16,7 +16,7 @@ Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
 
 from dataclasses import dataclass
 
-from .block.open import open_image
+from .block.open import FORMATS, open_image
 from .block.overlay import SnapshotOverlay
 from .errors import QnbdError
 from .nbd import protocol as p
@@ -48,6 +48,8 @@ class ExportConfig:
                                     ("cache", self.cache, CACHE_MODES)):
             if value not in allowed:
                 raise QnbdError(f"Invalid {key} mode '{value}' (expected {'|'.join(allowed)})")
+        if self.format is not None and self.format not in FORMATS:
+            raise QnbdError(f"Unknown image format '{self.format}' (supported: {', '.join(FORMATS)})")
         if self.detect_zeroes == "unmap" and self.discard != "unmap":
             raise QnbdError("--detect-zeroes=unmap can only be used if discard is set to unmap")
         if self.shared < 0:

@@ -402,6 +402,7 @@ def test_config_export_client_limit_refuses_go(tmp_path):
     ('[[export]]\nimage = "x"\nread_only = "yes"\n', "export[0].read_only: expected bool"),
     ('[[export]]\nname = "x"\n', "export[0].image: missing"),
     ('[[export]]\nimage = "x"\ndiscard = "maybe"\n', "export[0]: Invalid discard mode 'maybe'"),
+    ('[[export]]\nimage = "x"\nformat = "vmdk"\n', "export[0]: Unknown image format 'vmdk'"),
     ('[limits]\nmax_connections = 0\n[[export]]\nimage = "x"\n', "limits.max_connections"),
     ('[[listen]]\nport = 99999\n[[export]]\nimage = "x"\n', "listen[0].port"),
     ('[server]\npersistent = true\n', "no [[export]] table"),
