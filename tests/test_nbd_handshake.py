@@ -102,6 +102,8 @@ def test_meta_context_rules(catalog):
     hs = Handshake(catalog)
     ev = hs.feed(struct.pack(">I", 1) + option(p.OPT_SET_META_CONTEXT, meta_payload("a", ["base:allocation"])))
     assert replies(ev)[0][1] == p.REP_ERR_INVALID  # structured replies first
+    ev = hs.feed(option(p.OPT_LIST_META_CONTEXT, meta_payload("a", [])))
+    assert replies(ev)[-1][1] == p.REP_ACK  # ... but listing is allowed without them
     ev = hs.feed(option(p.OPT_STRUCTURED_REPLY))
     assert replies(ev)[0][1] == p.REP_ACK
     ev = hs.feed(option(p.OPT_STRUCTURED_REPLY))

@@ -303,10 +303,12 @@ class Handshake:
     def _opt_meta_context(self, option, data):
         if option == p.OPT_SET_META_CONTEXT:
             # "Issuing this command replaces all previously-set metadata contexts
-            # (including when this command fails)".
+            # (including when this command fails)", and it "MUST NOT be requested unless
+            # structured replies have been negotiated first". Listing is harmless without
+            # them, so it is allowed, as qemu-nbd does.
             self.meta_export, self.meta_selected = None, []
-        if not self.structured:
-            raise OptionError(p.REP_ERR_INVALID, "structured replies not negotiated")
+            if not self.structured:
+                raise OptionError(p.REP_ERR_INVALID, "structured replies not negotiated")
         r = _Reader(data)
         name = r.string32("export name")
         queries = [r.string32("context query") for _ in range(r.u32())]
