@@ -59,11 +59,12 @@ class SnapshotOverlay:
         grains the range does not cover (copy-on-write)."""
         if length == 0:
             return
-        first, last = offset // GRAIN, (offset + length - 1) // GRAIN
+        end = offset + length
+        first, last = offset // GRAIN, (end - 1) // GRAIN
         for g in {first, last}:
-            if not self.mine[g]:
-                start = g * GRAIN
-                n = min(GRAIN, self.size - start)
+            start = g * GRAIN
+            n = min(GRAIN, self.size - start)
+            if not self.mine[g] and not (offset <= start and start + n <= end):
                 self.file.pwrite(self.base.read(start, n), start)
         self.mine[first:last + 1] = b"\x01" * (last - first + 1)
 
