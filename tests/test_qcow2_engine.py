@@ -126,10 +126,11 @@ def apply_ops(dev, model, ops):
 def run_workload(shape, tmp_path, ops, reopen_every=None):
     image = shape.build(tmp_path)
     model_path = os.path.join(str(tmp_path), "model.raw")
+    # The starting content is read by qemu before the engine opens (and locks) the image.
+    start = converted(image, shape.fmt, tmp_path)
     dev = open_image(image, shape.fmt, read_only=False)
     cs = getattr(dev, "cluster_size", 1)
-    model = Model(converted(image, shape.fmt, tmp_path), cs,
-                  discard_keeps=shape.v2 and shape.backing is not None)
+    model = Model(start, cs, discard_keeps=shape.v2 and shape.backing is not None)
     try:
         for i in range(0, len(ops), reopen_every or len(ops) or 1):
             apply_ops(dev, model, ops[i:i + (reopen_every or len(ops))])

@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""qnbd against qemu-nbd on identical qcow2 images in /dev/shm, with fio's nbd engine.
+
+    ./dev bench [--rounds N] [--runtime SECONDS] [--jobs a,b,...] [--skip-extras]
+
+Each round runs every job once against each server, alternating which goes first, and
+prints per-job IOPS/bandwidth for both and the median ratio qnbd/qemu-nbd. Then: peak RSS
+serving a 1 TiB image after a random read/write load, time to open a 1 TiB image with
+a few GiB allocated, and time for `nbdinfo --map` over a 1 TiB sparse image.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+# name: (fio options, image kind)
+JOBS = {
+    "seqread-1M": (["--rw=read", "--bs=1M", "--iodepth=4"], "full"),
+    "randread-4k": (["--rw=randread", "--bs=4k", "--iodepth=16"], "full"),
+    "randwrite-4k-alloc": (["--rw=randwrite", "--bs=4k", "--iodepth=16"], "empty"),
+    "seqwrite-1M-alloc": (["--rw=write", "--bs=1M", "--iodepth=4"], "empty"),
+}
+TARGETS = {"randread-4k": 2.0, "seqread-1M": 2.0, "randwrite-4k-alloc": 1.5,
+           "seqwrite-1M-alloc": 2.0}
+
+
+def sh(*cmd, **kw):
+    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True,
+                          **kw)
+
+
+class Server:
+    """One NBD server process on a unix socket, exporting one image read-write."""
+
+    def __init__(self, kind, image, sock):
+        self.kind = kind
+        self.sock = sock
+        if kind == "qnbd":
+            cmd = [sys.executable, "-m", "qnbd.cli", "serve", "-f", "qcow2", "-t",
+                   "-k", sock, image]
+        else:
+            cmd = ["qemu-nbd", "-f", "qcow2", "-t", "-k", sock, image]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 15
+        while not os.path.exists(sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{kind} did not start: {self.proc.stderr.read().decode()}")
+            time.sleep(0.02)
+
+    @property
+    def uri(self):
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def rss_peak_kib(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def fio(uri, options, runtime, size):
+    out = sh("fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--direct=1",
+             f"--size={size}", "--time_based", f"--runtime={runtime}", "--ramp_time=1",
+             "--output-format=json", *options).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["read"] if job["read"]["io_bytes"] else job["write"]
+    return side["iops"], side["bw_bytes"] / MiB
+
+
+def make_images(work):
+    full = os.path.join(work, "full.qcow2")
+    raw = os.path.join(work, "full.raw")
+    with open(raw, "wb") as f:
+        for _ in range(512):
+            f.write(os.urandom(MiB))
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, full)
+    os.unlink(raw)
+    return full
+
+
+def fresh_empty(work, name):
+    path = os.path.join(work, name)
+    if os.path.exists(path):
+        os.unlink(path)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", path, "4G")
+    return path
+
+
+def run_job(kind, job, work, full_image, runtime):
+    options, image_kind = JOBS[job]
+    image = full_image if image_kind == "full" else fresh_empty(work, f"empty-{kind}.qcow2")
+    sock = os.path.join(work, f"{kind}.sock")
+    server = Server(kind, image, sock)
+    try:
+        # Random jobs read/write the whole image; sequential ones stay inside it.
+        size = "512M" if image_kind == "full" else "4G"
+        return fio(server.uri, options, runtime, size)
+    finally:
+        server.stop()
+
+
+def extras(work):
+    """Memory, open time and map time on 1 TiB images."""
+    results = {}
+    big = os.path.join(work, "big.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", big, "1T")
+    # A few GiB allocated, spread over the disk: 2048 writes of 1 MiB.
+    cmds = []
+    for i in range(2048):
+        cmds += ["-c", f"write -P 1 {i * 512 * MiB} 1M"]
+    sh("qemu-io", "-f", "qcow2", *cmds, big)
+    for kind in ("qnbd", "qemu-nbd"):
+        sock = os.path.join(work, f"big-{kind}.sock")
+        t0 = time.monotonic()
+        server = Server(kind, big, sock)
+        sh("nbdinfo", "--size", server.uri)
+        opened = time.monotonic() - t0
+        try:
+            fio(server.uri, ["--rw=randrw", "--bs=4k", "--iodepth=16"], 5, "1T")
+            rss = server.rss_peak_kib() / 1024
+        finally:
+            server.stop()
+        results[kind] = {"open+first-reply-s": opened, "peak-rss-MiB": rss}
+    if shutil.which("qnbd") or True:
+        t0 = time.monotonic()
+        sh(sys.executable, "-c", "import sys; from qnbd.block.open import open_image;"
+           "open_image(sys.argv[1], read_only=True).close()", big)
+        results["qnbd"]["engine-open-s (incl. python start)"] = time.monotonic() - t0
+    sparse = os.path.join(work, "sparse.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", sparse, "1T")
+    for kind in ("qnbd", "qemu-nbd"):
+        sock = os.path.join(work, f"sparse-{kind}.sock")
+        server = Server(kind, sparse, sock)
+        try:
+            t0 = time.monotonic()
+            sh("nbdinfo", "--map", server.uri)
+            results[kind]["map-1T-sparse-s"] = time.monotonic() - t0
+        finally:
+            server.stop()
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--runtime", type=int, default=8, help="seconds per fio run")
+    ap.add_argument("--jobs", default=",".join(JOBS))
+    ap.add_argument("--skip-extras", action="store_true")
+    args = ap.parse_args()
+    jobs = args.jobs.split(",")
+    for job in jobs:
+        if job not in JOBS:
+            raise SystemExit(f"unknown job {job}; known: {', '.join(JOBS)}")
+    work = tempfile.mkdtemp(prefix="qnbd-bench-", dir="/dev/shm")
+    try:
+        full = make_images(work)
+        results = {job: {"qnbd": [], "qemu-nbd": []} for job in jobs}
+        for r in range(args.rounds):
+            order = ("qnbd", "qemu-nbd") if r % 2 == 0 else ("qemu-nbd", "qnbd")
+            for job in jobs:
+                for kind in order:
+                    results[job][kind].append(run_job(kind, job, work, full, args.runtime))
+        print(f"{'job':22} {'qnbd IOPS':>11} {'qemu-nbd IOPS':>14} {'qnbd MiB/s':>11} "
+              f"{'qemu MiB/s':>11} {'ratio':>6} {'target':>7}")
+        for job in jobs:
+            q = results[job]["qnbd"]
+            m = results[job]["qemu-nbd"]
+            ratios = [a[0] / b[0] for a, b in zip(q, m)]
+            ratio = statistics.median(ratios)
+            print(f"{job:22} {statistics.median(x[0] for x in q):11.0f} "
+                  f"{statistics.median(x[0] for x in m):14.0f} "
+                  f"{statistics.median(x[1] for x in q):11.1f} "
+                  f"{statistics.median(x[1] for x in m):11.1f} {ratio:6.2f} "
+                  f"{TARGETS.get(job, 0):6.1f}x")
+        if not args.skip_extras:
+            print(json.dumps(extras(work), indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
