@@ -8,6 +8,7 @@ dropped or torn, as a power cut would.
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import functools
 import os
 
@@ -16,6 +17,19 @@ from .errors import ImageError
 # linux/falloc.h
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+# fcntl.h (Linux): open-file-description locks. They belong to the open file, not to the
+# process, so two opens in one process conflict as two processes do, and closing some
+# other descriptor of the file does not drop them (POSIX record locks would). QEMU's
+# image locks are OFD locks (block/file-posix.c, "locking=auto").
+F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+
+
+class _Flock(ctypes.Structure):
+    """struct flock; ctypes lays it out (and pads it) as the C compiler does."""
+    _fields_ = [("l_type", ctypes.c_short), ("l_whence", ctypes.c_short),
+                ("l_start", ctypes.c_int64), ("l_len", ctypes.c_int64),
+                ("l_pid", ctypes.c_int)]
 
 
 class File:
@@ -87,6 +101,24 @@ class File:
                 raise
             return False
         return True
+
+    def lock_byte(self, offset: int) -> None:
+        """Take a shared (read) lock on one byte. OSError when the file system refuses
+        or another open file holds a conflicting lock."""
+        self._ofd(F_OFD_SETLK, fcntl.F_RDLCK, offset)
+
+    def unlock_byte(self, offset: int) -> None:
+        self._ofd(F_OFD_SETLK, fcntl.F_UNLCK, offset)
+
+    def byte_locked_elsewhere(self, offset: int) -> bool:
+        """Whether another open file holds a lock on the byte, i.e. whether an exclusive
+        lock would conflict (QEMU's qemu_lock_fd_test); our own locks never count."""
+        return self._ofd(F_OFD_GETLK, fcntl.F_WRLCK, offset).l_type != fcntl.F_UNLCK
+
+    def _ofd(self, command: int, lock_type: int, offset: int) -> _Flock:
+        # l_pid must be 0 for OFD locks.
+        request = _Flock(lock_type, os.SEEK_SET, offset, 1, 0)
+        return _Flock.from_buffer_copy(fcntl.fcntl(self.fd, command, bytes(request)))
 
     def close(self) -> None:
         if self.fd >= 0:

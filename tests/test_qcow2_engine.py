@@ -19,7 +19,7 @@ ALL_SHAPES = SHAPES + [RAW]
 
 def converted(image, fmt, directory):
     out = os.path.join(str(directory), "expected.raw")
-    qemu_img("convert", "-f", fmt, "-O", "raw", image, out)
+    qemu_img("convert", "-U", "-f", fmt, "-O", "raw", image, out)  # -U: the test holds it open
     with open(out, "rb") as f:
         return f.read()
 

@@ -24,5 +24,6 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = True, **opti
         from ..qcow2.image import Qcow2Image
         return Qcow2Image.open(path, read_only=read_only, **options)
     if fmt == "raw":
-        return RawDevice(path, read_only=read_only)
+        return RawDevice(path, read_only=read_only,
+                         force_share=options.get("force_share", False))
     raise ImageError(f"Unknown image format '{fmt}' (supported: {', '.join(FORMATS)})")

@@ -5,6 +5,7 @@ import os
 
 from ..errors import IOFailure, NotFast
 from ..fileio import File, open_file
+from ..lock import lock_image
 from .base import HOLE, ZERO, Extent
 
 _ZERO_CHUNK = bytes(1 << 20)
@@ -13,10 +14,15 @@ _ZERO_CHUNK = bytes(1 << 20)
 class RawDevice:
     supports_fast_zero = True
 
-    def __init__(self, path: str, read_only: bool = True):
+    def __init__(self, path: str, read_only: bool = True, force_share: bool = False):
         self.path = path
         self.read_only = read_only
         self.file: File = open_file(path, writable=not read_only)
+        try:
+            lock_image(self.file, not read_only, force_share, metadata=False)  # rule 11
+        except BaseException:
+            self.file.close()
+            raise
         self.size = self.file.size()
 
     def read(self, offset: int, length: int) -> bytes:
