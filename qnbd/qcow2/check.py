@@ -1,0 +1,684 @@
+"""Consistency check and repair of a qcow2 image, as `qemu-img check [-r leaks|all]`.
+
+qcow2.rst, "Host cluster management": a cluster's refcount is the number of references
+to it. The check walks every reference the format defines - header cluster, active L1
+table, its L2 tables and data clusters, each internal snapshot's L1/L2/data, the snapshot
+table, the refcount table and blocks, the bitmap directory, tables and data - and counts
+them per host cluster. Compressed data counts one reference on every host cluster its
+byte range touches. Then computed and stored refcounts are compared: stored lower than
+computed is a corruption (the cluster could be reused while in use), higher is a leak
+(only wasted space). Last, the COPIED flag of the active L1/L2 entries must say "refcount
+is exactly 1" (DESIGN.md rule 5).
+
+The flow, counts and messages follow QEMU's block/qcow2-refcount.c
+(qcow2_check_refcounts, calculate_refcounts, compare_refcounts, check_oflag_copied) so
+results can be compared with qemu-img's. Repairs:
+  FIX_LEAKS   lower the refcount of leaked clusters;
+  FIX_ERRORS  raise too-low refcounts, fix COPIED flags, and when the refcount structure
+              itself is broken (a used cluster has no refcount, a refcount block is
+              invalid or shared) build a new one from the computed refcounts.
+The image is read with the header parser and plain preads, never through the engine,
+which refuses exactly the damage a checker has to look at.
+"""
+
+import sys
+from array import array
+from dataclasses import dataclass, field
+
+import cachetools
+
+from .. import fileio
+from ..errors import ImageError, IOFailure, QnbdError
+from ..lock import lock_image
+from . import bitmaps
+from . import header as hdr
+from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L1E_RESERVED_MASK,
+                      L2E_OFFSET_MASK, L2E_STANDARD_RESERVED_MASK, OFLAG_COPIED, OFLAG_ZERO,
+                      ZERO, CompressedLayout, classify, decode_table, encode_table)
+from .refcount import REFTABLE_ENTRY_RESERVED, SubByteBlock, WordBlock
+from .snapshots import read_table as read_snapshot_table
+
+FIX_LEAKS = 1
+FIX_ERRORS = 2
+FIX_ALL = FIX_LEAKS | FIX_ERRORS
+
+# Computed refcounts are kept as refcount_bits-wide integers (refcount_order -> array
+# typecode), as QEMU does: never more than the image can store.
+_COUNT_TYPECODES = "BBBBHIQ"
+# Progress is shown for images with at least this many clusters (and only on a TTY).
+PROGRESS_MIN_CLUSTERS = 1 << 16
+
+
+@dataclass
+class CheckResult:
+    """qemu-img check's ImageCheck (qapi/block-core.json)."""
+    filename: str
+    format: str = "qcow2"
+    check_errors: int = 0
+    corruptions: int = 0
+    leaks: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """qemu-img check's: 1 check not completed, 2 corruptions, 3 leaks only."""
+        if self.check_errors:
+            return 1
+        if self.corruptions:
+            return 2
+        return 3 if self.leaks else 0
+
+    def to_json(self) -> dict:
+        """qemu-img check --output=json: counters that are zero are left out (except
+        check-errors), in the order qemu 7.2 prints them."""
+        order = ("image-end-offset", "compressed-clusters", "total-clusters",
+                 "check-errors", "leaks", "leaks-fixed", "corruptions",
+                 "corruptions-fixed", "allocated-clusters", "filename", "format",
+                 "fragmented-clusters")
+        out = {}
+        for key in order:
+            value = getattr(self, key.replace("-", "_"))
+            if value or key in ("check-errors", "filename", "format"):
+                out[key] = value
+        return out
+
+    def human(self) -> str:
+        """qemu-img check's text (qemu-img.c, dump_human_image_check)."""
+        lines = []
+        if not (self.corruptions or self.leaks or self.check_errors):
+            lines.append("No errors were found on the image.")
+        if self.corruptions:
+            lines += ["", f"{self.corruptions} errors were found on the image.",
+                      "Data may be corrupted, or further writes to the image may corrupt it."]
+        if self.leaks:
+            lines += ["", f"{self.leaks} leaked clusters were found on the image.",
+                      "This means waste of disk space, but no harm to data."]
+        if self.check_errors:
+            lines += ["", f"{self.check_errors} internal errors have occurred during the "
+                      "check."]
+        if self.total_clusters and self.allocated_clusters:
+            a = self.allocated_clusters
+            lines.append(f"{a}/{self.total_clusters} = {a * 100 / self.total_clusters:.2f}% "
+                         f"allocated, {self.fragmented_clusters * 100 / a:.2f}% fragmented, "
+                         f"{self.compressed_clusters * 100 / a:.2f}% compressed clusters")
+        if self.image_end_offset:
+            lines.append(f"Image end offset: {self.image_end_offset}")
+        return "\n".join(lines) + "\n"
+
+
+def check_image(path: str, fix: int = 0, force_share: bool = False,
+                progress: bool = False) -> CheckResult:
+    """Open `path` (read-write only to repair), lock it as qemu-img check does, check,
+    repair with `fix`, and when something was repaired check again (the result is the
+    second check's, with the repair counts of the first)."""
+    file = fileio.open_file(path, writable=bool(fix))
+    try:
+        lock_image(file, bool(fix), force_share)
+        return check_file(file, path, fix, progress)
+    finally:
+        file.close()
+
+
+def check_file(file, filename: str, fix: int = 0, progress: bool = False) -> CheckResult:
+    """Check (and with `fix`, repair) the qcow2 image open as `file` (a fileio.File,
+    writable when fixing). Errors that stop the check are counted in check_errors."""
+    result = _Checker(file, filename, progress).run(fix)
+    if fix and (result.corruptions_fixed or result.leaks_fixed):
+        again = _Checker(file, filename, progress).run(0)
+        again.messages[:0] = result.messages
+        again.leaks_fixed, again.corruptions_fixed = result.leaks_fixed, result.corruptions_fixed
+        result = again
+    return result
+
+
+class _Unreadable(Exception):
+    """A stored refcount cannot be read (its refcount block offset is invalid)."""
+
+
+class _StoredRefcounts:
+    """The refcounts the image claims, read straight from its refcount table and blocks
+    with refcount.py's block codecs; changes are kept until `write_back`."""
+
+    def __init__(self, file, h: hdr.Header):
+        self.file = file
+        self.cluster_size = h.cluster_size
+        self.bits = h.refcount_bits
+        self.per_block = h.cluster_size * 8 // self.bits
+        self.block_class = WordBlock if self.bits >= 8 else SubByteBlock
+        raw = file.pread(h.refcount_table_clusters * h.cluster_size, h.refcount_table_offset)
+        self.table = decode_table(raw + bytes(-len(raw) % 8))
+        self._clean = cachetools.LRUCache(256)
+        self._dirty: dict[int, object] = {}
+
+    def block(self, index: int):
+        """Refcount block of region `index`, or None where the table has no entry."""
+        if index >= len(self.table):
+            return None
+        offset = self.table[index] & ~REFTABLE_ENTRY_RESERVED
+        if not offset:
+            return None
+        if offset % self.cluster_size:
+            raise _Unreadable(f"refblock offset 0x{offset:x} is not aligned")
+        block = self._dirty.get(offset) or self._clean.get(offset)
+        if block is None:
+            # Past the end of the file reads as zeros, as QEMU's file driver does.
+            raw = self.file.pread(self.cluster_size, offset)
+            block = self.block_class(raw + bytes(self.cluster_size - len(raw)), self.bits)
+            self._clean[offset] = block
+        return block
+
+    def get(self, cluster: int) -> int:
+        index, i = divmod(cluster, self.per_block)
+        block = self.block(index)
+        return block.get(i) if block is not None else 0
+
+    def set(self, cluster: int, value: int) -> None:
+        index, i = divmod(cluster, self.per_block)
+        block = self.block(index)
+        block.set(i, value)
+        self._dirty[self.table[index] & ~REFTABLE_ENTRY_RESERVED] = block
+
+    def write_back(self) -> None:
+        for offset, block in sorted(self._dirty.items()):
+            self.file.pwrite(block.encode(), offset)
+        if self._dirty:
+            self.file.fsync()
+        self._dirty.clear()
+
+
+class _Checker:
+    def __init__(self, file, filename: str, progress: bool):
+        self.file = file
+        self.result = CheckResult(filename)
+        self.file_size = file.size()
+        head = file.pread(min(self.file_size, 1 << hdr.MAX_CLUSTER_BITS), 0)
+        self.raw_header = head
+        self.h = hdr.parse(head, self.file_size)
+        self.cs = self.h.cluster_size
+        self.cb = self.h.cluster_bits
+        self.max_refcount = (1 << self.h.refcount_bits) - 1
+        self.compressed = CompressedLayout(self.cb)
+        self.typecode = _COUNT_TYPECODES[self.h.refcount_order]
+        self.progress = _Progress(progress and sys.stderr.isatty()
+                                  and self.file_size >> self.cb >= PROGRESS_MIN_CLUSTERS)
+        self.counts = array(self.typecode)
+        self.refcount_structure: list[tuple[int, int]] = []
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def corruption(self, message: str) -> None:
+        self.result.corruptions += 1
+        self.result.messages.append(message)
+
+    def check_error(self, message: str) -> None:
+        self.result.check_errors += 1
+        self.result.messages.append(message)
+
+    # -- the whole check (qcow2_check_refcounts + qcow2_co_check_locked) ----------------
+
+    def run(self, fix: int) -> CheckResult:
+        r = self.result
+        r.total_clusters = -(-self.h.size // self.cs)
+        try:
+            self.stored = _StoredRefcounts(self.file, self.h)
+            rebuild = self.calculate(fix)
+            # First compare without repairing: a rebuild makes single repairs moot.
+            before = (r.corruptions, r.leaks, len(r.messages))
+            rebuild, highest = self.compare(0, rebuild)
+            if rebuild and fix & FIX_ERRORS:
+                self.rebuild_refcounts(fix)
+                highest = self.highest
+            elif fix and rebuild:
+                self.check_error("ERROR need to rebuild refcount structures")
+                return r
+            elif fix and (r.leaks or r.corruptions):
+                r.corruptions, r.leaks = before[:2]
+                del r.messages[before[2]:]
+                rebuild, highest = self.compare(fix, rebuild)
+            self.check_copied(fix)
+            r.image_end_offset = (highest + 1) * self.cs
+            if fix and not r.check_errors and not r.corruptions:
+                self.mark_clean()
+        except (QnbdError, OSError) as e:
+            self.check_error(f"Check failed: {e}")
+        finally:
+            self.progress.done()
+        return r
+
+    # -- counting references (calculate_refcounts) ---------------------------------------
+
+    def calculate(self, fix: int) -> bool:
+        """Count every reference; returns whether the refcount structure must be rebuilt."""
+        h = self.h
+        self.counts = array(self.typecode, bytes(array(self.typecode).itemsize
+                                                 * -(-self.file_size // self.cs)))
+        self.refcount_structure = []
+        self.inc(0, self.cs)  # header
+        self.walk_l1(h.l1_table_offset, h.l1_size, fix, active=True)
+        if h.nb_snapshots:
+            snapshots, table_bytes = read_snapshot_table(
+                self.file, h.snapshots_offset, h.nb_snapshots, self.cs, self.file_size)
+            for snap in snapshots:
+                self.walk_l1(snap.l1_offset, snap.l1_size, fix, active=False)
+            self.inc(h.snapshots_offset, table_bytes)
+        reftable = (h.refcount_table_offset, h.refcount_table_clusters * self.cs)
+        if self.inc(*reftable):
+            self.refcount_structure.append(reftable)
+        self.walk_bitmaps()
+        return self.walk_refblocks()
+
+    def inc(self, offset: int, size: int) -> bool:
+        """One reference on every cluster of [offset, offset+size) (qemu's
+        qcow2_inc_refcounts_imrt). The last cluster may lie partly past the end of the
+        file; anything further is a corruption and is not counted."""
+        if size <= 0:
+            return False
+        if offset + size - self.file_size >= self.cs:
+            self.corruption("ERROR: counting reference for region exceeding the end of the "
+                            f"file by one cluster or more: offset 0x{offset:x} size 0x{size:x}")
+            return False
+        counts = self.counts
+        last = (offset + size - 1) >> self.cb
+        if last >= len(counts):
+            counts.extend(bytes(counts.itemsize * (last + 1 - len(counts))))
+        for c in range(offset >> self.cb, last + 1):
+            if counts[c] == self.max_refcount:
+                self.corruption(f"ERROR: overflow cluster offset=0x{c << self.cb:x}")
+                continue
+            counts[c] += 1
+        return True
+
+    def read_table(self, offset: int, size: int):
+        raw = self.file.pread(size, offset)
+        return decode_table(raw + bytes(size - len(raw)))  # past EOF reads as zeros
+
+    def walk_l1(self, offset: int, entries: int, fix: int, active: bool) -> None:
+        if not entries:
+            return
+        self.inc(offset, entries * 8)
+        l1 = self.read_table(offset, entries * 8)
+        if active:
+            self.progress.add_total(sum(1 for e in l1 if e))
+        for e in l1:
+            if not e:
+                continue
+            if e & L1E_RESERVED_MASK:
+                self.corruption(f"ERROR found L1 entry with reserved bits set: {e:x}")
+            l2_offset = e & L1E_OFFSET_MASK
+            self.inc(l2_offset, self.cs)
+            if l2_offset % self.cs:
+                self.corruption(f"ERROR l2_offset={l2_offset:x}: Table is not cluster "
+                                "aligned; L1 entry corrupted")
+            self.walk_l2(l2_offset, fix, active)
+            if active:
+                self.progress.step()
+
+    def walk_l2(self, l2_offset: int, fix: int, active: bool) -> None:
+        r = self.result
+        version = self.h.version
+        table = self.read_table(l2_offset, self.cs)
+        next_contiguous = 0
+        for i, e in enumerate(table):
+            if not e:
+                continue
+            kind = classify(e, version)
+            if kind != COMPRESSED and e & L2E_STANDARD_RESERVED_MASK:
+                self.corruption(f"ERROR found l2 entry with reserved bits set: {e:x}")
+            if kind == COMPRESSED:
+                if e & OFLAG_COPIED:
+                    # qcow2.rst: COPIED must be 0 for compressed clusters. qemu counts it
+                    # and leaves it (its fix is a rewrite of the entry it does not do).
+                    self.corruption(f"ERROR: coffset=0x{e & self.compressed.offset_mask:x}: "
+                                    "copied flag must never be set for compressed clusters")
+                    e &= ~OFLAG_COPIED
+                self.inc(*self.compressed.host_range(e))
+                if active:
+                    # Compressed clusters count as fragmented: they share sectors.
+                    r.allocated_clusters += 1
+                    r.compressed_clusters += 1
+                    r.fragmented_clusters += 1
+                continue
+            offset = e & L2E_OFFSET_MASK
+            if kind not in (DATA, ZERO) or not offset:
+                continue
+            if offset % self.cs:
+                if kind == ZERO and fix & FIX_ERRORS and self.fix_unaligned_zero(
+                        l2_offset, table, i):
+                    continue
+                self.corruption(f"ERROR offset={offset:x}: "
+                                + ("Preallocated cluster" if kind == ZERO else "Data cluster")
+                                + " is not properly aligned; L2 entry corrupted.")
+            if active:
+                r.allocated_clusters += 1
+                if next_contiguous and offset != next_contiguous:
+                    r.fragmented_clusters += 1
+                next_contiguous = offset + self.cs
+            self.inc(offset, self.cs)
+
+    def fix_unaligned_zero(self, l2_offset: int, table, i: int) -> bool:
+        """A preallocated zero cluster at an unaligned offset holds no data: make it a
+        plain zero cluster (qemu's fix_l2_entry_by_zero)."""
+        if l2_offset % self.cs or l2_offset + self.cs > self.file_size:
+            return False
+        table[i] = OFLAG_ZERO
+        self.file.pwrite(encode_table(table[i:i + 1]), l2_offset + 8 * i)
+        self.file.fsync()
+        self.result.corruptions_fixed += 1
+        self.result.messages.append(f"Repairing L2 entry {i} of the table at "
+                                    f"0x{l2_offset:x}: unaligned preallocated zero cluster")
+        return True
+
+    def walk_bitmaps(self) -> None:
+        """qcow2.rst "Bitmaps": directory, each bitmap table, each table entry's data
+        cluster (offset 0 means all zeros/all ones and owns nothing). The extension is
+        only trusted while its autoclear bit is set, as qemu does."""
+        h = self.h
+        ext = h.extension(hdr.EXT_BITMAPS)
+        if ext is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+            return
+        try:
+            _nb, dir_size, dir_offset = bitmaps.parse_extension(ext)
+            self.inc(dir_offset, dir_size)
+            directory = bitmaps.read_directory(self.file, ext, h.size, self.cs,
+                                               self.file_size)
+        except ImageError as e:
+            self.corruption(f"ERROR bitmap directory: {e}")
+            return
+        for entry in directory:
+            self.inc(entry.table_offset, entry.table_size * 8)
+            for e in self.read_table(entry.table_offset, entry.table_size * 8):
+                offset = e & bitmaps.TABLE_ENTRY_OFFSET_MASK
+                if e & bitmaps.TABLE_ENTRY_RESERVED or offset and (
+                        offset % self.cs or e & bitmaps.TABLE_ENTRY_ALL_ONES):
+                    self.corruption(f"ERROR bitmap '{entry.name}' table entry {e:x} is "
+                                    "invalid")
+                elif offset:
+                    self.inc(offset, self.cs)
+
+    def walk_refblocks(self) -> bool:
+        """Count the refcount blocks (qemu's check_refblocks): each must be valid and
+        referenced once, or the structure has to be rebuilt."""
+        rebuild = False
+        for i, e in enumerate(self.stored.table):
+            offset = e & ~REFTABLE_ENTRY_RESERVED
+            if e & REFTABLE_ENTRY_RESERVED:
+                self.corruption(f"ERROR refcount table entry {i} has reserved bits set")
+                rebuild = True
+            elif offset % self.cs:
+                self.corruption(f"ERROR refcount block {i} is not cluster aligned; "
+                                "refcount table entry corrupted")
+                rebuild = True
+            elif offset >> self.cb >= len(self.counts):
+                self.corruption(f"ERROR refcount block {i} is outside image")
+                rebuild = True
+            elif offset:
+                self.inc(offset, self.cs)
+                self.refcount_structure.append((offset, self.cs))
+                count = self.counts[offset >> self.cb]
+                if count != 1:
+                    self.corruption(f"ERROR refcount block {i} refcount={count}")
+                    rebuild = True
+        return rebuild
+
+    # -- comparing with the stored refcounts (compare_refcounts) -------------------------
+
+    def compare(self, fix: int, rebuild: bool) -> tuple[bool, int]:
+        """Compare per cluster, repairing what `fix` allows; returns (rebuild needed,
+        highest cluster in use by either count)."""
+        r = self.result
+        counts = self.counts
+        per_block = self.stored.per_block
+        highest = 0
+        self.progress.add_total(-(-len(counts) // per_block))
+        for index in range(-(-len(counts) // per_block)):
+            start = index * per_block
+            computed = counts[start:start + per_block]
+            try:
+                block = self.stored.block(index)
+            except _Unreadable as e:
+                for c in range(start, start + len(computed)):
+                    self.check_error(f"Can't get refcount for cluster {c}: {e}")
+                continue
+            stored = self._stored_values(block, len(computed))
+            used = max(_last_nonzero(stored), _last_nonzero(computed))
+            if used >= 0:
+                highest = start + used
+            if stored != computed:
+                rebuild |= self._compare_block(fix, start, stored, computed)
+            self.progress.step()
+        if fix:
+            self.stored.write_back()
+        self.highest = highest
+        return rebuild, highest
+
+    def _stored_values(self, block, n: int) -> array:
+        if block is None:
+            return array(self.typecode, bytes(array(self.typecode).itemsize * n))
+        if isinstance(block, WordBlock):
+            return block.entries[:n]
+        return array(self.typecode, (block.get(i) for i in range(n)))
+
+    def _compare_block(self, fix: int, start: int, stored, computed) -> bool:
+        r = self.result
+        rebuild = False
+        for i, (have, want) in enumerate(zip(stored, computed)):
+            if have == want:
+                continue
+            c = start + i
+            fixed = None
+            if have == 0:
+                rebuild = True  # no refcount block to raise, or one to trust: rebuild
+            elif have > want and fix & FIX_LEAKS:
+                fixed = "leaks_fixed"
+            elif have < want and fix & FIX_ERRORS:
+                fixed = "corruptions_fixed"
+            label = "Repairing" if fixed else "ERROR" if have < want else "Leaked"
+            r.messages.append(f"{label} cluster {c} refcount={have} reference={want}")
+            if fixed:
+                self.stored.set(c, want)
+                setattr(r, fixed, getattr(r, fixed) + 1)
+            elif have < want:
+                r.corruptions += 1
+            else:
+                r.leaks += 1
+        return rebuild
+
+    # -- COPIED flags of the active tables (check_oflag_copied) --------------------------
+
+    def check_copied(self, fix: int) -> None:
+        """COPIED set iff the stored refcount is 1 (rule 5), in the active L1 and L2
+        tables. With -r leaks only repaired when nothing else is wrong, as qemu does."""
+        r = self.result
+        repair = bool(fix & FIX_ERRORS) or bool(
+            fix & FIX_LEAKS and not (r.check_errors or r.corruptions or r.leaks))
+        h = self.h
+        l1 = self.read_table(h.l1_table_offset, h.l1_size * 8)
+        for i, e in enumerate(l1):
+            l2_offset = e & L1E_OFFSET_MASK
+            if not l2_offset:
+                continue
+            refcount = self._stored_or_none(l2_offset)
+            if refcount is None:
+                continue
+            if (refcount == 1) != bool(e & OFLAG_COPIED):
+                r.messages.append(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED L2 "
+                                  f"cluster: l1_index={i} l1_entry={e:x} refcount={refcount}")
+                if repair:
+                    l1[i] = e ^ OFLAG_COPIED
+                    self.file.pwrite(encode_table(l1[i:i + 1]), h.l1_table_offset + 8 * i)
+                    r.corruptions_fixed += 1
+                else:
+                    r.corruptions += 1
+            self._check_copied_l2(l2_offset, repair)
+        if repair:
+            self.file.fsync()
+
+    def _check_copied_l2(self, l2_offset: int, repair: bool) -> None:
+        r = self.result
+        table = self.read_table(l2_offset, self.cs)
+        changed = 0
+        for j, e in enumerate(table):
+            kind = classify(e, self.h.version)
+            offset = e & L2E_OFFSET_MASK
+            if kind not in (DATA, ZERO) or not offset:
+                continue
+            refcount = self._stored_or_none(offset)
+            if refcount is None or (refcount == 1) == bool(e & OFLAG_COPIED):
+                continue
+            r.messages.append(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED data "
+                              f"cluster: l2_entry={e:x} refcount={refcount}")
+            if repair:
+                table[j] = e ^ OFLAG_COPIED
+                changed += 1
+            else:
+                r.corruptions += 1
+        if changed:
+            if l2_offset % self.cs or l2_offset + self.cs > self.file_size:
+                r.corruptions += changed
+                self.check_error(f"ERROR: Could not write L2 table at 0x{l2_offset:x}")
+                return
+            self.file.pwrite(encode_table(table), l2_offset)
+            r.corruptions_fixed += changed
+
+    def _stored_or_none(self, offset: int):
+        try:
+            return self.stored.get(offset >> self.cb)
+        except _Unreadable:
+            return None
+
+    # -- rebuilding the refcount structure ------------------------------------------------
+
+    def rebuild_refcounts(self, fix: int) -> None:
+        """Write a new refcount table and blocks, holding the computed refcounts, past
+        the end of the file; switch the header to them; the old structure becomes free.
+        Crash-safe order (qemu's rebuild_refcount_structure): nothing the old header
+        points to is touched; the new structure is durable before the header names it."""
+        r = self.result
+        old = (r.corruptions, r.leaks)
+        r.messages.append("Rebuilding refcount structure")
+        counts = self.counts
+        # The old table and blocks are referenced only by the header being replaced.
+        for offset, size in self.refcount_structure:
+            for c in range(offset >> self.cb, (offset + size - 1 >> self.cb) + 1):
+                counts[c] -= 1
+        per_block = self.stored.per_block
+        regions = {c // per_block for c in _nonzero_runs_starts(counts, per_block)}
+        start = max(len(counts), -(-self.file_size // self.cs))
+        table_clusters, blocks = 1, []
+        while True:
+            end = start + table_clusters + len(blocks)
+            needed = sorted(regions | set(range(start // per_block,
+                                                (end - 1) // per_block + 1)))
+            clusters = -(-(needed[-1] + 1) * 8 // self.cs)
+            if needed == blocks and clusters == table_clusters:
+                break
+            blocks, table_clusters = needed, clusters
+        if table_clusters * self.cs > hdr.MAX_REFTABLE_BYTES:
+            raise ImageError("the rebuilt refcount table would be too large")
+        counts.extend(bytes(counts.itemsize * (end - len(counts))))
+        for c in range(start, end):
+            counts[c] = 1
+        table = array("Q", bytes(table_clusters * self.cs))
+        for n, region in enumerate(blocks):
+            offset = (start + table_clusters + n) << self.cb
+            table[region] = offset
+            block = self.stored.block_class(bytes(self.cs), self.stored.bits)
+            values = counts[region * per_block:(region + 1) * per_block]
+            if isinstance(block, WordBlock):
+                block.entries[:len(values)] = values
+            else:
+                for i, v in enumerate(values):
+                    if v:
+                        block.set(i, v)
+            self.file.pwrite(block.encode(), offset)
+        self.file.pwrite(encode_table(table), start << self.cb)
+        self.file.fsync()
+        self.h.refcount_table_offset = start << self.cb
+        self.h.refcount_table_clusters = table_clusters
+        self._write_header()
+        # Recount against the new structure: what is left are the unfixable corruptions.
+        r.corruptions = r.leaks = 0
+        self.file_size = self.file.size()
+        self.stored = _StoredRefcounts(self.file, self.h)
+        if self.calculate(0):
+            r.messages.append("ERROR rebuilt refcount structure is still broken")
+        # Anything the new structure itself leaked is reclaimed; only what cannot be
+        # fixed is reported (qemu counts those as fresh leaks).
+        kept = (r.corruptions, r.corruptions_fixed, r.leaks_fixed)
+        self.compare(fix & FIX_LEAKS, False)
+        fresh_leaks = r.leaks
+        r.corruptions, r.corruptions_fixed, r.leaks_fixed = kept
+        r.leaks = 0
+        r.corruptions_fixed += max(0, old[0] - r.corruptions)
+        r.leaks_fixed += max(0, old[1] - r.leaks)
+        r.leaks += fresh_leaks
+
+    def mark_clean(self) -> None:
+        """After a successful repair: clear the dirty bit (refcounts are right again) and
+        the corrupt bit (qemu's qcow2_mark_clean and qcow2_mark_consistent)."""
+        h = self.h
+        bits = hdr.INCOMPAT_DIRTY | hdr.INCOMPAT_CORRUPT
+        if h.incompatible_features & bits:
+            h.incompatible_features &= ~bits
+            self.file.fsync()
+            self._write_header()
+
+    def _write_header(self) -> None:
+        """Write the header fields that changed, and only those bytes, so the usual
+        change (bytes 48-59 or 72-79) is one small write within the first sector."""
+        new = self.h.encode()
+        old = self.raw_header[:len(new)]
+        first = next((i for i in range(len(new)) if i >= len(old) or new[i] != old[i]), None)
+        if first is None:
+            return
+        last = max(i for i in range(len(new)) if i >= len(old) or new[i] != old[i])
+        self.file.pwrite(new[first:last + 1], first)
+        self.file.fsync()
+        self.raw_header = new + self.raw_header[len(new):]
+
+
+def _last_nonzero(values: array) -> int:
+    """Index of the last non-zero element, -1 if none."""
+    raw = values.tobytes().rstrip(b"\0")
+    return -(-len(raw) // values.itemsize) - 1 if raw else -1
+
+
+def _nonzero_runs_starts(counts: array, per_block: int):
+    """One index per refcount-block region holding a non-zero count."""
+    for start in range(0, len(counts), per_block):
+        if _last_nonzero(counts[start:start + per_block]) >= 0:
+            yield start
+
+
+class _Progress:
+    """qemu-img -p style progress on stderr: "    (12.34/100%)"."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.total = 0
+        self.current = 0
+        self.shown = -1
+
+    def add_total(self, n: int) -> None:
+        self.total += n
+
+    def step(self) -> None:
+        self.current += 1
+        if self.enabled and self.total:
+            percent = int(self.current * 10000 / self.total)
+            if percent != self.shown:
+                self.shown = percent
+                sys.stderr.write(f"\r    ({percent / 100:.2f}/100%)")
+                sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.shown >= 0:
+            sys.stderr.write("\n")
+            self.shown = -1
