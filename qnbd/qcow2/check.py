@@ -79,9 +79,8 @@ class CheckResult:
         """qemu-img check --output=json: counters that are zero are left out (except
         check-errors), in the order qemu 7.2 prints them."""
         order = ("image-end-offset", "compressed-clusters", "total-clusters",
-                 "check-errors", "leaks", "leaks-fixed", "corruptions",
-                 "corruptions-fixed", "allocated-clusters", "filename", "format",
-                 "fragmented-clusters")
+                 "corruptions", "corruptions-fixed", "check-errors", "leaks", "leaks-fixed",
+                 "allocated-clusters", "filename", "format", "fragmented-clusters")
         out = {}
         for key in order:
             value = getattr(self, key.replace("-", "_"))
