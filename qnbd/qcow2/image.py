@@ -33,6 +33,10 @@ log = logging.getLogger("qnbd.qcow2")
 DEFAULT_L2_CACHE_BYTES = 4 << 20  # covers 32 GiB of a 64 KiB-cluster image
 DEFAULT_REFCOUNT_CACHE_BYTES = 1 << 20
 MAX_BACKING_DEPTH = 16
+# Which backing files an image may name: any (qemu's behaviour), only files in the top
+# image's directory after resolving symlinks, or none. An untrusted image's header must
+# not choose which host file the server reads.
+BACKING_POLICIES = ("any", "same-dir", "none")
 # Released clusters wait for a flush (rule 3); past this many, writes flush by themselves
 # so that discarded space returns without waiting for the client.
 MAX_PENDING_RELEASES = 4096
@@ -53,18 +57,18 @@ class Qcow2Image:
              l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
              refcount_cache_bytes: int = DEFAULT_REFCOUNT_CACHE_BYTES,
              max_backing_depth: int = MAX_BACKING_DEPTH, force_share: bool = False,
-             _chain: tuple = ()):
+             backing_policy: str = "any", _chain: tuple = ()):
         file = fileio.open_file(path, writable=not read_only)
         try:
             lock_image(file, not read_only, force_share)  # rule 11, before any read
             return cls(path, file, read_only, l2_cache_bytes, refcount_cache_bytes,
-                       max_backing_depth, _chain)
+                       max_backing_depth, _chain, backing_policy)
         except BaseException:
             file.close()
             raise
 
     def __init__(self, path, file, read_only, l2_cache_bytes, refcount_cache_bytes,
-                 max_backing_depth, chain):
+                 max_backing_depth, chain, backing_policy="any"):
         self.path = path
         self.file = file
         self.read_only = read_only
@@ -114,7 +118,7 @@ class Qcow2Image:
         self._closed = False
         self.backing = None
         if h.backing_file:
-            self.backing = self._open_backing(max_backing_depth, chain)
+            self.backing = self._open_backing(max_backing_depth, chain, backing_policy)
         self.bitmaps = PersistentBitmaps(self)
 
     # -- opening -----------------------------------------------------------------------
@@ -136,18 +140,22 @@ class Qcow2Image:
                              "supported")
         return name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
 
-    def _open_backing(self, max_depth: int, chain: tuple):
+    def _open_backing(self, max_depth: int, chain: tuple, policy: str):
         from ..block.open import open_image  # the chain may mix formats
 
         path = self.backing_path()
         chain = chain + (os.path.realpath(self.path),)
+        if policy == "none" or policy == "same-dir" and \
+                os.path.dirname(os.path.realpath(path)) != os.path.dirname(chain[0]):
+            raise ImageError(f"backing file '{hdr.printable(path)}' is not allowed by the "
+                             f"backing policy '{policy}'")
         if os.path.realpath(path) in chain:
             raise ImageError(f"backing file '{hdr.printable(path)}' makes a loop in the "
                              "backing chain")
         if len(chain) > max_depth:
             raise ImageError(f"backing chain of '{chain[0]}' is deeper than {max_depth}")
         fmt = self.header.backing_format
-        options = {"max_backing_depth": max_depth, "_chain": chain}
+        options = {"max_backing_depth": max_depth, "backing_policy": policy, "_chain": chain}
         if fmt not in (None, "qcow2"):
             options = {}
         try:
