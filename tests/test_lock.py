@@ -1,0 +1,137 @@
+"""Image locks against real qemu-img, qemu-io and qemu-nbd processes (DESIGN.md rule 11):
+a writer excludes every other writer and every lock-taking reader; -U readers pass."""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from qnbd.block.open import open_image
+from qnbd.errors import ImageError
+from qnbd.lock import ImageInUse
+from qnbd.qcow2.check import check_image
+
+from images import qemu_img
+
+
+@pytest.fixture
+def qcow2(tmp_path):
+    path = str(tmp_path / "img.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    return path
+
+
+@pytest.fixture
+def raw(tmp_path):
+    path = str(tmp_path / "img.raw")
+    qemu_img("create", "-q", "-f", "raw", path, "4M")
+    return path
+
+
+def qemu(*args):
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=30)
+
+
+def wait_for_locks(path, timeout=10):
+    """Until some process holds OFD locks on the file (qemu takes them at open)."""
+    ino = os.stat(path).st_ino
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/locks") as f:
+            if any(f":{ino} " in line and "OFDLCK" in line for line in f):
+                return
+        time.sleep(0.02)
+    raise AssertionError("qemu took no lock")
+
+
+@pytest.fixture
+def qemu_holder():
+    """Start a qemu-nbd (or qemu-io) holding an image until the test ends."""
+    procs = []
+
+    def start(path, fmt="qcow2", read_only=False, tool="qemu-nbd"):
+        if tool == "qemu-nbd":
+            cmd = ["qemu-nbd", "-f", fmt, "-k", path + ".sock"] + (["-r"] if read_only else [])
+        else:  # qemu-io stays open while its stdin does
+            cmd = ["qemu-io", "-f", fmt] + (["-r"] if read_only else [])
+        p = subprocess.Popen(cmd + [path], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        procs.append(p)
+        wait_for_locks(path)
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("tool", ["qemu-nbd", "qemu-io"])
+def test_qemu_writer_excludes_qnbd(qcow2, qemu_holder, tool):
+    holder = qemu_holder(qcow2, tool=tool)
+    with pytest.raises(ImageInUse) as e:
+        open_image(qcow2, "qcow2", read_only=False)
+    message = str(e.value)
+    assert "in use" in message and "'write' lock" in message and "\n" not in message
+    assert f"[{holder.pid}]" in message  # names the holder
+    with pytest.raises(ImageInUse, match="shared 'write' lock"):
+        open_image(qcow2, "qcow2", read_only=True)
+    with pytest.raises(ImageInUse):
+        check_image(qcow2)
+    # -U style: a shared read-only open works.
+    dev = open_image(qcow2, "qcow2", read_only=True, force_share=True)
+    dev.close()
+    assert check_image(qcow2, force_share=True).exit_code == 0
+
+
+def test_qnbd_writer_excludes_qemu(qcow2):
+    dev = open_image(qcow2, "qcow2", read_only=False)
+    try:
+        r = qemu("qemu-img", "info", qcow2)
+        assert r.returncode != 0 and 'Failed to get shared "write" lock' in r.stderr
+        r = qemu("qemu-io", "-c", "read 0 512", qcow2)
+        assert r.returncode != 0 and 'Failed to get "write" lock' in r.stderr
+        r = qemu("qemu-nbd", "-r", "-f", "qcow2", "-k", qcow2 + ".sock", qcow2)
+        assert r.returncode != 0 and "lock" in r.stderr
+        assert qemu("qemu-img", "check", "-r", "all", qcow2).returncode != 0
+        # -U readers keep working.
+        assert qemu("qemu-img", "info", "-U", qcow2).returncode == 0
+        assert qemu("qemu-io", "-r", "-U", "-c", "read 0 512", qcow2).returncode == 0
+        # A second qnbd open conflicts like another process (OFD locks are per open).
+        with pytest.raises(ImageInUse):
+            open_image(qcow2, "qcow2", read_only=False)
+    finally:
+        dev.close()
+    assert qemu("qemu-io", "-c", "write 0 512", qcow2).returncode == 0  # released
+
+
+def test_readers_share(qcow2, qemu_holder):
+    qemu_holder(qcow2, read_only=True)
+    dev = open_image(qcow2, "qcow2", read_only=True)
+    try:
+        assert qemu("qemu-img", "info", qcow2).returncode == 0
+        r = qemu("qemu-io", "-c", "write 0 512", qcow2)
+        assert r.returncode != 0 and "lock" in r.stderr
+    finally:
+        dev.close()
+    with pytest.raises(ImageInUse):  # the qemu-nbd -r still refuses writers
+        open_image(qcow2, "qcow2", read_only=False)
+
+
+def test_raw_like_qemu_nbd(raw, qemu_holder):
+    """Raw has no metadata: qemu-nbd shares write on it and only refuses resizes."""
+    dev = open_image(raw, "raw", read_only=False)
+    try:
+        r = qemu("qemu-img", "resize", "-f", "raw", raw, "8M")
+        assert r.returncode != 0 and "lock" in r.stderr
+        assert qemu("qemu-io", "-f", "raw", "-c", "write 0 512", raw).returncode == 0
+    finally:
+        dev.close()
+    qemu_holder(raw, fmt="raw")
+    open_image(raw, "raw", read_only=False).close()  # as a second qemu-nbd would
+
+
+def test_force_share_needs_read_only(qcow2):
+    with pytest.raises(ImageError, match="read-only"):
+        open_image(qcow2, "qcow2", read_only=False, force_share=True)
