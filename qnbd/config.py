@@ -7,7 +7,8 @@ The file format:
     [limits]            max_connections, handshake_timeout
     [[listen]]          unix = PATH | address = HOST, port = N   (any number of them)
     [[export]]          image, name, format, description, read_only, discard,
-                        detect_zeroes, cache, snapshot, shared   (one or more)
+                        detect_zeroes, cache, snapshot, shared,
+                        bitmaps = [NAME, ...], allocation_depth   (one or more)
 
 Unknown keys and wrong types are errors that name the key (e.g. "export[1].discard").
 """
@@ -74,7 +75,7 @@ def _check_table(table: dict, where: str, schema: dict[str, type | tuple]) -> di
 
 _EXPORT_KEYS = {"image": str, "name": str, "format": str, "description": str,
                 "read_only": bool, "discard": str, "detect_zeroes": str, "cache": str,
-                "snapshot": bool, "shared": int}
+                "snapshot": bool, "shared": int, "bitmaps": list, "allocation_depth": bool}
 _LISTEN_KEYS = {"unix": str, "address": str, "port": int}
 _SERVER_KEYS = {"persistent": bool, "pid_file": str}
 _LIMIT_KEYS = {"max_connections": int, "handshake_timeout": (int, float)}
@@ -120,6 +121,9 @@ def parse_config(doc: dict) -> ServerConfig:
         _check_table(table, where, _EXPORT_KEYS)
         if "image" not in table:
             raise ConfigError(f"{where}.image: missing (the image file to serve)")
+        if not all(isinstance(b, str) for b in table.get("bitmaps", [])):
+            raise ConfigError(f"{where}.bitmaps: expected a list of bitmap names (strings), "
+                              f"got {table['bitmaps']!r}")
         cfg = ExportConfig(**table)
         if cfg.name in names:
             raise ConfigError(f"{where}.name: duplicate export name {cfg.name!r}")

@@ -12,13 +12,16 @@ Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
 - shared: how many clients may use the export at once (0 = unlimited); more than one
   advertises NBD_FLAG_CAN_MULTI_CONN, which is true because every connection of an
   export shares this one open device.
+- bitmaps (-B NAME, repeatable): persistent dirty bitmaps of a qcow2 image offered as
+  `qemu:dirty-bitmap:NAME`; they stay enabled and keep tracking while exported, as in
+  qemu-nbd. allocation_depth (-A): offer `qemu:allocation-depth`.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .block.open import FORMATS, open_image
 from .block.overlay import SnapshotOverlay
-from .errors import QnbdError
+from .errors import ImageError, QnbdError
 from .nbd import protocol as p
 from .nbd.contexts import contexts_for
 
@@ -40,6 +43,8 @@ class ExportConfig:
     cache: str = "writeback"
     snapshot: bool = False
     shared: int = 1
+    bitmaps: list[str] = field(default_factory=list)
+    allocation_depth: bool = False
 
     def validate(self) -> None:
         """One-line errors in qemu-nbd's words for the combinations it refuses."""
@@ -74,6 +79,8 @@ class Export:
         self.detect_zeroes = config.detect_zeroes != "off"
         self.fua_always = config.cache in ("writethrough", "directsync")
         self.unsafe = config.cache == "unsafe"
+        self.allocation_depth = config.allocation_depth
+        self.bitmaps = [_bitmap(device, name) for name in dict.fromkeys(config.bitmaps)]
         self.contexts = contexts_for(self)
 
     @classmethod
@@ -84,7 +91,13 @@ class Export:
             device = SnapshotOverlay(base)
         else:
             device = open_image(config.image, config.format, read_only=config.read_only)
-        return cls(config, device)
+        try:
+            return cls(config, device)
+        except BaseException:
+            # Close what was opened: a read-write open has already set in_use on the
+            # image's bitmaps, and only a clean close clears it (DESIGN.md rule 9).
+            device.close()
+            raise
 
     def transmission_flags(self, structured: bool) -> int:
         flags = (p.FLAG_HAS_FLAGS | p.FLAG_SEND_FLUSH | p.FLAG_SEND_FUA | p.FLAG_SEND_CACHE)
@@ -140,3 +153,14 @@ class Export:
 
     def close(self) -> None:
         self.device.close()
+
+
+def _bitmap(device, name: str):
+    """The named bitmap of the image behind `device` (under a snapshot overlay: of the
+    image it covers, as qemu-nbd looks down the backing chain). Devices without
+    persistent bitmaps (raw) have none, in qemu-nbd's words."""
+    image = getattr(device, "base", device)
+    bitmaps = getattr(image, "bitmaps", None)
+    if bitmaps is None:
+        raise ImageError(f"Bitmap '{name}' is not found")
+    return bitmaps.get(name)

@@ -36,9 +36,8 @@ def sock_path():
 # --- option errors: one line, non-zero, no traceback ---
 
 @pytest.mark.parametrize("args, message", [
-    (["--bitmap", "b0"], "option --bitmap is not supported yet"),
+    (["--bitmap", "b0"], "Bitmap 'b0' is not found"),  # a raw image has no bitmaps
     (["--tls-creds", "tls0"], "option --tls-creds is not supported yet"),
-    (["-A"], "option --allocation-depth is not supported yet"),
     (["-o", "512"], "option --offset is not supported yet"),
     (["--detect-zeroes=unmap"], "--detect-zeroes=unmap can only be used if discard is set to unmap"),
     (["-k", "/tmp/x.sock", "-p", "1234"], "-k cannot be combined with -b or -p"),

@@ -67,17 +67,20 @@ class RawDevice:
             self.file.fsync()
 
     def block_status(self, offset, length):
-        """Data/hole runs from SEEK_DATA/SEEK_HOLE; holes read as zeros."""
+        """Data/hole runs from SEEK_DATA/SEEK_HOLE; holes read as zeros. Every byte of a
+        raw file is allocated at depth 1, holes included: qemu counts a protocol-level zero
+        as allocated (BDRV_BLOCK_ZERO implies BDRV_BLOCK_ALLOCATED in bdrv_co_block_status),
+        so qemu-nbd -A answers depth 1 for a raw export and N for a raw base at level N."""
         end = min(offset + length, self.size)
         fd = self.file.fd
         try:
             data = os.lseek(fd, offset, os.SEEK_DATA)
         except OSError as e:
             if e.errno == errno.ENXIO:  # only a hole from here to EOF
-                return [Extent(end - offset, HOLE | ZERO, 0)]
+                return [Extent(end - offset, HOLE | ZERO, 1)]
             return [Extent(end - offset, 0, 1)]
         if data > offset:
-            return [Extent(min(data, end) - offset, HOLE | ZERO, 0)]
+            return [Extent(min(data, end) - offset, HOLE | ZERO, 1)]
         hole = os.lseek(fd, offset, os.SEEK_HOLE)
         return [Extent(min(hole, end) - offset, 0, 1)]
 

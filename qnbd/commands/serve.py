@@ -15,7 +15,7 @@ from ..nbd.server import serve
 # refused by name, never silently ignored. (flag, long name, takes a value)
 UNSUPPORTED = (
     ("-o", "--offset", True), ("-P", "--partition", True), ("-l", "--load-snapshot", True),
-    ("-B", "--bitmap", True), ("-A", "--allocation-depth", False), (None, "--object", True),
+    (None, "--object", True),
     (None, "--image-opts", False), (None, "--tls-creds", True), (None, "--tls-hostname", True),
     (None, "--tls-authz", True), ("-c", "--connect", True), ("-d", "--disconnect", False),
     ("-L", "--list", False), (None, "--aio", True), ("-T", "--trace", True),
@@ -23,7 +23,7 @@ UNSUPPORTED = (
 )
 # Options that describe the one export or listener of a command-line server.
 _EXPORT_OPTIONS = ("format", "export_name", "description", "read_only", "shared", "discard",
-                   "detect_zeroes", "cache", "snapshot")
+                   "detect_zeroes", "cache", "snapshot", "bitmap", "allocation_depth")
 _LISTEN_OPTIONS = ("socket", "bind", "port")
 
 
@@ -42,6 +42,10 @@ def add_parser(subparsers):
     p.add_argument("-D", "--description", metavar="TEXT", help="export description")
     p.add_argument("-r", "--read-only", action="store_true", default=None,
                    help="export read-only")
+    p.add_argument("-B", "--bitmap", action="append", metavar="NAME",
+                   help="export the dirty bitmap NAME as qemu:dirty-bitmap:NAME (repeatable)")
+    p.add_argument("-A", "--allocation-depth", action="store_true", default=None,
+                   help="export the qemu:allocation-depth metadata context")
     p.add_argument("-s", "--snapshot", action="store_true", default=None,
                    help="writes go to a temporary overlay; the image is not modified")
     p.add_argument("-t", "--persistent", action="store_true",
@@ -115,7 +119,8 @@ def build_config(args) -> ServerConfig:
             image=args.image, name=args.export_name or "", format=args.format,
             description=args.description or "", read_only=bool(args.read_only),
             discard=args.discard or "ignore", detect_zeroes=args.detect_zeroes or "off",
-            cache=args.cache or "writeback", snapshot=bool(args.snapshot), shared=shared)
+            cache=args.cache or "writeback", snapshot=bool(args.snapshot), shared=shared,
+            bitmaps=args.bitmap or [], allocation_depth=bool(args.allocation_depth))
         export.validate()
         config = ServerConfig(exports=[export], listeners=[_cli_listener(args)],
                               persistent=args.persistent,

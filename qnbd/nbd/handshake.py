@@ -314,12 +314,11 @@ class Handshake:
         queries = [r.string32("context query") for _ in range(r.u32())]
         r.end()
         export = self._find(name)
-        ids = {id(ctx): i for i, ctx in enumerate(export.contexts, 1)}
         if option == p.OPT_LIST_META_CONTEXT:
             # IDs in a LIST reply are reserved and SHOULD be zero.
             chosen = [(0, ctx) for ctx in list_contexts(export.contexts, queries)]
         else:
-            chosen = [(ids[id(ctx)], ctx) for ctx in select_contexts(export.contexts, queries)]
+            chosen = [(ctx.id, ctx) for ctx in select_contexts(export.contexts, queries)]
             self.meta_export, self.meta_selected = export, chosen
         replies = [option_reply(option, p.REP_META_CONTEXT, p.U32.pack(cid) + ctx.name.encode())
                    for cid, ctx in chosen]
