@@ -19,6 +19,7 @@ from ..errors import ImageError, IOFailure, NotFast
 from ..lock import lock_image
 from . import header as hdr
 from .cache import TableCache
+from .check import FIX_ALL, check_file
 from .compression import decompress
 from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED,
                       OFLAG_ZERO, UNALLOCATED, ZERO, CompressedLayout, classify,
@@ -33,6 +34,10 @@ log = logging.getLogger("qnbd.qcow2")
 DEFAULT_L2_CACHE_BYTES = 4 << 20  # covers 32 GiB of a 64 KiB-cluster image
 DEFAULT_REFCOUNT_CACHE_BYTES = 1 << 20
 MAX_BACKING_DEPTH = 16
+# Which backing files an image may name: any (qemu's behaviour), only files in the top
+# image's directory after resolving symlinks, or none. An untrusted image's header must
+# not choose which host file the server reads.
+BACKING_POLICIES = ("any", "same-dir", "none")
 # Which backing files an image may name: any (qemu's behaviour), only files in the top
 # image's directory after resolving symlinks, or none. An untrusted image's header must
 # not choose which host file the server reads.
@@ -61,6 +66,8 @@ class Qcow2Image:
         file = fileio.open_file(path, writable=not read_only)
         try:
             lock_image(file, not read_only, force_share)  # rule 11, before any read
+            if not read_only:
+                _repair_if_dirty(file, path)
             return cls(path, file, read_only, l2_cache_bytes, refcount_cache_bytes,
                        max_backing_depth, _chain, backing_policy)
         except BaseException:
@@ -655,6 +662,22 @@ class Qcow2Image:
             self.file.close()
             if self.backing is not None:
                 self.backing.close()
+
+
+def _repair_if_dirty(file, path: str) -> None:
+    """Rule 6: refcounts of an image left dirty (lazy refcounts, not closed cleanly) may
+    be too low; before it is written again they are checked and rebuilt, as QEMU does."""
+    file_size = file.size()
+    h = hdr.parse(file.pread(min(file_size, 1 << hdr.MAX_CLUSTER_BITS), 0), file_size)
+    if not h.dirty or h.corrupt:
+        return  # a corrupt image is refused read-write anyway
+    result = check_file(file, path, FIX_ALL)
+    if result.exit_code not in (0, 3) or result.leaks:
+        raise ImageError(f"'{path}' was left dirty and could not be repaired "
+                         f"({result.corruptions} corruptions, {result.check_errors} errors "
+                         "remain)")
+    log.warning("%s: repaired an image left dirty: %d corruptions and %d leaks fixed",
+                path, result.corruptions_fixed, result.leaks_fixed)
 
 
 class _WriteGather:
