@@ -4,9 +4,11 @@ options (qemu-nbd's) or from a TOML file (`qnbd serve --config FILE`, see config
 The file format:
 
     [server]            persistent, pid_file
-    [limits]            max_connections, handshake_timeout
+    [limits]            max_connections, handshake_timeout, idle_timeout, max_queued_bytes
+    [tls]               creds = DIR, mode = "off"|"on"|"require", verify_peer,
+                        authz = [NAME, ...]   (see qnbd/nbd/tls.py)
     [[listen]]          unix = PATH | address = HOST, port = N   (any number of them)
-    [[export]]          image, name, format, description, read_only, discard,
+    [[export]]          image, name, format, description, read_only, discard, backing, tls_only,
                         detect_zeroes, cache, snapshot, shared,
                         bitmaps = [NAME, ...], allocation_depth   (one or more)
 
@@ -18,10 +20,14 @@ from dataclasses import dataclass
 
 from .errors import QnbdError
 from .export import ExportConfig
+from .nbd.tls import TlsConfig
 
 DEFAULT_PORT = 10809
 # Greeted connections at once when no smaller cap is asked for (bounds memory).
 DEFAULT_MAX_CONNECTIONS = 1024
+# Reply bytes queued per connection before its requests stop being executed: two of the
+# largest reads, so a client that pipelines keeps the link busy.
+DEFAULT_MAX_QUEUED_BYTES = 64 << 20
 
 
 @dataclass
@@ -51,6 +57,9 @@ class ServerConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     handshake_timeout: float = 10.0
     pid_file: str | None = None
+    idle_timeout: float = 0.0        # 0: clients may stay idle forever, as with qemu-nbd
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
+    tls: TlsConfig | None = None
 
 
 class ConfigError(QnbdError):
@@ -75,10 +84,13 @@ def _check_table(table: dict, where: str, schema: dict[str, type | tuple]) -> di
 
 _EXPORT_KEYS = {"image": str, "name": str, "format": str, "description": str,
                 "read_only": bool, "discard": str, "detect_zeroes": str, "cache": str,
+                "backing": str, "tls_only": bool,
                 "snapshot": bool, "shared": int, "bitmaps": list, "allocation_depth": bool}
 _LISTEN_KEYS = {"unix": str, "address": str, "port": int}
 _SERVER_KEYS = {"persistent": bool, "pid_file": str}
-_LIMIT_KEYS = {"max_connections": int, "handshake_timeout": (int, float)}
+_LIMIT_KEYS = {"max_connections": int, "handshake_timeout": (int, float),
+               "idle_timeout": (int, float), "max_queued_bytes": int}
+_TLS_KEYS = {"creds": str, "mode": str, "verify_peer": bool, "authz": list}
 
 
 def load_config(path: str) -> ServerConfig:
@@ -96,7 +108,8 @@ def load_config(path: str) -> ServerConfig:
 
 
 def parse_config(doc: dict) -> ServerConfig:
-    _check_table(doc, "file", {"server": dict, "limits": dict, "listen": list, "export": list})
+    _check_table(doc, "file", {"server": dict, "limits": dict, "listen": list, "export": list,
+                               "tls": dict})
     server = _check_table(doc.get("server", {}), "server", _SERVER_KEYS)
     limits = _check_table(doc.get("limits", {}), "limits", _LIMIT_KEYS)
 
@@ -135,6 +148,7 @@ def parse_config(doc: dict) -> ServerConfig:
         exports.append(cfg)
     if not exports:
         raise ConfigError("no [[export]] table: nothing to serve")
+    tls = _parse_tls(doc.get("tls"))
 
     max_conn = limits.get("max_connections", DEFAULT_MAX_CONNECTIONS)
     if max_conn < 1:
@@ -142,7 +156,42 @@ def parse_config(doc: dict) -> ServerConfig:
     timeout = float(limits.get("handshake_timeout", 10.0))
     if timeout < 0:
         raise ConfigError("limits.handshake_timeout: must not be negative (0 = none)")
+    idle = float(limits.get("idle_timeout", 0))
+    if idle < 0:
+        raise ConfigError("limits.idle_timeout: must not be negative (0 = none)")
+    queued = limits.get("max_queued_bytes", DEFAULT_MAX_QUEUED_BYTES)
+    if queued < 1:
+        raise ConfigError("limits.max_queued_bytes: must be at least 1")
     return ServerConfig(exports=exports, listeners=listeners,
                         persistent=server.get("persistent", True),
                         max_connections=max_conn, handshake_timeout=timeout,
-                        pid_file=server.get("pid_file"))
+                        pid_file=server.get("pid_file"), idle_timeout=idle,
+                        max_queued_bytes=queued, tls=tls)
+
+
+def check_tls_only(config: ServerConfig) -> None:
+    """A TLS-only export must be reachable: TLS has to be on."""
+    if config.tls is None or config.tls.mode == "off":
+        for e in config.exports:
+            if e.tls_only:
+                raise ConfigError(f"export {e.name!r} is tls_only but TLS is off "
+                                  "(add a [tls] table or --tls-creds)")
+
+
+def _parse_tls(table) -> TlsConfig | None:
+    if table is None:
+        return None
+    _check_table(table, "tls", _TLS_KEYS)
+    if "creds" not in table:
+        raise ConfigError("tls.creds: missing (the directory of ca-cert.pem, server-cert.pem "
+                          "and server-key.pem)")
+    authz = table.get("authz", [])
+    if not all(isinstance(a, str) for a in authz):
+        raise ConfigError(f"tls.authz: expected a list of names (strings), got {authz!r}")
+    tls = TlsConfig(creds=table["creds"], mode=table.get("mode", "require"),
+                    verify_peer=table.get("verify_peer", True), authz=tuple(authz))
+    try:
+        tls.validate()
+    except QnbdError as e:
+        raise ConfigError(f"tls: {e}") from None
+    return tls

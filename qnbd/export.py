@@ -15,6 +15,12 @@ Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
 - bitmaps (-B NAME, repeatable): persistent dirty bitmaps of a qcow2 image offered as
   `qemu:dirty-bitmap:NAME`; they stay enabled and keep tracking while exported, as in
   qemu-nbd. allocation_depth (-A): offer `qemu:allocation-depth`.
+- backing=any|same-dir|none (qnbd's own, `--backing-policy`): which backing files an
+  image may name. "any" is qemu-nbd's behaviour; an untrusted image should get "same-dir"
+  (only files in its own directory, symlinks resolved) or "none", so that its header
+  cannot make the server read arbitrary host files.
+- tls_only (config file only): with TLS mode "on" (SELECTIVETLS), the export is
+  invisible to clients that have not started TLS.
 """
 
 from dataclasses import dataclass, field
@@ -24,6 +30,7 @@ from .block.overlay import SnapshotOverlay
 from .errors import ImageError, QnbdError
 from .nbd import protocol as p
 from .nbd.contexts import contexts_for
+from .qcow2.image import BACKING_POLICIES
 
 DISCARD_MODES = ("ignore", "unmap")
 DETECT_ZEROES_MODES = ("off", "on", "unmap")
@@ -45,12 +52,15 @@ class ExportConfig:
     shared: int = 1
     bitmaps: list[str] = field(default_factory=list)
     allocation_depth: bool = False
+    backing: str = "any"
+    tls_only: bool = False
 
     def validate(self) -> None:
         """One-line errors in qemu-nbd's words for the combinations it refuses."""
         for key, value, allowed in (("discard", self.discard, DISCARD_MODES),
                                     ("detect-zeroes", self.detect_zeroes, DETECT_ZEROES_MODES),
-                                    ("cache", self.cache, CACHE_MODES)):
+                                    ("cache", self.cache, CACHE_MODES),
+                                    ("backing", self.backing, BACKING_POLICIES)):
             if value not in allowed:
                 raise QnbdError(f"Invalid {key} mode '{value}' (expected {'|'.join(allowed)})")
         if self.format is not None and self.format not in FORMATS:
@@ -80,6 +90,7 @@ class Export:
         self.fua_always = config.cache in ("writethrough", "directsync")
         self.unsafe = config.cache == "unsafe"
         self.allocation_depth = config.allocation_depth
+        self.tls_only = config.tls_only
         self.bitmaps = [_bitmap(device, name) for name in dict.fromkeys(config.bitmaps)]
         self.contexts = contexts_for(self)
 
@@ -87,10 +98,12 @@ class Export:
     def open(cls, config: ExportConfig) -> "Export":
         config.validate()
         if config.snapshot:
-            base = open_image(config.image, config.format, read_only=True)
+            base = open_image(config.image, config.format, read_only=True,
+                              backing_policy=config.backing)
             device = SnapshotOverlay(base)
         else:
-            device = open_image(config.image, config.format, read_only=config.read_only)
+            device = open_image(config.image, config.format, read_only=config.read_only,
+                                backing_policy=config.backing)
         try:
             return cls(config, device)
         except BaseException:

@@ -4,12 +4,15 @@ careful client would not) and a raw socket (unknown commands, oversize payloads)
 
 import errno
 import struct
+import time
+import types
 
 import nbd
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from nbdserver import RawClient, make_raw, serve  # noqa: F401
+from qnbd.config import ServerConfig
 from qnbd.errors import IOFailure, NotFast
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
@@ -292,11 +295,19 @@ class FakeTransport:
     def close(self):
         pass
 
+    def get_write_buffer_size(self):
+        return 0
+
+
+# What a Connection reads from its server: the clock and the limits.
+FAKE_SERVER = types.SimpleNamespace(loop=types.SimpleNamespace(time=time.monotonic),
+                                    config=ServerConfig(exports=[], listeners=[]))
+
 
 def run_requests(failure, *requests):
     """Feed requests to a server Connection over a fake transport; the reply errors."""
     export = Export(ExportConfig(image="-", discard="unmap"), FailingDevice(failure))
-    conn = Connection(server=None)
+    conn = Connection(server=FAKE_SERVER)
     conn.transport = FakeTransport()
     conn.session = Session(export, export.transmission_flags(False), False)
     conn.parser = RequestParser()

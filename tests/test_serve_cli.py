@@ -37,7 +37,8 @@ def sock_path():
 
 @pytest.mark.parametrize("args, message", [
     (["--bitmap", "b0"], "Bitmap 'b0' is not found"),  # a raw image has no bitmaps
-    (["--tls-creds", "tls0"], "option --tls-creds is not supported yet"),
+    (["--tls-creds", "/nonexistent"],
+     "TLS credentials in '/nonexistent' cannot be loaded: No such file or directory"),
     (["-o", "512"], "option --offset is not supported yet"),
     (["--detect-zeroes=unmap"], "--detect-zeroes=unmap can only be used if discard is set to unmap"),
     (["-k", "/tmp/x.sock", "-p", "1234"], "-k cannot be combined with -b or -p"),

@@ -6,24 +6,27 @@ import logging
 import os
 import sys
 
-from ..config import DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT, Listener, ServerConfig, load_config
+from ..config import (DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT, Listener, ServerConfig,
+                      check_tls_only, load_config)
 from ..errors import QnbdError
 from ..export import CACHE_MODES, DETECT_ZEROES_MODES, DISCARD_MODES, ExportConfig
 from ..nbd.server import serve
+from ..nbd.tls import MODES as TLS_MODES, TlsConfig, load_authz
+from ..qcow2.image import BACKING_POLICIES
 
 # qemu-nbd options that qnbd does not implement yet: accepted by the parser only to be
 # refused by name, never silently ignored. (flag, long name, takes a value)
 UNSUPPORTED = (
     ("-o", "--offset", True), ("-P", "--partition", True), ("-l", "--load-snapshot", True),
     (None, "--object", True),
-    (None, "--image-opts", False), (None, "--tls-creds", True), (None, "--tls-hostname", True),
-    (None, "--tls-authz", True), ("-c", "--connect", True), ("-d", "--disconnect", False),
+    (None, "--image-opts", False), (None, "--tls-hostname", True),
+    ("-c", "--connect", True), ("-d", "--disconnect", False),
     ("-L", "--list", False), (None, "--aio", True), ("-T", "--trace", True),
     (None, "--selinux-label", True),
 )
 # Options that describe the one export or listener of a command-line server.
 _EXPORT_OPTIONS = ("format", "export_name", "description", "read_only", "shared", "discard",
-                   "detect_zeroes", "cache", "snapshot", "bitmap", "allocation_depth")
+                   "detect_zeroes", "cache", "snapshot", "backing_policy", "bitmap", "allocation_depth")
 _LISTEN_OPTIONS = ("socket", "bind", "port")
 
 
@@ -60,6 +63,24 @@ def add_parser(subparsers):
                    help="same as --cache=none")
     p.add_argument("--handshake-timeout", type=float, metavar="SECONDS", default=10.0,
                    help="drop clients that have not finished the handshake (default 10, 0 = never)")
+    p.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                   help="drop clients that send nothing and take no replies for this long "
+                   "(default 0 = never)")
+    p.add_argument("--backing-policy", choices=BACKING_POLICIES,
+                   help="backing files the image may name: any (default, as qemu-nbd), "
+                   "same-dir (only in the image's directory) or none; use same-dir or none "
+                   "for untrusted images")
+    p.add_argument("--tls-creds", metavar="DIR",
+                   help="enable TLS with the X.509 files in DIR (ca-cert.pem, server-cert.pem, "
+                   "server-key.pem, as qemu's tls-creds-x509); TLS is then required")
+    p.add_argument("--tls", choices=TLS_MODES,
+                   help="with --tls-creds: require (default) refuses everything before "
+                   "STARTTLS, on lets clients choose, off disables TLS")
+    p.add_argument("--tls-verify-peer", choices=("on", "off"),
+                   help="require client certificates signed by ca-cert.pem (default on)")
+    p.add_argument("--tls-authz", action="append", metavar="NAME|@FILE",
+                   help="allow only clients whose certificate has this distinguished name "
+                   "(CN=...,O=...) or common name; repeatable; @FILE: one name a line")
     p.add_argument("--fork", action="store_true",
                    help="run in the background; return once the server listens")
     p.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
@@ -120,6 +141,7 @@ def build_config(args) -> ServerConfig:
             description=args.description or "", read_only=bool(args.read_only),
             discard=args.discard or "ignore", detect_zeroes=args.detect_zeroes or "off",
             cache=args.cache or "writeback", snapshot=bool(args.snapshot), shared=shared,
+            backing=args.backing_policy or "any",
             bitmaps=args.bitmap or [], allocation_depth=bool(args.allocation_depth))
         export.validate()
         config = ServerConfig(exports=[export], listeners=[_cli_listener(args)],
@@ -129,6 +151,15 @@ def build_config(args) -> ServerConfig:
                               pid_file=args.pid_file)
     if args.handshake_timeout < 0:
         raise QnbdError("--handshake-timeout must not be negative")
+    if args.idle_timeout is not None:
+        if args.idle_timeout < 0:
+            raise QnbdError("--idle-timeout must not be negative")
+        config.idle_timeout = args.idle_timeout
+    if args.tls_creds is not None:
+        config.tls = _cli_tls(args)
+    elif args.tls or args.tls_verify_peer or args.tls_authz:
+        raise QnbdError("--tls, --tls-verify-peer and --tls-authz need --tls-creds")
+    check_tls_only(config)
     if os.environ.get("LISTEN_PID") == str(os.getpid()) and \
             any(getattr(args, name) is not None for name in _LISTEN_OPTIONS):
         raise QnbdError("-k, -b and -p cannot be used with socket activation")
@@ -136,6 +167,16 @@ def build_config(args) -> ServerConfig:
     if activated:
         config.listeners = activated
     return config
+
+
+def _cli_tls(args) -> TlsConfig:
+    """qemu-nbd --tls-creds: with credentials, TLS is required unless --tls says otherwise."""
+    tls = TlsConfig(creds=args.tls_creds, mode=args.tls or "require",
+                    verify_peer=args.tls_verify_peer != "off",
+                    authz=tuple(name for value in args.tls_authz or ()
+                                for name in load_authz(value)))
+    tls.validate()
+    return tls
 
 
 def _cli_listener(args) -> Listener:

@@ -1,10 +1,12 @@
 """Option haggling, sans-I/O (proto.md "Handshake", "Option types", "Option reply types").
 
 Covers the fixed newstyle handshake with NO_ZEROES and the options EXPORT_NAME, ABORT,
-LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT, SET_META_CONTEXT and STARTTLS (as
-a server without TLS answers it). `Handshake.feed(bytes)` returns events: `Send` (bytes
-for the client), then at most one of `Ready` (transmission starts, with the `Session`) or
-`Close` (hard disconnect, with the reason for the log). No sockets, no clocks here.
+LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT, SET_META_CONTEXT and STARTTLS in the
+three TLS modes of proto.md "TLS support" (see tls.py). `Handshake.feed(bytes)` returns
+events: `Send` (bytes for the client), then at most one of `Ready` (transmission starts,
+with the `Session`), `StartTLS` (the caller must upgrade the connection to TLS before it
+feeds more bytes) or `Close` (hard disconnect, with the reason for the log). No sockets,
+no clocks here.
 """
 
 from dataclasses import dataclass, field
@@ -42,6 +44,11 @@ class Ready:
     def __init__(self, session: Session, leftover: bytes):
         self.session = session
         self.leftover = leftover  # bytes already received that belong to transmission
+
+
+class StartTLS:
+    """NBD_REP_ACK to STARTTLS was sent: every later byte goes over TLS."""
+    __slots__ = ()
 
 
 class Close:
@@ -107,13 +114,16 @@ class Handshake:
     `catalog` offers `find(name) -> Export | None` (the empty name meaning the default
     export), `exports` (for NBD_OPT_LIST) and `shutting_down`. An Export offers `name`,
     `description`, `size`, `contexts`, `transmission_flags(structured)` and
-    `admit() -> str | None` (a reason to refuse one more client).
+    `admit() -> str | None` (a reason to refuse one more client) and `tls_only`.
+    `tls` is the server's TLS mode: "off", "on" (SELECTIVETLS) or "require" (FORCEDTLS).
     """
 
     greeting = p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)
 
-    def __init__(self, catalog):
+    def __init__(self, catalog, tls: str = "off"):
         self.catalog = catalog
+        self.tls = tls
+        self.tls_active = False      # STARTTLS acknowledged; the caller upgraded the stream
         self.buf = bytearray()
         self.state = _CLIENT_FLAGS
         self.fixed = False
@@ -167,8 +177,11 @@ class Handshake:
                 self.length -= n
                 if self.length:
                     break
-                events.append(Send(option_reply(self.option, p.REP_ERR_TOO_BIG,
-                                                b"option data too long")))
+                if self._tls_required():
+                    reply, why = p.REP_ERR_TLS_REQD, b"TLS is required"
+                else:
+                    reply, why = p.REP_ERR_TOO_BIG, b"option data too long"
+                events.append(Send(option_reply(self.option, reply, why)))
                 self.state = _OPTION_HEADER
             else:  # _OPTION_DATA
                 if len(self.buf) < self.length:
@@ -185,8 +198,20 @@ class Handshake:
         events.append(Close(reason))
         return events
 
+    def _tls_required(self) -> bool:
+        return self.tls == "require" and not self.tls_active
+
     def _handle(self, option: int, data: bytes, events: list) -> bool:
-        """Answer one option; True when the handshake is over."""
+        """Answer one option; True when the handshake is over (or waits for TLS)."""
+        if self._tls_required() and option not in (p.OPT_STARTTLS, p.OPT_ABORT):
+            # FORCEDTLS: "If the server receives any other option, it MUST reply with
+            # NBD_REP_ERR_TLS_REQD", and EXPORT_NAME, which cannot be refused, "MUST
+            # terminate the session".
+            if option == p.OPT_EXPORT_NAME:
+                self._close(events, "NBD_OPT_EXPORT_NAME before TLS")
+                return True
+            events.append(Send(option_reply(option, p.REP_ERR_TLS_REQD, b"TLS is required")))
+            return False
         if option == p.OPT_EXPORT_NAME:
             return self._export_name(data, events)
         if option == p.OPT_ABORT:
@@ -205,6 +230,8 @@ class Handshake:
             events.append(Send(option_reply(option, e.reply, str(e).encode())))
             return False
         events.append(Send(b"".join(replies)))
+        if option == p.OPT_STARTTLS:
+            return self._start_tls(events)
         if session is None:
             return False
         self.state = _DONE
@@ -222,6 +249,9 @@ class Handshake:
         export = self.catalog.find(name)
         if export is None or self.catalog.shutting_down:
             self._close(events, f"unknown export {name!r}")
+            return True
+        if not self._visible(export):
+            self._close(events, f"export {name!r} needs TLS")
             return True
         refusal = export.admit()
         if refusal:
@@ -244,17 +274,28 @@ class Handshake:
         return Session(export, export.transmission_flags(self.structured), self.structured,
                        list(contexts))
 
+    def _visible(self, export) -> bool:
+        """SELECTIVETLS: a TLS-only export does not exist for a plaintext client."""
+        return self.tls_active or not export.tls_only
+
     def _find(self, name: str):
         export = self.catalog.find(name)
         if export is None:
             raise OptionError(p.REP_ERR_UNKNOWN, f"export {name!r} not present")
+        if not self._visible(export):
+            # SELECTIVETLS: "the server errors attempts to enter transmission mode on
+            # TLS-only exports" (INFO, GO and the meta-context options alike).
+            raise OptionError(p.REP_ERR_TLS_REQD, f"export {name!r} needs TLS")
         return export
 
     def _opt_list(self, option, data):
         if data:
             raise OptionError(p.REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
         replies = []
-        for export in self.catalog.exports:
+        # "The server MAY omit entries from this list if TLS has not been negotiated, the
+        # server is operating in SELECTIVETLS mode, and the entry concerned is a TLS-only
+        # export."
+        for export in filter(self._visible, self.catalog.exports):
             name = export.name.encode()
             replies.append(option_reply(option, p.REP_SERVER,
                                         p.U32.pack(len(name)) + name + export.description.encode()))
@@ -264,8 +305,27 @@ class Handshake:
     def _opt_starttls(self, option, data):
         if data:
             raise OptionError(p.REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
-        # NOTLS mode (proto.md "NOTLS mode"): ERR_POLICY, as qemu-nbd without TLS creds.
-        raise OptionError(p.REP_ERR_POLICY, "TLS not configured")
+        if self.tls == "off":
+            # NOTLS mode (proto.md "NOTLS mode"): ERR_POLICY, as qemu-nbd without TLS creds.
+            raise OptionError(p.REP_ERR_POLICY, "TLS not configured")
+        if self.tls_active:
+            # "If the server receives NBD_OPT_STARTTLS when TLS has already been
+            # negotiated, it MUST reply with NBD_REP_ERR_INVALID."
+            raise OptionError(p.REP_ERR_INVALID, "TLS is already active")
+        return [option_reply(option, p.REP_ACK)], None
+
+    def _start_tls(self, events: list) -> bool:
+        """After the ACK: nothing negotiated in plaintext survives into the TLS session
+        (an attacker could have injected it; cf. CVE-2021-3716 in nbdkit), and bytes the
+        client sent after STARTTLS, before the TLS handshake, can only be injected too."""
+        if self.buf:
+            self._close(events, "data after NBD_OPT_STARTTLS before the TLS handshake")
+            return True
+        self.structured = False
+        self.meta_export, self.meta_selected = None, []
+        self.tls_active = True
+        events.append(StartTLS())
+        return True
 
     def _opt_structured_reply(self, option, data):
         if data:

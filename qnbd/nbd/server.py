@@ -3,11 +3,25 @@ and graceful shutdown. The only NBD module that touches sockets, clocks or signa
 protocol itself lives in handshake.py and transmission.py.
 
 Requests are executed inline, in order, inside `data_received`: the engines are synchronous
-by design (see DESIGN.md), so every complete request in one read is handled and all their
+by design (see DESIGN.md), so the complete requests of one read are handled and their
 replies go out in one `writelines`. Replies therefore leave in request order, which the
-protocol allows (it also allows any other order). When the client stops reading its
-replies, reading its requests stops too (pause_writing -> pause_reading), so one slow
-client cannot make the server buffer without bound.
+protocol allows (it also allows any other order).
+
+Limits against hostile or broken clients (the CVE-2024-7409 class: resources held by
+clients that never finish):
+- handshake_timeout: the handshake, TLS included, must end this long after the greeting.
+- max_connections: clients greeted at once; MAX_WAITING more wait unanswered, beyond
+  that connections are dropped at once.
+- max_queued_bytes: replies waiting to be sent, per connection. Requests stop being
+  executed (and the socket stops being read) once that much is queued, and resume when
+  the client has taken its replies, so a client that pipelines large reads and does not
+  read cannot make the server buffer more than about this (plus one reply and one
+  partly received request, at most 32 MiB each).
+- idle_timeout (optional): a client in transmission that sends nothing and takes no
+  replies for this long is disconnected.
+
+TLS (tls.py): after the STARTTLS ACK has been written, the transport is upgraded with
+`loop.start_tls`; bytes that arrive meanwhile wait until the client is authorized.
 """
 
 import asyncio
@@ -17,6 +31,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 
 import uvloop
@@ -25,8 +40,9 @@ from ..block.base import ZERO
 from ..errors import IOFailure, QnbdError
 from ..export import Export
 from . import protocol as p
+from . import tls
 from . import transmission as t
-from .handshake import Close, Handshake, Ready, Send
+from .handshake import Close, Handshake, Ready, Send, StartTLS
 
 log = logging.getLogger("qnbd.serve")
 
@@ -64,6 +80,11 @@ class Connection(asyncio.Protocol):
         self.allowed: dict[int, int] = {}   # command -> valid flags, fixed per session
         self.timer = None
         self.closing = False
+        self.lost = False
+        self.upgrading: list | None = None   # bytes received while TLS starts
+        self.blocked = False                 # replies queued beyond max_queued_bytes
+        self.active_at = 0.0                 # last time the client sent or took data
+        self.idle_timer = None
 
     # --- asyncio callbacks ---
 
@@ -78,7 +99,8 @@ class Connection(asyncio.Protocol):
 
     def start(self):
         """Greet the client: the handshake and its time limit begin now."""
-        self.handshake = Handshake(self.server.catalog)
+        self.handshake = Handshake(self.server.catalog, self.server.tls_mode)
+        self.transport.set_write_buffer_limits(high=self.server.config.max_queued_bytes)
         self.transport.write(Handshake.greeting)
         timeout = self.server.config.handshake_timeout
         if timeout:
@@ -86,21 +108,36 @@ class Connection(asyncio.Protocol):
         self.transport.resume_reading()
 
     def data_received(self, data):
-        if self.parser is not None:
-            self._requests(data)
+        if self.upgrading is not None:
+            self.upgrading.append(data)
+        elif self.parser is not None:
+            self.active_at = self.server.loop.time()
+            self.parser.push(data)
+            self._process()
         elif self.handshake is not None:
             self._negotiate(data)
 
     def pause_writing(self):
+        self.blocked = True
         self.transport.pause_reading()
 
     def resume_writing(self):
-        if not self.closing:
+        self.blocked = False
+        self.active_at = self.server.loop.time()
+        if self.parser is not None and not self.closing:
+            self._process()
+        if not self.blocked and not self.closing and self.upgrading is None:
             self.transport.resume_reading()
 
     def connection_lost(self, exc):
-        if self.timer:
-            self.timer.cancel()
+        # Also called by _start_tls when the upgrade fails: whether the transport then
+        # reports the loss to this protocol is up to the event loop.
+        if self.lost:
+            return
+        self.lost = True
+        for timer in (self.timer, self.idle_timer):
+            if timer:
+                timer.cancel()
         if self.session is not None:
             self.session.export.clients -= 1
         self.server.released(self)
@@ -119,6 +156,10 @@ class Connection(asyncio.Protocol):
             elif isinstance(event, Close):
                 log.info("%s: %s", self.peer, event.reason)
                 self.close()
+            elif isinstance(event, StartTLS):
+                self.upgrading = []
+                self.transport.pause_reading()
+                self.server.loop.create_task(self._start_tls())
             elif isinstance(event, Ready):
                 if self.timer:
                     self.timer.cancel()
@@ -130,23 +171,81 @@ class Connection(asyncio.Protocol):
                 log.info("%s: serving export %r", self.peer, export.name)
                 self.parser = t.RequestParser()
                 self.allowed = t.allowed_flags(self.session)
+                idle = self.server.config.idle_timeout
+                if idle:
+                    self.active_at = self.server.loop.time()
+                    self.idle_timer = self.server.loop.call_later(idle, self._idle_check)
                 if event.leftover:
-                    self._requests(event.leftover)
+                    self.parser.push(event.leftover)
+                    self._process()
 
-    def _requests(self, data):
+    async def _start_tls(self):
+        """proto.md FORCEDTLS: "After an NBD_REP_ACK reply has been sent, the server MUST
+        be prepared for a TLS handshake ... If the handshake is unsuccessful ... the
+        server MUST terminate the session". The ACK is already in the transport's buffer,
+        ahead of the first TLS record."""
+        server = self.server
+        raw = self.transport
         try:
-            requests = self.parser.feed(data)
-        except t.ProtocolError as e:
-            log.info("%s: %s, disconnecting", self.peer, e)
+            self.transport = await server.loop.start_tls(raw, self, server.ssl_context,
+                                                         server_side=True)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
+            log.info("%s: TLS handshake failed: %s", self.peer, e or type(e).__name__)
+            raw.abort()
+            self.connection_lost(e)
+            return
+        if self.closing or self.lost:
             self.transport.abort()
             return
-        out = []
+        why = tls.refusal(server.tls, self.transport.get_extra_info("peercert"))
+        if why:
+            log.warning("%s: %s, disconnecting", self.peer, why)
+            self.close()
+            return
+        log.info("%s: TLS started (%s)", self.peer, self.transport.get_extra_info("cipher"))
+        early, self.upgrading = self.upgrading, None
+        self.transport.resume_reading()
+        for data in early:
+            self.data_received(data)
+
+    def _idle_check(self):
+        idle = self.server.config.idle_timeout
+        quiet = self.server.loop.time() - self.active_at
+        if quiet >= idle:
+            log.info("%s: idle for %ss, disconnecting", self.peer, idle)
+            self.transport.abort()
+        else:
+            self.idle_timer = self.server.loop.call_later(idle - quiet, self._idle_check)
+
+    def _process(self):
+        """Execute queued requests until none is complete or max_queued_bytes of replies
+        wait to be sent; pause_writing (at the same bound) stops both this and reading."""
+        parser = self.parser
+        transport = self.transport
         handle = self._handle
-        for req in requests:
-            out += handle(req)
+        budget = self.server.config.max_queued_bytes
+        out = []
+        queued = transport.get_write_buffer_size()
+        try:
+            while not self.blocked and not self.closing:
+                req = parser.pop()
+                if req is None:
+                    break
+                pieces = handle(req)
+                out += pieces
+                for piece in pieces:
+                    queued += len(piece)
+                if queued >= budget:
+                    transport.writelines(out)   # may call pause_writing
+                    out = []
+                    queued = transport.get_write_buffer_size()
+        except t.ProtocolError as e:
+            log.info("%s: %s, disconnecting", self.peer, e)
+            transport.abort()
+            return
         if out:
-            self.transport.writelines(out)
-        if self.parser.disconnected:
+            transport.writelines(out)
+        if parser.disconnected and not self.closing:
             # NBD_CMD_DISC: every earlier request has been answered above; close once
             # their replies are written.
             self.close()
@@ -293,6 +392,9 @@ class Server:
         self.config = config
         self.catalog = Catalog(exports)
         self.loop = loop
+        self.tls = config.tls
+        self.tls_mode = config.tls.mode if config.tls else "off"
+        self.ssl_context = tls.server_context(config.tls) if self.tls_mode != "off" else None
         self.servers = []
         self.unix_paths = []
         self.active: set[Connection] = set()

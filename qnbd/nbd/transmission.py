@@ -32,52 +32,66 @@ class Request(NamedTuple):
 
 
 class RequestParser:
+    """Requests are taken one at a time (`pop`), so the server can stop taking them while
+    its replies wait to be sent: unparsed bytes stay here, and reading is paused."""
+
     def __init__(self, max_payload: int = p.MAX_PAYLOAD):
         self.max_payload = max_payload
         self.buf = bytearray()
+        self.pos = 0             # start of the first unparsed byte in buf
         self.skip = 0            # payload bytes of a refused write still to discard
         self.disconnected = False
 
+    def push(self, data) -> None:
+        self.buf += data
+
     def feed(self, data) -> list[Request]:
-        """All complete requests in the buffered stream, in order. Nothing is parsed
+        """push(data), then every complete request."""
+        self.push(data)
+        return list(iter(self.pop, None))
+
+    def pop(self) -> Request | None:
+        """The next complete request, or None until more bytes arrive. Nothing is parsed
         after NBD_CMD_DISC: "A client MUST NOT send anything ... after" it."""
         buf = self.buf
-        buf += data
-        out: list[Request] = []
-        pos = 0
+        pos = self.pos
         end = len(buf)
         if self.skip:
-            pos = min(self.skip, end)
-            self.skip -= pos
-        while not self.disconnected and end - pos >= _REQ_SIZE:
-            magic, flags, cmd, cookie, offset, length = _REQ.unpack_from(buf, pos)
-            if magic != p.REQUEST_MAGIC:
-                raise ProtocolError(f"bad request magic {magic:#x}")
-            if cmd == p.CMD_WRITE:
-                if length > self.max_payload:
-                    pos += _REQ_SIZE
-                    n = min(length, end - pos)
-                    pos += n
-                    self.skip = length - n
-                    out.append(Request(cookie, cmd, flags, offset, length, None))
-                    continue
-                if end - pos - _REQ_SIZE < length:
-                    break
-                start = pos + _REQ_SIZE
-                with memoryview(buf) as view:  # one copy, released before buf shrinks
-                    payload = bytes(view[start:start + length])
-                pos = start + length
-            else:
-                payload = None
-                pos += _REQ_SIZE
-                if cmd == p.CMD_DISC:
-                    self.disconnected = True
-            out.append(Request(cookie, cmd, flags, offset, length, payload))
+            n = min(self.skip, end - pos)
+            pos += n
+            self.skip -= n
+        if self.disconnected or end - pos < _REQ_SIZE:
+            return self._wait(pos)
+        magic, flags, cmd, cookie, offset, length = _REQ.unpack_from(buf, pos)
+        if magic != p.REQUEST_MAGIC:
+            raise ProtocolError(f"bad request magic {magic:#x}")
+        payload = None
+        if cmd == p.CMD_WRITE:
+            start = pos + _REQ_SIZE
+            if length > self.max_payload:
+                n = min(length, end - start)
+                self.skip = length - n
+                self.pos = start + n
+                return Request(cookie, cmd, flags, offset, length, None)
+            if end - start < length:
+                return self._wait(pos)
+            with memoryview(buf) as view:  # one copy, released before buf shrinks
+                payload = bytes(view[start:start + length])
+            pos = start + length
+        else:
+            pos += _REQ_SIZE
+            if cmd == p.CMD_DISC:
+                self.disconnected = True
+        self.pos = pos
+        return Request(cookie, cmd, flags, offset, length, payload)
+
+    def _wait(self, pos: int) -> None:
+        """No complete request: drop what was parsed, keep the rest for later."""
         if self.disconnected:
-            buf.clear()
+            self.buf.clear()
         elif pos:
-            del buf[:pos]
-        return out
+            del self.buf[:pos]
+        self.pos = 0
 
 
 def allowed_flags(session: Session) -> dict[int, int]:
