@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import cachetools
 
 from .. import fileio
-from ..errors import ImageError, IOFailure, QnbdError
+from ..errors import ImageError, QnbdError
 from ..lock import lock_image
 from . import bitmaps
 from . import header as hdr
@@ -431,7 +431,6 @@ class _Checker:
     def compare(self, fix: int, rebuild: bool) -> tuple[bool, int]:
         """Compare per cluster, repairing what `fix` allows; returns (rebuild needed,
         highest cluster in use by either count)."""
-        r = self.result
         counts = self.counts
         per_block = self.stored.per_block
         highest = 0
