@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import struct
+import subprocess
 from contextlib import contextmanager
 
 import pytest
@@ -25,7 +26,7 @@ from qnbd.qcow2.image import Qcow2Image
 
 from qcow2util import (COPIED, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT,
                        INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, feature_entry,
-                       patch_bytes, patch_fields, patch_u64, qemu_img, qemu_io,
+                       patch_bytes, patch_fields, patch_u64, qemu_img, qemu_info, qemu_io,
                        qemu_says_corrupt, read_extensions, read_field, read_u64, sha256,
                        truncate, write_extensions)
 
@@ -272,10 +273,32 @@ def test_corrupt_bit(copy):
 
 
 def test_dirty_bit(copy):
+    """Rule 6: read-only opens of a dirty image need no repair; a read-write open checks
+    and repairs it first (here there is nothing to repair) and clears the bit."""
     path = copy("data")
     patch_fields(path, incompatible_features=INCOMPAT_DIRTY)
     expect_ok(path, read_only=[True])
-    expect_error(path, "needs repair", read_only=[False])
+    Qcow2Image.open(path, read_only=False).close()
+    assert qemu_info(path)["dirty-flag"] is False
+
+
+def test_dirty_bit_with_broken_refcounts_is_repaired_on_open(copy):
+    """A lazy-refcounts crash leaves refcounts too low: the read-write open rebuilds them
+    so that the next allocation cannot reuse a cluster in use."""
+    path = copy("data")
+    patch_fields(path, incompatible_features=INCOMPAT_DIRTY)
+    block = read_u64(path, read_field(path, "refcount_table_offset"))
+    patch_bytes(path, block, bytes(1 << read_field(path, "cluster_bits")))  # all lost
+    dev = Qcow2Image.open(path, read_only=False)
+    try:
+        dev.write(8 << 20, b"n" * 65536)  # must not land on a cluster in use
+    finally:
+        dev.close()
+    r = subprocess.run(["qemu-img", "check", path], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 1 0 1M", path],
+                       capture_output=True, text=True)
+    assert "Pattern verification failed" not in r.stdout and r.returncode == 0
 
 
 def test_unknown_compatible_and_autoclear_bits_are_accepted(copy):
