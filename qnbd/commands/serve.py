@@ -142,7 +142,9 @@ def build_config(args) -> ServerConfig:
             discard=args.discard or "ignore", detect_zeroes=args.detect_zeroes or "off",
             cache=args.cache or "writeback", snapshot=bool(args.snapshot), shared=shared,
             backing=args.backing_policy or "any",
-            bitmaps=args.bitmap or [], allocation_depth=bool(args.allocation_depth))
+            # qemu-nbd prepends each -B to its list, so its contexts list the bitmaps
+            # last given first; the same order here makes the two answer alike.
+            bitmaps=(args.bitmap or [])[::-1], allocation_depth=bool(args.allocation_depth))
         export.validate()
         config = ServerConfig(exports=[export], listeners=[_cli_listener(args)],
                               persistent=args.persistent,
