@@ -61,7 +61,7 @@ def add_parser(subparsers):
     p.add_argument("--cache", choices=CACHE_MODES, help="cache mode (default writeback)")
     p.add_argument("-n", "--nocache", dest="cache", action="store_const", const="none",
                    help="same as --cache=none")
-    p.add_argument("--handshake-timeout", type=float, metavar="SECONDS", default=10.0,
+    p.add_argument("--handshake-timeout", type=float, metavar="SECONDS",
                    help="drop clients that have not finished the handshake (default 10, 0 = never)")
     p.add_argument("--idle-timeout", type=float, metavar="SECONDS",
                    help="drop clients that send nothing and take no replies for this long "
@@ -129,7 +129,6 @@ def build_config(args) -> ServerConfig:
             config.pid_file = args.pid_file
         if args.persistent:
             config.persistent = True
-        config.handshake_timeout = args.handshake_timeout
         if any(getattr(args, name) is not None for name in _LISTEN_OPTIONS):
             config.listeners = [_cli_listener(args)]
     else:
@@ -149,10 +148,11 @@ def build_config(args) -> ServerConfig:
         config = ServerConfig(exports=[export], listeners=[_cli_listener(args)],
                               persistent=args.persistent,
                               max_connections=shared or DEFAULT_MAX_CONNECTIONS,
-                              handshake_timeout=args.handshake_timeout,
                               pid_file=args.pid_file)
-    if args.handshake_timeout < 0:
-        raise QnbdError("--handshake-timeout must not be negative")
+    if args.handshake_timeout is not None:   # else the file's limits.handshake_timeout
+        if args.handshake_timeout < 0:
+            raise QnbdError("--handshake-timeout must not be negative")
+        config.handshake_timeout = args.handshake_timeout
     if args.idle_timeout is not None:
         if args.idle_timeout < 0:
             raise QnbdError("--idle-timeout must not be negative")
