@@ -114,7 +114,7 @@ def test_power_cuts(shape, seed, tmp_path, monkeypatch):
 @pytest.mark.parametrize("seed", range(10, 20))
 def test_power_cuts_long(shape, seed, tmp_path, monkeypatch):
     """7 shapes x 10 seeds x 15 cuts: over a thousand cuts in the slow tier."""
-    image, cuts = run_with_cuts(shape, tmp_path, seed, 250, 15, monkeypatch, chance=0.05)
+    image, cuts = run_with_cuts(shape, tmp_path, seed, 400, 15, monkeypatch, chance=0.05)
     assert len(cuts) == 15, f"only {len(cuts)} cuts: the workload made too few writes"
     for i, cut in enumerate(cuts):
         check_cut(shape, image, cut, i, tmp_path)
