@@ -8,6 +8,7 @@ import nbd
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from fuzz import targets
 from nbdserver import RawClient, make_raw, meta_payload, serve  # noqa: F401
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
@@ -293,3 +294,11 @@ class _NullDevice:
     size = 4096
     read_only = False
     supports_fast_zero = False
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(max_size=400))
+def test_fuzz_handshake_tls_modes(data):
+    """The three TLS modes' rules hold for any client bytes (tests/fuzz/targets.py, also
+    run by the atheris harness)."""
+    targets.handshake(data)

@@ -11,6 +11,7 @@ import nbd
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from fuzz import targets
 from nbdserver import RawClient, make_raw, serve  # noqa: F401
 from qnbd.config import ServerConfig
 from qnbd.errors import IOFailure, NotFast
@@ -355,3 +356,10 @@ def test_fuzz_parser_and_checks_stay_in_step(reqs, split):
     for r in got:
         err, _ = check(session, allowed, 1 << 20, r)
         assert err in (0, p.EINVAL, p.ENOSPC, p.EPERM)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(max_size=400))
+def test_fuzz_request_bytes(data):
+    """Arbitrary bytes, split anywhere, parse as from one piece (tests/fuzz/targets.py)."""
+    targets.requests(data)
