@@ -133,3 +133,37 @@ def qemu_info(path) -> dict:
 
 def qemu_says_corrupt(path) -> bool:
     return qemu_info(path).get("format-specific", {}).get("data", {}).get("corrupt", False)
+
+
+EXT_BITMAPS = 0x23852875
+
+
+def extension_locations(path) -> dict[int, tuple[int, int]]:
+    """Header extension type -> (offset of its payload in the file, payload length)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << read_field(path, "cluster_bits"))
+    pos = extensions_start(path)
+    out = {}
+    while pos + 8 <= len(head):
+        ext_type, length = struct.unpack_from(">II", head, pos)
+        if ext_type == EXT_END:
+            break
+        out[ext_type] = (pos + 8, length)
+        pos += 8 + length + (-length % 8)
+    return out
+
+
+def bitmap_locations(path) -> dict[str, tuple[int, int]]:
+    """(offset, length) of the bitmaps extension, the bitmap directory, the first
+    bitmap's table and its first data cluster (qcow2.rst "Bitmaps extension")."""
+    ext = extension_locations(path)[EXT_BITMAPS]
+    with open(path, "rb") as f:
+        f.seek(ext[0])
+        _nb, _reserved, dir_size, dir_offset = struct.unpack(">IIQQ", f.read(24))
+        f.seek(dir_offset)
+        table_offset, table_size = struct.unpack(">QI", f.read(12))
+        f.seek(table_offset)
+        table = struct.unpack(f">{table_size}Q", f.read(8 * table_size))
+    data = next(e & ((1 << 56) - 512) for e in table if e & ((1 << 56) - 512))
+    return {"bitmap_ext": ext, "bitmap_dir": (dir_offset, dir_size),
+            "bitmap_table": (table_offset, 8 * table_size), "bitmap_data": (data, 512)}

@@ -11,12 +11,14 @@ nothing else is written.
 """
 
 import errno
+import gzip
 import os
 import shutil
 import signal
 import struct
 import subprocess
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -24,7 +26,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from qnbd.errors import IOFailure, QnbdError
 from qnbd.qcow2.image import Qcow2Image
 
-from qcow2util import (COPIED, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT,
+from qcow2util import (COPIED, EXT_BITMAPS, bitmap_locations, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT,
                        INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, feature_entry,
                        patch_bytes, patch_fields, patch_u64, qemu_img, qemu_info, qemu_io,
                        qemu_says_corrupt, read_extensions, read_field, read_u64, sha256,
@@ -85,26 +87,51 @@ def time_limit(seconds: float):
 
 
 def read_all(img) -> None:
+    """Every byte (up to READ_LIMIT and the last chunk) and every loaded bitmap's extents,
+    as a client of `qnbd serve -B` would read them."""
     size = img.size
     offsets = range(0, min(size, READ_LIMIT), READ_CHUNK)
     for offset in offsets:
         img.read(offset, min(READ_CHUNK, size - offset))
     if size > READ_LIMIT:
         img.read(size - READ_CHUNK, READ_CHUNK)
+    for bitmap in img.bitmaps.loaded.values():
+        bitmap.extents(0, min(size, READ_LIMIT))
 
 
-def masked_corrupt_bit(data: bytes) -> bytes:
-    """The file with the corrupt bit cleared (it may be set by a read-write session)."""
-    if len(data) < 80 or data[4:8] != b"\0\0\0\3":
+def masked_allowed_changes(data: bytes) -> bytes:
+    """The file with what a read-write session may change in a damaged image cleared:
+    the corrupt bit (rule 7) and the in_use flags of the bitmap directory (rule 9: set
+    on a read-write open; after a failure they stay set, and the bitmaps untrusted)."""
+    if len(data) < 104 or data[4:8] != b"\0\0\0\3":
         return data
+    out = bytearray(data)
     incompat = struct.unpack_from(">Q", data, 72)[0] & ~INCOMPAT_CORRUPT
-    return data[:72] + struct.pack(">Q", incompat) + data[80:]
+    struct.pack_into(">Q", out, 72, incompat)
+    pos = struct.unpack_from(">I", data, 100)[0]   # header_length: extensions follow
+    while 0 < pos and pos + 8 <= min(len(data), 1 << 16):
+        ext_type, length = struct.unpack_from(">II", data, pos)
+        if ext_type == 0:
+            break
+        if ext_type == EXT_BITMAPS and length >= 24 and pos + 32 <= len(data):
+            nb, _, size, offset = struct.unpack_from(">IIQQ", data, pos + 8)
+            entry = offset
+            for _ in range(min(nb, 64)):
+                if entry + 24 > min(len(data), offset + size):
+                    break
+                flags, _, _, name_size, extra = struct.unpack_from(">IBBHI", data, entry + 12)
+                struct.pack_into(">I", out, entry + 12, flags & ~1)
+                end = entry + 24 + extra + name_size
+                entry = end + (-end % 8)
+                out[end:entry] = bytes(len(out[end:entry]))  # padding, rewritten as zeros
+        pos += 8 + length + (-length % 8)
+    return bytes(out)
 
 
 def try_open_and_read(path, read_only: bool, timeout: float = 10):
-    """Open and read everything; returns None on success or the QnbdError raised. Any
-    other exception (or a hang) fails the test. When it fails, the file must be unchanged
-    (read-write sessions may only have set the corrupt bit, rule 7)."""
+    """Open, read everything and close; returns None on success or the QnbdError raised.
+    Any other exception (or a hang) fails the test. When it fails, the file must be
+    unchanged but for what masked_allowed_changes clears (read-write sessions only)."""
     before = path.read_bytes()
     error = stage = None
     img = None
@@ -118,7 +145,10 @@ def try_open_and_read(path, read_only: bool, timeout: float = 10):
         error = e
     finally:
         if img is not None:
-            img.close()
+            try:
+                img.close()
+            except QnbdError as e:  # e.g. storing bitmaps into a damaged image
+                error, stage = error or e, stage if error else "close"
     if error is None:
         return None
     message = str(error)
@@ -127,8 +157,8 @@ def try_open_and_read(path, read_only: bool, timeout: float = 10):
     if read_only or stage == "open":
         assert after == before, f"{stage} failed ({message}) but the file changed"
     else:
-        assert masked_corrupt_bit(after) == masked_corrupt_bit(before), \
-            f"read failed ({message}) and more than the corrupt bit changed"
+        assert masked_allowed_changes(after) == masked_allowed_changes(before), \
+            f"{stage} failed ({message}) and more than the corrupt bit and in_use changed"
     if stage == "read":
         assert isinstance(error, IOFailure) and error.errno == errno.EIO, repr(error)
     return error
@@ -456,7 +486,7 @@ def check_write_sets_corrupt(path, offset=0, length=0x10000):
     assert read_field(path, "incompatible_features") & INCOMPAT_CORRUPT
     assert qemu_says_corrupt(path)
     # Nothing but the corrupt bit was written.
-    assert masked_corrupt_bit(after) == masked_corrupt_bit(before)
+    assert masked_allowed_changes(after) == masked_allowed_changes(before)
     expect_error(path, "corrupt", read_only=[False])
 
 
@@ -510,7 +540,7 @@ def test_l2_entry_unaligned_zero_and_discard(copy):
         finally:
             img.close()
         after = path.read_bytes()
-        assert masked_corrupt_bit(after) == masked_corrupt_bit(before), op
+        assert masked_allowed_changes(after) == masked_allowed_changes(before), op
         assert qemu_says_corrupt(path), op
 
 
@@ -683,3 +713,59 @@ def test_backing_name_with_nul(copy):
     path = copy("v3")
     patch_fields(path, backing_file_offset=512, backing_file_size=1)  # bytes there are 0
     expect_error(path, "NUL")
+
+
+# -- bitmaps (qcow2.rst "Bitmaps extension"): directory, tables and data of qemu's bitmaps --
+
+
+@pytest.fixture(scope="module")
+def bitmap_base(bases):
+    """An image with two auto bitmaps (64 KiB and 4 KiB granularity) that have recorded a
+    1 MiB write, so each has a directory entry, a table and data clusters."""
+    path = bases / "bitmaps.qcow2"
+    qemu_img("create", "-f", "qcow2", str(path), str(SIZE))
+    qemu_img("bitmap", "--add", str(path), "b0")
+    qemu_img("bitmap", "--add", "-g", "4096", str(path), "b1")
+    qemu_io(str(path), "write -P 1 0 1M")
+    return path.read_bytes(), bitmap_locations(path)
+
+
+def test_bitmap_base_ok(bitmap_base, tmp_path):
+    path = tmp_path / "b.qcow2"
+    path.write_bytes(bitmap_base[0])
+    expect_ok(path)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(edits=st.lists(st.tuples(st.sampled_from(["bitmap_ext", "bitmap_dir", "bitmap_table",
+                                                 "bitmap_data"]),
+                                st.integers(0, 511),
+                                st.one_of(st.binary(min_size=1, max_size=8),
+                                          st.sampled_from([b"\xff" * 8, b"\0" * 8, b"\x80",
+                                                           b"\x7f", b"\x01", b"\x03"]))),
+                      min_size=1, max_size=3),
+       read_only=st.booleans())
+def test_fuzz_bitmaps(bitmap_base, tmp_path, edits, read_only):
+    data, regions = bitmap_base
+    data = bytearray(data)
+    for region, pos, payload in edits:
+        start, length = regions[region]
+        offset = start + pos % length
+        data[offset:offset + len(payload)] = payload
+    path = tmp_path / "fuzz.qcow2"
+    path.write_bytes(data)
+    try_open_and_read(path, read_only)
+
+
+# -- the regression corpus: damaged images kept in tests/corpus/ (gzip) ----------------
+
+CORPUS = sorted((Path(__file__).parent / "corpus").glob("*.qcow2.gz"))
+
+
+@pytest.mark.parametrize("sample", CORPUS, ids=[c.name for c in CORPUS])
+@pytest.mark.parametrize("read_only", [True, False])
+def test_corpus(sample, tmp_path, read_only):
+    path = tmp_path / "sample.qcow2"
+    path.write_bytes(gzip.decompress(sample.read_bytes()))
+    try_open_and_read(path, read_only)

@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ..errors import ImageError
+from .header import printable
 
 BITMAPS_EXT = struct.Struct(">IIQQ")  # nb_bitmaps, reserved, directory size, offset
 _ENTRY = struct.Struct(">QIIBBHI")  # fixed part of a directory entry, bytes 0-23
@@ -131,7 +132,7 @@ def read_directory(file, ext: bytes, disk_size: int, cluster_size: int,
         except UnicodeDecodeError:
             raise ImageError(f"bitmap directory entry {n} has a name that is not UTF-8") from None
         pos = end + (-end % 8)
-        where = f"bitmap '{name}'"
+        where = f"bitmap '{printable(name)}'"  # names come from the image
         if not 0 < name_size <= MAX_NAME_SIZE:
             raise ImageError(f"{where} has an invalid name size {name_size}")
         if name in names:
@@ -166,9 +167,10 @@ def read_table(file, entry: DirectoryEntry, cluster_size: int, file_size: int) -
     for e in table:
         offset = e & TABLE_ENTRY_OFFSET_MASK
         if e & TABLE_ENTRY_RESERVED or (offset and e & TABLE_ENTRY_ALL_ONES):
-            raise ImageError(f"bitmap '{entry.name}' table entry 0x{e:016x} is invalid")
+            raise ImageError(f"bitmap '{printable(entry.name)}' table entry 0x{e:016x} is invalid")
         if offset % cluster_size or offset + cluster_size > file_size:
-            raise ImageError(f"bitmap '{entry.name}' data cluster 0x{offset:x} is invalid")
+            raise ImageError(f"bitmap '{printable(entry.name)}' data cluster 0x{offset:x} is "
+                             "invalid")
     return table
 
 
