@@ -769,3 +769,46 @@ def test_corpus(sample, tmp_path, read_only):
     path = tmp_path / "sample.qcow2"
     path.write_bytes(gzip.decompress(sample.read_bytes()))
     try_open_and_read(path, read_only)
+
+
+# -- backing policy: an untrusted image does not choose which host files are read ------
+
+
+@pytest.fixture
+def chains(tmp_path):
+    """img/top-same.qcow2 -> img/base.qcow2; img/top-out.qcow2 -> other/base.qcow2;
+    img/top-link.qcow2 -> img/link.qcow2, a symlink to other/base.qcow2."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "other").mkdir()
+    for d in ("img", "other"):
+        qemu_img("create", "-f", "qcow2", str(tmp_path / d / "base.qcow2"), str(SIZE))
+    os.symlink(tmp_path / "other" / "base.qcow2", tmp_path / "img" / "link.qcow2")
+    for name, backing in (("same", "base.qcow2"), ("out", str(tmp_path / "other" / "base.qcow2")),
+                          ("link", "link.qcow2")):
+        qemu_img("create", "-f", "qcow2", "-b", backing, "-F", "qcow2",
+                 str(tmp_path / "img" / f"top-{name}.qcow2"))
+    return tmp_path / "img"
+
+
+@pytest.mark.parametrize("policy, allowed", [("any", {"same", "out", "link"}),
+                                             ("same-dir", {"same"}), ("none", set())])
+def test_backing_policy(chains, policy, allowed):
+    for name in ("same", "out", "link"):
+        path = str(chains / f"top-{name}.qcow2")
+        if name in allowed:
+            Qcow2Image.open(path, backing_policy=policy).close()
+        else:
+            with pytest.raises(QnbdError, match=f"not allowed by the backing policy '{policy}'"):
+                Qcow2Image.open(path, backing_policy=policy)
+
+
+def test_backing_policy_applies_down_the_chain(tmp_path):
+    """same-dir holds for every level: a backing file in the directory may not name one
+    outside it."""
+    (tmp_path / "other").mkdir()
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "other" / "far.qcow2"), str(SIZE))
+    qemu_img("create", "-f", "qcow2", "-b", str(tmp_path / "other" / "far.qcow2"), "-F", "qcow2",
+             str(tmp_path / "mid.qcow2"))
+    qemu_img("create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", str(tmp_path / "top.qcow2"))
+    with pytest.raises(QnbdError, match="far.qcow2' is not allowed"):
+        Qcow2Image.open(str(tmp_path / "top.qcow2"), backing_policy="same-dir")

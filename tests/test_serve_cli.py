@@ -428,3 +428,24 @@ def test_example_config_parses():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = load_config(os.path.join(repo, "config", "qnbd.toml"))
     assert config.exports and config.listeners
+
+
+def test_backing_policy_option_and_config(tmp_path):
+    (tmp_path / "other").mkdir()
+    base = tmp_path / "other" / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(top)], check=True)
+    r = run_serve("--backing-policy", "same-dir", "-k", sock_path(), top)
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"qnbd serve: backing file '{base}' is not allowed by the "
+                                "backing policy 'same-dir'")
+    conf = tmp_path / "q.toml"
+    conf.write_text(f'[[listen]]\nunix = "{sock_path()}"\n'
+                    f'[[export]]\nimage = "{top}"\nbacking = "none"\n')
+    r = run_serve("--config", conf)
+    assert r.returncode == 1 and "backing policy 'none'" in r.stderr, r.stderr
+    conf.write_text(f'[[export]]\nimage = "{top}"\nbacking = "some"\n')
+    r = run_serve("--config", conf)
+    assert r.returncode == 1 and "Invalid backing mode 'some' (expected any|same-dir|none)" in r.stderr
