@@ -154,11 +154,14 @@ class PersistentBitmaps:
     # -- storing -----------------------------------------------------------------------
 
     def store(self) -> None:
-        """Write the bitmaps and a new directory, switch the header, free the old ones."""
+        """Write the bitmaps and a new directory, switch the header, free the old ones.
+        Every cluster is allocated before anything is written: an allocation refused as
+        inconsistent (it would land on metadata) then leaves the file as it was."""
         if not self._changed:
             return
         image = self.image
         cs = image.cluster_size
+        writes: list[tuple[int, bytes]] = []
         releases = []
         new_entries = []
         for entry in self.entries:
@@ -166,9 +169,9 @@ class PersistentBitmaps:
             if bitmap is None:
                 new_entries.append(entry)  # inconsistent or unusable: kept untouched
                 continue
-            table = [self._write_cluster(bitmap.bits[i:i + cs])
+            table = [self._place_data(bitmap.bits[i:i + cs], writes)
                      for i in range(0, len(bitmap.bits), cs)]
-            table_offset = self._write_new(bm.encode_table(table)) if table else 0
+            table_offset = self._place(bm.encode_table(table), writes) if table else 0
             new_entries.append(replace(bitmap.entry, table_offset=table_offset,
                                        table_size=len(table),
                                        flags=bitmap.entry.flags & ~bm.FLAG_IN_USE))
@@ -183,13 +186,16 @@ class PersistentBitmaps:
         h = image.header
         if new_entries:
             directory = bm.encode_directory(new_entries)
-            offset = self._write_new(directory)
+            offset = self._place(directory, writes)
             h.set_extension(hdr.EXT_BITMAPS, bm.BITMAPS_EXT.pack(len(new_entries), 0,
                                                                  len(directory), offset))
             h.autoclear_features |= hdr.AUTOCLEAR_BITMAPS
         else:
             h.set_extension(hdr.EXT_BITMAPS, None)
             h.autoclear_features &= ~hdr.AUTOCLEAR_BITMAPS
+        for offset, data in writes:
+            image._pwrite(data, offset)
+            image.metadata.add_range(offset, len(data))
         image._write_metadata()  # refcounts of the new clusters durable first (rule 2)
         image.write_header()
         for offset, length in releases:
@@ -198,18 +204,17 @@ class PersistentBitmaps:
         image.flush()
         self._changed = False
 
-    def _write_new(self, data: bytes) -> int:
-        """Allocate clusters for `data`, write it (zero-padded) and protect it."""
-        image = self.image
-        cs = image.cluster_size
-        count = max(1, -(-len(data) // cs))
-        offset = image.refcounts.allocate(count)
-        image._pwrite(bytes(data) + bytes(count * cs - len(data)), offset)
-        image.metadata.add_range(offset, count * cs)
-        return offset
-
-    def _write_cluster(self, chunk) -> int:
-        """A bitmap data cluster, or 0 where all its bits are clear (qcow2.rst)."""
+    def _place_data(self, chunk, writes: list) -> int:
+        """A bitmap data cluster, or 0 where all its bits are clear (qcow2.rst "Bitmap
+        table": an entry of 0 reads as all zeros)."""
         if chunk.count(0) == len(chunk):
             return 0
-        return self._write_new(chunk)
+        return self._place(chunk, writes)
+
+    def _place(self, data, writes: list) -> int:
+        """Allocate clusters for `data` (zero-padded) and queue its write."""
+        cs = self.image.cluster_size
+        count = max(1, -(-len(data) // cs))
+        offset = self.image.refcounts.allocate(count)
+        writes.append((offset, bytes(data) + bytes(count * cs - len(data))))
+        return offset
