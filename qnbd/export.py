@@ -25,6 +25,7 @@ Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
 
 from dataclasses import dataclass, field
 
+from .block.base import read_parts
 from .block.open import FORMATS, open_image
 from .block.overlay import SnapshotOverlay
 from .errors import ImageError, QnbdError
@@ -139,6 +140,9 @@ class Export:
 
     def read(self, offset: int, length: int) -> bytes:
         return self.device.read(offset, length)
+
+    def read_parts(self, offset: int, length: int):
+        return read_parts(self.device, offset, length)
 
     def write(self, offset: int, data: bytes, fua: bool) -> None:
         # detect-zeroes: lstrip returns the same object when the first byte is not zero,

@@ -50,9 +50,29 @@ class BlockDevice(Protocol):
     def flush(self) -> None:
         """Everything acknowledged so far is durable on return."""
 
+    def read_parts(self, offset: int, length: int) -> list[tuple[int, bytes | None]]:
+        """Optional: the range as (length, data) pieces, data None where the range reads
+        as zeros for certain, in one pass (see read_parts() below for devices without)."""
+
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Extents covering at least [offset, offset+length), at most to `size`;
         the first starts at `offset`. May stop early but returns at least one extent."""
 
     def close(self) -> None:
         """Flush and release; the image is left clean."""
+
+
+def read_parts(device, offset: int, length: int) -> list[tuple[int, bytes | None]]:
+    """(length, data) pieces covering the range, data None where block status says the
+    device reads zeros; a device's own read_parts() does it in one pass."""
+    own = getattr(device, "read_parts", None)
+    if own is not None:
+        return own(offset, length)
+    parts = []
+    end = offset + length
+    while offset < end:
+        extent = device.block_status(offset, end - offset)[0]
+        n = min(extent.length, end - offset)
+        parts.append((n, None if extent.flags & ZERO else device.read(offset, n)))
+        offset += n
+    return parts

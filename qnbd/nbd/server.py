@@ -36,7 +36,6 @@ import stat
 
 import uvloop
 
-from ..block.base import ZERO
 from ..errors import IOFailure, QnbdError
 from ..export import Export
 from . import protocol as p
@@ -292,15 +291,13 @@ class Connection(asyncio.Protocol):
             return t.data_chunk(cookie, offset, export.read(offset, length), True)
         # Ranges the image knows read as zeros go out as OFFSET_HOLE chunks: no payload.
         out = []
-        end = offset + length
-        while offset < end:
-            ext = export.block_status(offset, end - offset)[0]
-            n = min(ext.length, end - offset)
-            last = offset + n >= end
-            if ext.flags & ZERO:
-                out.append(t.hole_chunk(cookie, offset, n, last))
+        parts = export.read_parts(offset, length)
+        final = len(parts) - 1
+        for i, (n, data) in enumerate(parts):
+            if data is None:
+                out.append(t.hole_chunk(cookie, offset, n, i == final))
             else:
-                out += t.data_chunk(cookie, offset, export.read(offset, n), last)
+                out += t.data_chunk(cookie, offset, data, i == final)
             offset += n
         return out
 

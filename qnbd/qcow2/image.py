@@ -302,18 +302,47 @@ class Qcow2Image:
 
     # -- reading -----------------------------------------------------------------------
 
-    def read(self, offset: int, length: int) -> bytearray:
+    def read(self, offset: int, length: int):
+        runs = self._map(offset, length)
+        if len(runs) == 1:  # the common case: one host range, no buffer to assemble
+            return self._read_run(*runs[0])
         buf = bytearray(length)
         view = memoryview(buf)
-        for guest, n, kind, value in self._map(offset, length):
+        for guest, n, kind, value in runs:
             start = guest - offset
             if kind == DATA:
                 self.file.preadinto(view[start:start + n], value)
-            elif kind == COMPRESSED:
-                in_cluster = guest & (self.cluster_size - 1)
-                view[start:start + n] = self._compressed_cluster(value)[in_cluster:in_cluster + n]
-            elif kind == UNALLOCATED and self.backing is not None:
-                self._read_backing_into(guest, view[start:start + n])
+            elif kind == COMPRESSED or (kind == UNALLOCATED and self.backing is not None):
+                view[start:start + n] = self._read_run(guest, n, kind, value)
+        return buf
+
+    def read_parts(self, offset: int, length: int) -> list:
+        """The range as (length, data) pieces, data None where it reads as zeros for
+        certain (zero clusters, unallocated without a backing file to show through):
+        what an NBD structured read sends as OFFSET_HOLE. One mapping pass."""
+        parts: list = []
+        for guest, n, kind, value in self._map(offset, length):
+            if kind == ZERO or (kind == UNALLOCATED and (
+                    self.backing is None or guest >= self.backing.size)):
+                if parts and parts[-1][1] is None:
+                    parts[-1] = (parts[-1][0] + n, None)
+                else:
+                    parts.append((n, None))
+            else:
+                parts.append((n, self._read_run(guest, n, kind, value)))
+        return parts
+
+    def _read_run(self, guest: int, n: int, kind: int, value: int):
+        """The bytes of one run of _map()."""
+        if kind == DATA:
+            data = self.file.pread(n, value)  # bytes, filled by the kernel only
+            return data if len(data) == n else data + bytes(n - len(data))
+        if kind == COMPRESSED:
+            in_cluster = guest & (self.cluster_size - 1)
+            return self._compressed_cluster(value)[in_cluster:in_cluster + n]
+        buf = bytearray(n)
+        if kind == UNALLOCATED and self.backing is not None:
+            self._read_backing_into(guest, memoryview(buf))
         return buf
 
     def _read_backing_into(self, offset: int, dst: memoryview) -> None:
