@@ -38,6 +38,7 @@ import uvloop
 
 from ..errors import IOFailure, QnbdError
 from ..export import Export
+from ..memory import tune_malloc
 from . import protocol as p
 from . import tls
 from . import transmission as t
@@ -497,6 +498,7 @@ def serve(config, on_ready=None) -> int:
     SIGTERM/SIGINT (or, without persistent, until the last client leaves). Images are
     flushed and closed on the way out."""
     exports = []
+    tune_malloc()  # reply buffers are reused instead of page-faulted in per request
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     server = None
