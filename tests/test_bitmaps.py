@@ -274,3 +274,20 @@ def test_store_refused_midway_writes_nothing(image, monkeypatch):
     with pytest.raises(IOFailure, match="injected"):
         dev.close()
     assert open(image, "rb").read() == before
+
+
+def test_bitmap_table_larger_than_a_refcount_region(tmp_path):
+    """512-byte clusters with 64-bit refcounts: a refcount block covers 64 clusters, so a
+    bitmap table of 64 clusters (8 GiB at granularity 512) cannot sit beside any region's
+    own block; it is placed past the end of the image with the blocks describing it."""
+    path = str(tmp_path / "small.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64",
+             path, "8G")
+    qnbd("bitmap", "--add", "-g", "512", path, "fine")
+    dev = open_image(path, read_only=False)
+    try:
+        dev.write(5 << 30, b"w" * 4096)
+    finally:
+        dev.close()
+    check_clean(path)
+    assert qemu_dirty_map(path, "fine") == [(5 << 30, 4096)]

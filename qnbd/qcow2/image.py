@@ -446,8 +446,10 @@ class Qcow2Image:
         cb, cs = self.cluster_bits, self.cluster_size
         table_offset, table = self._l2_for_write(l1_index)
         i = (pos >> cb) & ((1 << self.l2_bits) - 1)
+        last = ((pos + len(data) - 1) >> cb) & ((1 << self.l2_bits) - 1)
         writes = _WriteGather(self)
         updates = []
+        fresh: list[int] = []  # clusters allocated ahead, as one run, for what follows
         done = 0
         while done < len(data):
             guest = pos + done
@@ -462,10 +464,10 @@ class Qcow2Image:
             if kind == DATA and entry & OFLAG_COPIED:
                 writes.add(host + in_cluster, chunk)
             else:
-                if kind == ZERO and host and entry & OFLAG_COPIED:
-                    pass  # a preallocated zero cluster of our own: fill it in place
-                else:
-                    host = self.refcounts.allocate(1)
+                if not self._owned(entry, kind):
+                    if not fresh:
+                        fresh = self._allocate_run(table, i, last)
+                    host = fresh.pop()
                     self._release_entry(entry, kind)
                 if n == cs:
                     writes.add(host, chunk)
@@ -489,6 +491,24 @@ class Qcow2Image:
             for i, entry in updates:
                 table[i] = entry
             self.l2_cache.mark_dirty(table_offset, table)
+
+    def _owned(self, entry: int, kind: int) -> bool:
+        """A cluster this entry alone references (COPIED), writable in place: data, or
+        a preallocated zero cluster (filled in place)."""
+        return kind in (DATA, ZERO) and bool(entry & OFLAG_COPIED) \
+            and bool(entry & L2E_OFFSET_MASK)
+
+    def _allocate_run(self, table: array, i: int, last: int) -> list[int]:
+        """New clusters for entries i..last that need one, up to the first that does not,
+        as contiguous as the free space allows so the data goes out in few host writes.
+        Returned in reverse order, to be taken with pop()."""
+        count = 1
+        version = self.version
+        while i + count <= last and not self._owned(
+                table[i + count], classify(table[i + count], version)):
+            count += 1
+        first, taken = self.refcounts.allocate_some(count)
+        return [first + (k << self.cluster_bits) for k in range(taken - 1, -1, -1)]
 
     def _past_eof(self, writes: "_WriteGather", host: int) -> bool:
         writes.flush()  # gathered writes may end past the file's current end

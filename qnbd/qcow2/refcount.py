@@ -179,17 +179,41 @@ class Refcounts:
 
     def allocate(self, count: int = 1) -> int:
         """Take `count` contiguous free clusters (refcount 0 -> 1); returns the host offset
-        of the first."""
+        of the first. Runs too long to fit beside a region's own refcount block go past
+        the end of the image."""
+        if count >= self.per_block:
+            return self._allocate_at_end(count)
         while True:
             # Everything below the first free cluster is in use: later searches start there.
             self.free_hint = self._next_free(self.free_hint)
             start = self._find_free_run(self.free_hint, count)
-            # New refcount blocks may land inside the run (on a region's first cluster).
+            # New refcount blocks may land inside the run (on a region's first cluster);
+            # the search then moves past them, into a region that has room for the run.
             for block_index in range(start // self.per_block,
                                      (start + count - 1) // self.per_block + 1):
                 self._ensure_block(block_index)
             if all(self.get(c) == 0 for c in range(start, start + count)):
                 break
+        self._take(start, count)
+        return start << self.cluster_bits
+
+    def allocate_some(self, most: int) -> tuple[int, int]:
+        """Take the free run that starts at the first free cluster, up to `most` clusters
+        and within one refcount region; returns (host offset, clusters taken >= 1)."""
+        while True:
+            self.free_hint = start = self._next_free(self.free_hint)
+            block_index = start // self.per_block
+            self._ensure_block(block_index)  # may put the new block on `start` itself
+            if self.get(start) == 0:
+                break
+        region_end = (block_index + 1) * self.per_block
+        count = 1
+        while count < most and start + count < region_end and self.get(start + count) == 0:
+            count += 1
+        self._take(start, count)
+        return start << self.cluster_bits, count
+
+    def _take(self, start: int, count: int) -> None:
         # Checked before the refcounts change, so a refused allocation leaves no trace.
         self.image.metadata.check_free(start, count)
         for c in range(start, start + count):
@@ -197,7 +221,6 @@ class Refcounts:
         if start == self.free_hint:
             self.free_hint = start + count
         self.end_cluster = max(self.end_cluster, start + count)
-        return start << self.cluster_bits
 
     def release(self, offset: int, length: int) -> list[int]:
         """Drop one reference from every cluster touched by the byte range; returns the
@@ -248,6 +271,65 @@ class Refcounts:
         self.cache.mark_dirty(offset, block)  # already on disk; rewriting it is harmless
         self.end_cluster = max(self.end_cluster, cluster + 1)
 
+    def _area_blocks(self, base: int, count: int) -> tuple[list[int], int]:
+        """For `count` clusters from `base` followed by the refcount blocks they need: the
+        regions that need a new block, and the area's end (a fixed point, since the new
+        blocks may reach into further regions)."""
+        needed: list[int] = []
+        while True:
+            end = base + count + len(needed)
+            regions = range(base // self.per_block, (end - 1) // self.per_block + 1)
+            now = [b for b in regions if b >= len(self.table) or not self.table[b]]
+            if len(now) == len(needed):
+                return needed, end
+            needed = now
+
+    def _fill_area(self, base: int, end: int, blocks: dict) -> None:
+        """Refcount 1 for every cluster of [base, end): in the new `blocks` (region ->
+        block, not yet written) or, for regions that have one, in their block."""
+        for c in range(base, end):
+            self.image.metadata.check_free(c, 1)
+            block_index, i = divmod(c, self.per_block)
+            if block_index in blocks:
+                blocks[block_index].set(i, 1)
+            else:
+                self.add(c, 1)
+
+    def _new_blocks(self, regions: list[int]) -> dict:
+        """Empty refcount blocks for `regions`, in order (region -> block)."""
+        return {b: self._block_class(bytes(self.cluster_size), self.bits) for b in regions}
+
+    def _adopt_blocks(self, blocks: dict, first: int) -> None:
+        """New blocks, stored from cluster `first` on, become metadata and cached."""
+        metadata = self.image.metadata
+        for n, (block_index, block) in enumerate(blocks.items()):
+            metadata.add(first + n)
+            self.cache.mark_dirty((first + n) << self.cluster_bits, block)
+
+    def _allocate_at_end(self, count: int) -> int:
+        """`count` clusters past everything in use, their new refcount blocks right after
+        them: blocks written and synced before the table entries that point to them."""
+        base = max(self.end_cluster, 1)
+        needed, end = self._area_blocks(base, count)
+        if needed and needed[-1] >= len(self.table):
+            self._grow_table(needed[-1] + 1)
+            return self._allocate_at_end(count)
+        first_block = base + count
+        blocks = self._new_blocks(needed)
+        self._fill_area(base, end, blocks)
+        for n, block in enumerate(blocks.values()):
+            self.file.pwrite(block.encode(), (first_block + n) << self.cluster_bits)
+        self.cache.write_dirty()
+        self.image.sync()
+        for n, block_index in enumerate(blocks):
+            offset = (first_block + n) << self.cluster_bits
+            self.table[block_index] = offset
+            self.file.pwrite(_U64.pack(offset), self.table_offset + block_index * 8)
+        self.image.sync()
+        self._adopt_blocks(blocks, first_block)
+        self.end_cluster = max(self.end_cluster, end)
+        return base << self.cluster_bits
+
     def _grow_table(self, min_entries: int) -> None:
         """Move the refcount table to a larger one at the end of the image, together with
         the new refcount blocks that describe it (as QEMU does), then switch the header."""
@@ -256,16 +338,7 @@ class Refcounts:
         base = max(self.end_cluster, 1)
         while True:
             table_clusters = -(-entries // per_cluster)
-            # Regions touched by [base, base + table_clusters + new_blocks) need blocks;
-            # the new blocks sit right after the table. Iterate to a fixed point.
-            new_blocks: list[int] = []
-            while True:
-                end = base + table_clusters + len(new_blocks)
-                needed = [b for b in range(base // self.per_block, (end - 1) // self.per_block + 1)
-                          if b >= len(self.table) or not self.table[b]]
-                if len(needed) == len(new_blocks):
-                    break
-                new_blocks = needed
+            needed, end = self._area_blocks(base, table_clusters)
             if end // self.per_block < entries:
                 break
             entries = end // self.per_block + 1
@@ -273,19 +346,11 @@ class Refcounts:
             raise IOFailure("the refcount table would exceed 8 MiB", 27)  # EFBIG
         new_table = array("Q", self.table) + array("Q", bytes(8 * (table_clusters * per_cluster
                                                                   - len(self.table))))
-        area = range(base, end)
-        blocks = {}
-        for n, block_index in enumerate(new_blocks):
-            offset = (base + table_clusters + n) << self.cluster_bits
-            new_table[block_index] = offset
-            blocks[block_index] = self._block_class(bytes(self.cluster_size), self.bits)
-        for c in area:
-            self.image.metadata.check_free(c, 1)
-            block_index, i = divmod(c, self.per_block)
-            if block_index in blocks:
-                blocks[block_index].set(i, 1)
-            else:
-                self.add(c, 1)
+        first_block = base + table_clusters
+        blocks = self._new_blocks(needed)
+        for n, block_index in enumerate(blocks):
+            new_table[block_index] = (first_block + n) << self.cluster_bits
+        self._fill_area(base, end, blocks)
         for block_index, block in blocks.items():
             self.file.pwrite(block.encode(), new_table[block_index])
         encoded = array("Q", new_table)
@@ -300,10 +365,8 @@ class Refcounts:
         self.table_clusters = table_clusters
         self.image.write_reftable_location(self.table_offset, table_clusters)
         self.end_cluster = max(self.end_cluster, end)
+        self._adopt_blocks(blocks, first_block)
         metadata = self.image.metadata
-        for block_index, block in blocks.items():
-            metadata.add(new_table[block_index] >> self.cluster_bits)
-            self.cache.mark_dirty(new_table[block_index], block)
         for c in range(old_offset >> self.cluster_bits, (old_offset >> self.cluster_bits) + old_clusters):
             metadata.remove(c)
         for c in range(base, base + table_clusters):
