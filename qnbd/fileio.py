@@ -148,3 +148,13 @@ def open_file(path: str, writable: bool) -> File:
     except OSError as e:
         raise ImageError(f"Could not open '{path}': {e.strerror}") from None
     return File(path, fd, writable)
+
+
+def create_file(path: str) -> File:
+    """Create `path` (or truncate an existing file to nothing), open for writing, as
+    qemu-img create does; errors become one-line ImageErrors."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise ImageError(f"Could not create '{path}': {e.strerror}") from None
+    return File(path, fd, writable=True)

@@ -173,11 +173,7 @@ def _write(path: str, h: hdr.Header) -> None:
     reftable = array("Q", ((first_block + b) * cs for b in range(blocks)))
     end = h.l1_table_offset + h.l1_size * 8 if h.l1_size else (first_block + blocks) * cs
 
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise ImageError(f"Could not create '{path}': {e.strerror}") from None
-    f = fileio.File(path, fd, writable=True)
+    f = fileio.create_file(path)
     try:
         f.pwrite(h.encode(), 0)
         f.pwrite(encode_table(reftable), h.refcount_table_offset)
