@@ -1,6 +1,5 @@
 """Create a raw image: a sparse file of the requested size (qemu-img create -f raw)."""
 
-
 from .. import fileio
 from ..errors import ImageError
 
