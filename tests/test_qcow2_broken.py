@@ -29,8 +29,7 @@ from qnbd.qcow2.image import Qcow2Image
 from qcow2util import (COPIED, EXT_BITMAPS, bitmap_locations, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT,
                        INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, feature_entry,
                        patch_bytes, patch_fields, patch_u64, qemu_img, qemu_info, qemu_io,
-                       qemu_says_corrupt, read_extensions, read_field, read_u64, sha256,
-                       truncate, write_extensions)
+                       qemu_says_corrupt, read_extensions, read_field, read_u64, truncate, write_extensions)
 
 SIZE = 4 << 20
 READ_CHUNK = 1 << 20

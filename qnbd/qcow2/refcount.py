@@ -15,7 +15,6 @@ directly by callers; the image queues them until the dropped reference is durabl
 import struct
 import sys
 from array import array
-from collections.abc import Callable
 
 from ..errors import CorruptImage, IOFailure
 from .cache import TableCache
