@@ -38,10 +38,6 @@ MAX_BACKING_DEPTH = 16
 # image's directory after resolving symlinks, or none. An untrusted image's header must
 # not choose which host file the server reads.
 BACKING_POLICIES = ("any", "same-dir", "none")
-# Which backing files an image may name: any (qemu's behaviour), only files in the top
-# image's directory after resolving symlinks, or none. An untrusted image's header must
-# not choose which host file the server reads.
-BACKING_POLICIES = ("any", "same-dir", "none")
 # Released clusters wait for a flush (rule 3); past this many, writes flush by themselves
 # so that discarded space returns without waiting for the client.
 MAX_PENDING_RELEASES = 4096
@@ -161,12 +157,10 @@ class Qcow2Image:
                              "backing chain")
         if len(chain) > max_depth:
             raise ImageError(f"backing chain of '{chain[0]}' is deeper than {max_depth}")
-        fmt = self.header.backing_format
-        options = {"max_backing_depth": max_depth, "backing_policy": policy, "_chain": chain}
-        if fmt not in (None, "qcow2"):
-            options = {}
         try:
-            return open_image(path, fmt, read_only=True, **options)
+            return open_image(path, self.header.backing_format, read_only=True,
+                              max_backing_depth=max_depth, backing_policy=policy,
+                              _chain=chain)
         except ImageError as e:
             # The name comes from the image: escape it to keep the message on one line.
             raise ImageError(f"could not open backing file: {hdr.printable(str(e))}") from None
