@@ -35,7 +35,7 @@ def image_info(path: str, fmt: str | None = None) -> dict:
 
 def _qcow2_info(path: str, file, st) -> dict:
     file_size = st.st_size
-    h = hdr.parse(file.pread(min(file_size, 1 << hdr.MAX_CLUSTER_BITS), 0), file_size)
+    h = hdr.read(file)
     data = {"compat": "0.10" if h.version == 2 else "1.1",
             "compression-type": hdr.COMPRESSION_NAMES[h.compression_type]}
     if h.version >= 3:
@@ -57,7 +57,7 @@ def _qcow2_info(path: str, file, st) -> dict:
                  "format": "qcow2", "actual-size": st.st_blocks * 512,
                  "format-specific": {"type": "qcow2", "data": data}})
     if h.backing_file is not None:
-        info["full-backing-filename"] = full_backing_filename(path, h.backing_file)
+        info["full-backing-filename"] = hdr.resolve_backing(path, h.backing_file)
         info["backing-filename"] = h.backing_file
     info["dirty-flag"] = h.dirty
     return info
@@ -66,13 +66,6 @@ def _qcow2_info(path: str, file, st) -> dict:
 def _bitmap_flags(entry: bm.DirectoryEntry) -> list[str]:
     # qemu's order (block/qcow2-bitmap.c, get_bitmap_info_flags)
     return ["in-use"] * entry.in_use + ["auto"] * entry.auto
-
-
-def full_backing_filename(image_path: str, backing: str) -> str:
-    """qemu's path_combine: a relative backing name is relative to the image's directory."""
-    if os.path.isabs(backing):
-        return backing
-    return os.path.join(os.path.dirname(image_path), backing)
 
 
 def chain_info(path: str, fmt: str | None = None) -> list[dict]:

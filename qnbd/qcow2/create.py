@@ -12,7 +12,6 @@ For those small shapes the result is byte-identical to qemu-img's output.
 Spec: qemu docs/interop/qcow2.rst, "Header", "Host cluster management", "Cluster mapping".
 """
 
-import os
 from array import array
 
 from .. import fileio
@@ -145,10 +144,9 @@ def _backing_size(path: str, backing_file: str | None, backing_fmt: str | None,
         raise ImageError("Backing file specified without backing format")
     from ..block.open import open_image
 
-    full = backing_file if os.path.isabs(backing_file) else os.path.join(
-        os.path.dirname(path), backing_file)
     try:
-        device = open_image(full, backing_fmt, read_only=True)
+        device = open_image(hdr.resolve_backing(path, backing_file), backing_fmt,
+                            read_only=True)
     except ImageError as e:
         raise ImageError(f"Could not open backing image: {e}") from None
     try:

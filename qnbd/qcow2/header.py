@@ -5,6 +5,7 @@ Spec: qemu docs/interop/qcow2.rst, sections "Header", "Additional fields",
 code relies on, so the rest of the engine can trust a `Header`.
 """
 
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -194,6 +195,20 @@ def printable(text: str) -> str:
     names, backing file names) cannot break an error message's single line."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
                    for c in text)
+
+
+def read(file) -> Header:
+    """Parse and validate the header of an open image file (a fileio.File)."""
+    file_size = file.size()
+    return parse(file.pread(min(file_size, 1 << MAX_CLUSTER_BITS), 0), file_size)
+
+
+def resolve_backing(image_path: str, name: str) -> str:
+    """The file a backing name means, as qemu's path_combine: a relative name is relative
+    to the directory of the image that names it."""
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(image_path), name)
 
 
 def _parse_fields(data: bytes) -> dict:

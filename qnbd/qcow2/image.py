@@ -76,8 +76,7 @@ class Qcow2Image:
         self.file = file
         self.read_only = read_only
         file_size = file.size()
-        head = file.pread(min(file_size, 1 << hdr.MAX_CLUSTER_BITS), 0)
-        h = self.header = hdr.parse(head, file_size)
+        h = self.header = hdr.read(file)
         self.version = h.version
         self.size = h.size
         self.cluster_bits = h.cluster_bits
@@ -141,7 +140,7 @@ class Qcow2Image:
             raise ImageError(f"backing file '{hdr.printable(name)}' uses a protocol prefix, "
                              "which is not "
                              "supported")
-        return name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
+        return hdr.resolve_backing(self.path, name)
 
     def _open_backing(self, max_depth: int, chain: tuple, policy: str):
         from ..block.open import open_image  # the chain may mix formats
@@ -710,8 +709,7 @@ class Qcow2Image:
 def _repair_if_dirty(file, path: str) -> None:
     """Rule 6: refcounts of an image left dirty (lazy refcounts, not closed cleanly) may
     be too low; before it is written again they are checked and rebuilt, as QEMU does."""
-    file_size = file.size()
-    h = hdr.parse(file.pread(min(file_size, 1 << hdr.MAX_CLUSTER_BITS), 0), file_size)
+    h = hdr.read(file)
     if not h.dirty or h.corrupt:
         return  # a corrupt image is refused read-write anyway
     result = check_file(file, path, FIX_ALL)
