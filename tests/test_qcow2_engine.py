@@ -267,3 +267,30 @@ def test_memory_bounded_by_cache(tmp_path):
     finally:
         dev.close()
     check_clean(image)
+
+
+def test_block_status_stops_after_a_bounded_number_of_tables(tmp_path):
+    """A query over many allocated L2 tables returns early (the contract allows it), and
+    asking again from where it stopped covers the rest exactly."""
+    from qnbd.qcow2.image import MAX_STATUS_TABLES
+
+    image = os.path.join(str(tmp_path), "frag.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", image, "1G")
+    dev = open_image(image, read_only=False)
+    table_span = 4096 * 512  # bytes one 4 KiB-cluster L2 table maps
+    tables = MAX_STATUS_TABLES * 3
+    try:
+        for t in range(tables):
+            dev.write(t * table_span, b"d" * 4096)
+        first = dev.block_status(0, dev.size)
+        assert sum(e.length for e in first) == MAX_STATUS_TABLES * table_span
+        pos, seen = 0, []
+        while pos < dev.size:
+            for e in dev.block_status(pos, dev.size - pos):
+                seen.append((pos, e.flags))
+                pos += e.length
+        assert pos == dev.size
+        data = [p for p, flags in seen if flags == 0]
+        assert data == [t * table_span for t in range(tables)]
+    finally:
+        dev.close()

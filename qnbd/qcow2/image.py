@@ -41,6 +41,8 @@ BACKING_POLICIES = ("any", "same-dir", "none")
 # Released clusters wait for a flush (rule 3); past this many, writes flush by themselves
 # so that discarded space returns without waiting for the client.
 MAX_PENDING_RELEASES = 4096
+# L2 tables one block-status call maps at most (see Qcow2Image._status_span).
+MAX_STATUS_TABLES = 64
 
 _U64 = struct.Struct(">Q")
 _REFTABLE_LOCATION = struct.Struct(">QI")  # header bytes 48-59
@@ -614,7 +616,22 @@ class Qcow2Image:
     # -- block status ------------------------------------------------------------------
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
-        return self._extents(offset, min(length, self.size - offset))
+        length = min(length, self.size - offset)
+        return self._extents(offset, self._status_span(offset, length))
+
+    def _status_span(self, offset: int, length: int) -> int:
+        """How much of a status query one call maps: up to MAX_STATUS_TABLES allocated L2
+        tables (unallocated L1 ranges cost nothing to skip). Callers cap their replies
+        (NBD: 65536 descriptors) and ask again for the rest, as the contract allows, so a
+        query over a large fragmented image does not map everything the reply drops."""
+        shift = self.cluster_bits + self.l2_bits
+        allocated = 0
+        for l1_index in range(offset >> shift, ((offset + length - 1) >> shift) + 1):
+            if self.l1[l1_index] & L1E_OFFSET_MASK:
+                allocated += 1
+                if allocated > MAX_STATUS_TABLES:
+                    return (l1_index << shift) - offset
+        return length
 
     def _extents(self, offset: int, length: int) -> list[Extent]:
         extents: list[Extent] = []
