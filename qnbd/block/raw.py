@@ -7,7 +7,7 @@ import os
 from ..errors import ImageError, IOFailure, NotFast
 from ..fileio import File, create_file, open_file
 from ..lock import lock_image
-from .base import HOLE, ZERO, Extent
+from .base import HOLE, ZERO, Extent, LayerExtent
 
 _ZERO_CHUNK = bytes(1 << 20)
 SECTOR = 512  # qemu-img rounds the size of a new raw image up to whole sectors
@@ -40,6 +40,7 @@ def raw_info(path: str, file, st) -> dict:
 
 class RawDevice:
     supports_fast_zero = True
+    backing = None
 
     def __init__(self, path: str, read_only: bool = True, force_share: bool = False):
         self.path = path
@@ -92,6 +93,12 @@ class RawDevice:
     def flush(self):
         if not self.read_only:
             self.file.fsync()
+
+    def layer_status(self, offset, length):
+        """qemu's raw driver over file-posix: every byte is allocated and lies at its own
+        offset; holes read as zeros."""
+        return [LayerExtent(e.length, not e.flags & ZERO, bool(e.flags & ZERO), offset,
+                            self.path) for e in self.block_status(offset, length)]
 
     def block_status(self, offset, length):
         """Data/hole runs from SEEK_DATA/SEEK_HOLE; holes read as zeros. Every byte of a

@@ -4,11 +4,11 @@ qcow2-cluster.c does for reads (qcow2_get_host_offset).
 
 A range maps to runs [guest offset, length, kind, value]: DATA (host-contiguous, value
 the host offset), COMPRESSED (one cluster a run, value the L2 entry), ZERO (value the
-preallocated host offset or 0) and UNALLOCATED (the backing file shows through, or
+preallocated host offset, host-contiguous, or 0) and UNALLOCATED (the backing file shows through, or
 zeros). Reads, block status and copy-on-write all start from the same runs.
 """
 
-from ..block.base import HOLE, ZERO as ZERO_FLAG, Extent
+from ..block.base import HOLE, ZERO as ZERO_FLAG, Extent, LayerExtent
 from ..block.storage import Storage
 from ..errors import IOFailure
 from .compression import decompress
@@ -68,7 +68,8 @@ class Mapper:
                     i += 1
                     continue
                 elif kind == ZERO:
-                    value = entry & L2E_OFFSET_MASK
+                    host = entry & L2E_OFFSET_MASK
+                    value = host + in_cluster if host else 0
                 else:
                     value = 0
                 _append_run(runs, pos, n, kind, value)
@@ -192,6 +193,22 @@ class Mapper:
                 _append_extent(extents, Extent(n, 0, 1))
         return extents
 
+    def layer_status(self, offset: int, length: int, path: str) -> list[LayerExtent]:
+        """This image alone (qcow2_co_block_status): data and zero clusters are allocated
+        here, with their host offset in `path` when they have one (compressed clusters
+        have none); unallocated clusters leave the answer to the backing file."""
+        out = []
+        for _guest, n, kind, value in self.map(offset, self.status_span(offset, length)):
+            if kind == UNALLOCATED:
+                out.append(LayerExtent(n, False, False, None, None))
+            elif kind == COMPRESSED:
+                out.append(LayerExtent(n, True, False, None, None))
+            else:
+                host = value or None
+                out.append(LayerExtent(n, kind == DATA, kind == ZERO, host,
+                                       path if host is not None else None))
+        return out
+
     def reads_zero(self, offset: int, length: int) -> bool:
         return all(e.flags & ZERO_FLAG for e in self.extents(offset, length))
 
@@ -215,8 +232,9 @@ class Mapper:
 def _append_run(runs: list, pos: int, n: int, kind: int, value: int) -> None:
     if runs:
         last = runs[-1]
-        if last[2] == kind and (kind != DATA or last[3] + last[1] == value) \
-                and (kind != ZERO or bool(last[3]) == bool(value)):
+        # Host-contiguous runs only (qemu-img map shows where each run lies).
+        if last[2] == kind and (kind not in (DATA, ZERO) or last[3] + last[1] == value
+                                or not last[3] and not value):
             last[1] += n
             return
     runs.append([pos, n, kind, value])
