@@ -18,7 +18,7 @@ from qnbd.formats import open_image
 
 from crashsim import SECTOR, RecordingFile
 from images import SHAPES, qemu_img
-from test_qcow2_engine import Model, apply_ops, converted, random_ops
+from test_qcow2_engine import Model, apply_ops, converted, random_ops, with_compressed
 
 CRASH_SHAPES = [s for s in SHAPES if s.name in
                 ("v3", "v2", "c4k-r1", "c512", "lazy", "qcow2-backing", "zlib")]
@@ -30,7 +30,8 @@ class Cut:
         self.during = during  # the operation under way, for failure messages
 
 
-def run_with_cuts(shape, tmp_path, seed, ops_count, cuts_wanted, monkeypatch, chance=0.1):
+def run_with_cuts(shape, tmp_path, seed, ops_count, cuts_wanted, monkeypatch, chance=0.1,
+                  compressed=False):
     rng = random.Random(seed)
     image = shape.build(tmp_path, seed=seed)
     start = converted(image, "qcow2", tmp_path)
@@ -56,7 +57,10 @@ def run_with_cuts(shape, tmp_path, seed, ops_count, cuts_wanted, monkeypatch, ch
     dev = open_image(image, "qcow2", read_only=False)
     model = Model(start, dev.cluster_size, discard_keeps=shape.v2 and shape.backing is not None)
     try:
-        for i, op in enumerate(random_ops(rng, size, ops_count)):
+        ops = random_ops(rng, size, ops_count)
+        if compressed:
+            ops = with_compressed(rng, ops, size)
+        for i, op in enumerate(ops):
             kind, off, n, pattern = op
             state["op"] = f"op {i} {op}"
             if kind != "flush":
@@ -104,6 +108,17 @@ def check_cut(shape, image, cut: Cut, index: int, tmp_path):
 def test_power_cuts(shape, seed, tmp_path, monkeypatch):
     """7 shapes x 3 seeds x 5+ cuts: over a hundred cuts in the default run."""
     image, cuts = run_with_cuts(shape, tmp_path, seed, 80, 6, monkeypatch)
+    assert len(cuts) >= 5, f"only {len(cuts)} cuts: the workload made too few writes"
+    for i, cut in enumerate(cuts):
+        check_cut(shape, image, cut, i, tmp_path)
+
+
+@pytest.mark.parametrize("shape", [s for s in CRASH_SHAPES if s.name in
+                                   ("v3", "c512", "lazy", "zlib")], ids=lambda s: s.name)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_power_cuts_with_compressed_writes(shape, seed, tmp_path, monkeypatch):
+    """Compressed writes (qnbd convert -c) interleaved with the rest, cut anywhere."""
+    image, cuts = run_with_cuts(shape, tmp_path, seed, 80, 6, monkeypatch, compressed=True)
     assert len(cuts) >= 5, f"only {len(cuts)} cuts: the workload made too few writes"
     for i, cut in enumerate(cuts):
         check_cut(shape, image, cut, i, tmp_path)

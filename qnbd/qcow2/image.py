@@ -24,6 +24,7 @@ from . import header as hdr
 from ..block.check_result import FIX_ALL
 from .bitmap_lifecycle import PersistentBitmaps
 from .check import check_storage
+from .compression import compress
 from .header_update import HeaderWriter
 from .layout import Layout
 from .mapping import Mapper
@@ -157,6 +158,24 @@ class Qcow2Image:
         self.bitmaps.mark(offset, len(view))
         self.writer.write(offset, view)
         self._after_update(fua)
+
+    def write_compressed(self, offset: int, data) -> None:
+        """One whole guest cluster at a cluster-aligned offset (the image's last cluster
+        may be shorter; it is padded with zeros, as qemu pads it), stored compressed when
+        that saves space and as an ordinary write otherwise (qcow2_co_pwritev_compressed).
+        For qemu-img convert -c: the cluster must not be allocated yet."""
+        cs = self.cluster_size
+        if offset % cs or not (len(data) == cs or 0 < len(data) and
+                               offset + len(data) == self.size):
+            raise IOFailure("compressed writes take one whole, aligned cluster")
+        self._check_writable()
+        packed = compress(bytes(data).ljust(cs, b"\0"), self.header.compression_type)
+        if packed is None:
+            self.write(offset, data)
+            return
+        self.bitmaps.mark(offset, len(data))
+        self.writer.write_compressed(offset, packed)
+        self._after_update(False)
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool = False,
                      fast: bool = False, fua: bool = False) -> None:

@@ -12,9 +12,9 @@ released by `apply_releases` and its space punched out of the file.
 from array import array
 
 from ..block.storage import Storage
-from ..errors import NotFast
-from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED,
-                      OFLAG_ZERO, UNALLOCATED, ZERO, classify)
+from ..errors import IOFailure, NotFast
+from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
+                      OFLAG_COPIED, OFLAG_ZERO, UNALLOCATED, ZERO, classify)
 from .layout import Layout
 from .mapping import Mapper
 from .metadata_map import MetadataMap
@@ -36,6 +36,8 @@ class ClusterWriter:
         self.metadata = metadata
         self.data = data
         self.pending_releases: list[tuple[int, int]] = []
+        # The byte after the last compressed data written, to pack the next one there.
+        self._compressed_end = 0
 
     # -- releases (rule 3) -------------------------------------------------------------
 
@@ -56,6 +58,7 @@ class ClusterWriter:
         """Drop the queued references; the caller has made their removal durable."""
         pending, self.pending_releases = self.pending_releases, []
         self.mapper.forget_compressed()
+        self._compressed_end = 0  # its cluster may be freed now, and reused for anything
         cb = self.layout.cluster_bits
         freed = []
         for offset, length in pending:
@@ -169,6 +172,51 @@ class ClusterWriter:
 
     def _reads_zero_before_write(self, kind: int) -> bool:
         return kind == ZERO or (kind == UNALLOCATED and self.mapper.backing is None)
+
+    # -- compressed clusters -----------------------------------------------------------
+
+    def write_compressed(self, guest: int, data: bytes) -> None:
+        """Map the guest cluster at `guest` to compressed `data` (qcow2.rst, "Compressed
+        Clusters Descriptor"). As in qemu (qcow2_alloc_compressed_cluster_offset),
+        compression never overwrites: the cluster must be unallocated or a zero cluster
+        without a host cluster, so no reference is dropped."""
+        layout = self.layout
+        l1_index, i = guest >> layout.table_shift, layout.l2_index(guest)
+        current = self.tables.l2_for_read(l1_index)
+        if current is not None and current[i] & (L2E_OFFSET_MASK | OFLAG_COMPRESSED):
+            raise IOFailure(f"cannot write a compressed cluster at 0x{guest:x}: the "
+                            "cluster is already allocated")
+        host = self._allocate_bytes(len(data))
+        self.metadata.check_data_write(host, len(data))
+        self.data.pwrite(data, host)
+        table_offset, table = self._l2_for_write(l1_index)
+        # Rule 4: the entry changes after the data is written (the L2 cache's barrier).
+        sectors = ((host + len(data) - 1) >> 9) - (host >> 9)  # additional 512 B sectors
+        table[i] = host | OFLAG_COMPRESSED | (sectors << layout.compressed.shift)
+        self.tables.l2_cache.mark_dirty(table_offset, table)
+
+    def _allocate_bytes(self, size: int) -> int:
+        """Host bytes for compressed data, packed after the previous compressed data as
+        qemu's qcow2_alloc_bytes packs them: every host cluster the data touches takes one
+        reference for it (what qemu-img check counts), a new cluster only when the rest
+        of the current one is too short; data may run on into the next cluster when that
+        is the one allocated."""
+        cb, cs = self.layout.cluster_bits, self.layout.cluster_size
+        offset = self._compressed_end
+        refcounts = self.refcounts
+        if offset and refcounts.get(offset >> cb) >= refcounts.max_refcount:
+            offset = 0  # no room for one more reference (1-bit refcounts: never)
+        free = -offset % cs
+        if free >= size:
+            refcounts.add(offset >> cb, 1)
+        else:
+            new = refcounts.allocate(1)  # its refcount: this data's reference
+            if free and new == offset + free:
+                refcounts.add(offset >> cb, 1)
+            else:
+                offset = new
+        self._compressed_end = offset + size
+        return offset
 
     # -- zeroes and discard ------------------------------------------------------------
 
