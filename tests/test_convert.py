@@ -1,0 +1,152 @@
+"""`qnbd convert` against `qemu-img convert`, run side by side on images qemu-img made:
+the output compares equal to the source (qemu-img compare), is clean (qemu-img check) and
+as sparse as qemu-img's own output (the same runs allocated, per qemu-img map)."""
+
+import json
+import os
+import pty
+import subprocess
+import sys
+
+import pytest
+
+from cli_util import qemu_img_check, qnbd, qnbd_ok, run
+from images import RAW, SHAPES, qemu_img, qemu_io
+
+MiB = 1 << 20
+
+
+# qemu allocates the first 4 KiB of every raw file it creates (file-posix.c,
+# allocate_first_block, for alignment probing): raw outputs are compared after it.
+RAW_FIRST_BLOCK = 4096
+
+
+def _layout(path, fmt):
+    """qemu-img map of `path` as runs of unallocated / zero / data, host offsets left
+    out (they depend on allocation order, not on sparseness)."""
+    start = RAW_FIRST_BLOCK if fmt == "raw" else 0
+    entries = json.loads(run("qemu-img", "map", "-f", fmt, "--output=json", "-s", start,
+                             path).stdout)
+    runs = []
+    for e in entries:
+        kind = "data" if e["data"] and not e["zero"] else \
+            "zero" if e["present"] else "unallocated"
+        if e["data"] and e["zero"]:
+            kind = "data"  # a host-file hole inside an allocated cluster: still allocated
+        if runs and runs[-1][2] == kind:
+            runs[-1][1] += e["length"]
+        else:
+            runs.append([e["start"], e["length"], kind])
+    return runs
+
+
+def _compare(src, src_fmt, out, out_fmt):
+    p = run("qemu-img", "compare", "-f", src_fmt, "-F", out_fmt, src, out)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+CASES = [(shape, out) for shape in SHAPES + [RAW] for out in ("qcow2", "raw", "qcow2-c")]
+
+
+@pytest.mark.parametrize("shape,out", CASES, ids=lambda v: getattr(v, "name", v))
+def test_matrix_like_qemu_img(tmp_path, shape, out):
+    src = shape.build(tmp_path)
+    out_fmt, compress = out.split("-")[0], ["-c"] if out.endswith("-c") else []
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    qnbd_ok("convert", "-f", shape.fmt, "-O", out_fmt, *compress, src, ours)
+    qemu_img("convert", "-f", shape.fmt, "-O", out_fmt, *compress, src, theirs)
+    _compare(src, shape.fmt, ours, out_fmt)
+    assert _layout(ours, out_fmt) == _layout(theirs, out_fmt)
+    if out_fmt == "qcow2":
+        assert qemu_img_check(ours).returncode == 0
+    if compress:
+        # Packed as qemu packs compressed clusters: the same file, give or take a cluster.
+        assert os.path.getsize(ours) <= os.path.getsize(theirs) + 65536
+    if out_fmt == "raw":
+        assert 0 <= os.stat(theirs).st_blocks - os.stat(ours).st_blocks \
+            <= RAW_FIRST_BLOCK // 512
+
+
+@pytest.mark.parametrize("backing", ["qcow2", "raw"])
+def test_backing_target_copies_only_the_top(tmp_path, backing):
+    shape = next(s for s in SHAPES if s.backing == backing and not s.v2)
+    src = shape.build(tmp_path)
+    base = os.path.basename(src).replace(".qcow2", f"-base.{backing}")
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    for tool, target in ((qnbd_ok, ours), (qemu_img, theirs)):
+        tool("convert", "-O", "qcow2", "-B", base, "-F", backing, src, target)
+    _compare(src, "qcow2", ours, "qcow2")
+    assert _layout(ours, "qcow2") == _layout(theirs, "qcow2")
+    assert qemu_img_check(ours).returncode == 0
+
+
+def test_into_existing_target(tmp_path):
+    """-n: zero runs of the source must overwrite what the target held."""
+    src = SHAPES[0].build(tmp_path)
+    target = tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", target, "12M")  # the source's size
+    qemu_io(target, "qcow2", "write -P 0x55 0 12M")
+    qnbd_ok("convert", "-n", src, target)  # the target's format is probed
+    _compare(src, "qcow2", target, "qcow2")
+    assert qemu_img_check(target).returncode == 0
+
+
+def test_sparse_zero_writes_everything(tmp_path):
+    src = tmp_path / "s.raw"
+    qemu_img("create", "-q", "-f", "raw", src, "4M")
+    qemu_io(src, "raw", "write -P 1 1M 64k")
+    qnbd_ok("convert", "-S", "0", "-O", "raw", src, tmp_path / "o.raw")
+    _compare(src, "raw", tmp_path / "o.raw", "raw")
+    assert os.stat(tmp_path / "o.raw").st_blocks * 512 >= 4 * MiB
+
+
+def test_compressed_short_last_cluster_and_zstd(tmp_path):
+    src = tmp_path / "s.raw"
+    qemu_img("create", "-q", "-f", "raw", src, str(3 * MiB + 5000))
+    qemu_io(src, "raw", "write -P 7 0 1M", f"write -P 9 {3 * MiB} 5000")
+    out = tmp_path / "o.qcow2"
+    qnbd_ok("convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", src, out)
+    _compare(src, "raw", out, "qcow2")
+    check = run("qemu-img", "check", "--output=json", out)
+    assert check.returncode == 0 and json.loads(check.stdout)["compressed-clusters"] == 17
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-c", "-O", "raw"], "Compression not supported"),
+    (["-O", "vmdk"], "vmdk"),
+    (["-S", "1000"], "512"),
+])
+def test_bad_options_one_line_error(tmp_path, args, message):
+    src = tmp_path / "s.raw"
+    qemu_img("create", "-q", "-f", "raw", src, "1M")
+    rc, _, err = qnbd("convert", *args, src, tmp_path / "o")
+    assert rc == 1 and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_smaller_existing_target_is_refused_untouched(tmp_path):
+    src, target = tmp_path / "s.raw", tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "raw", src, "2M")
+    qemu_img("create", "-q", "-f", "qcow2", target, "1M")
+    before = target.read_bytes()
+    rc, _, err = qnbd("convert", "-n", src, target)
+    assert rc == 1 and "smaller" in err and err.count("\n") == 1
+    assert target.read_bytes() == before
+
+
+def test_progress_on_a_terminal(tmp_path):
+    src = tmp_path / "s.raw"
+    qemu_img("create", "-q", "-f", "raw", src, "8M")
+    leader, follower = pty.openpty()
+    p = subprocess.run([sys.executable, "-m", "qnbd.cli", "convert", "-p", "-O", "qcow2",
+                        str(src), str(tmp_path / "o.qcow2")], stderr=follower,
+                       stdout=subprocess.DEVNULL)
+    os.close(follower)
+    shown = b""
+    try:
+        while chunk := os.read(leader, 4096):
+            shown += chunk
+    except OSError:  # EIO once the writer side is gone
+        pass
+    assert p.returncode == 0
+    assert b"(100.00/100%)" in shown and b"(25.00/100%)" in shown
