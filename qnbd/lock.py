@@ -20,11 +20,16 @@ resize, and nobody under qcow2 shares write or resize):
   -U (force share)   hold read                  unshare nothing
 """
 
+from __future__ import annotations
+
 import errno
 import os
+from typing import TYPE_CHECKING
 
 from .errors import ImageError
-from .fileio import File
+
+if TYPE_CHECKING:  # fileio creates files under these locks: no import cycle at run time
+    from .fileio import File
 
 CONSISTENT_READ, WRITE, WRITE_UNCHANGED, RESIZE = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 PERMISSIONS = (CONSISTENT_READ, WRITE, WRITE_UNCHANGED, RESIZE)

@@ -12,6 +12,7 @@ import pytest
 
 from cli_util import qemu_img_check, qnbd, qnbd_ok, run
 from images import RAW, SHAPES, qemu_img, qemu_io
+from test_lock import qemu_holder  # noqa: F401 (a fixture)
 
 MiB = 1 << 20
 
@@ -150,3 +151,25 @@ def test_progress_on_a_terminal(tmp_path):
         pass
     assert p.returncode == 0
     assert b"(100.00/100%)" in shown and b"(25.00/100%)" in shown
+
+
+@pytest.mark.parametrize("extra", [[], ["-U"]])
+def test_source_as_target_is_refused_untouched(tmp_path, extra):
+    src = SHAPES[0].build(tmp_path)
+    before = open(src, "rb").read()
+    os.symlink(src, tmp_path / "alias.qcow2")
+    rc, _, err = qnbd("convert", *extra, "-O", "qcow2", src, tmp_path / "alias.qcow2")
+    assert rc == 1 and err.count("\n") == 1 and "both the source and the target" in err
+    assert open(src, "rb").read() == before
+
+
+def test_target_in_use_is_refused_untouched(qemu_holder, tmp_path):
+    """A target is truncated only once its lock is ours (as qemu's raw_co_create)."""
+    src = SHAPES[0].build(tmp_path)
+    target = str(tmp_path / "busy.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", target, "1M")
+    before = open(target, "rb").read()
+    qemu_holder(target, tool="qemu-io")
+    rc, _, err = qnbd("convert", "-O", "qcow2", src, target)
+    assert rc == 1 and "in use" in err and err.count("\n") == 1
+    assert open(target, "rb").read() == before

@@ -2,6 +2,8 @@
 compressed qcow2 output (-c), a backing file for the target (-B), into an existing
 target (-n) and a progress bar (-p). The copy itself is qnbd/block/copy.py."""
 
+import os
+
 from .. import formats
 from ..block.copy import DEFAULT_SPARSE, CopyPlan, copy
 from ..block.options import parse_options
@@ -49,6 +51,9 @@ def run(args) -> int:
     out_fmt = args.out_fmt or (formats.probe(args.target) if args.no_create else "raw")
     if args.compress and out_fmt != "qcow2":
         raise QnbdError(f"Compression not supported for file format '{out_fmt}'")
+    if os.path.exists(args.target) and os.path.samefile(args.source, args.target):
+        # Even with -U, where no lock would stop the target's creation.
+        raise QnbdError(f"'{args.target}' is both the source and the target")
     src = formats.open_image(args.source, args.fmt, read_only=True,
                              force_share=args.force_share)
     try:
