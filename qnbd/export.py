@@ -9,6 +9,8 @@ Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
   writeback/none honour them as asked; writethrough/directsync make every write FUA;
   unsafe ignores FUA and FLUSH (fast, and not crash-safe). O_DIRECT is not used.
 - snapshot: writes go to a throwaway overlay; the image itself is opened read-only.
+- load_snapshot (-l): export an internal snapshot of a qcow2 image (an id or a name, or
+  "snapshot.id=ID,snapshot.name=NAME"), read-only as in qemu-nbd.
 - shared: how many clients may use the export at once (0 = unlimited); more than one
   advertises NBD_FLAG_CAN_MULTI_CONN, which is true because every connection of an
   export shares this one open device.
@@ -55,6 +57,7 @@ class ExportConfig:
     allocation_depth: bool = False
     backing: str = "any"
     tls_only: bool = False
+    load_snapshot: str | None = None
 
     def validate(self) -> None:
         """One-line errors in qemu-nbd's words for the combinations it refuses."""
@@ -98,13 +101,15 @@ class Export:
     @classmethod
     def open(cls, config: ExportConfig) -> "Export":
         config.validate()
+        loaded = config.load_snapshot
         if config.snapshot:
             base = open_image(config.image, config.format, read_only=True,
-                              backing_policy=config.backing)
+                              backing_policy=config.backing, snapshot=loaded)
             device = SnapshotOverlay(base)
         else:
-            device = open_image(config.image, config.format, read_only=config.read_only,
-                                backing_policy=config.backing)
+            device = open_image(config.image, config.format,
+                                read_only=config.read_only or loaded is not None,
+                                backing_policy=config.backing, snapshot=loaded)
         try:
             return cls(config, device)
         except BaseException:

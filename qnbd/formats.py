@@ -59,7 +59,10 @@ def _open_qcow2(path, read_only, open_backing, **options):
     return Qcow2Image.open(path, read_only, open_backing=open_backing, **options)
 
 
-def _open_raw(path, read_only, open_backing, force_share=False, **_cache_options):
+def _open_raw(path, read_only, open_backing, force_share=False, snapshot=None,
+              **_cache_options):
+    if snapshot is not None:
+        raise ImageError("Failed to load snapshot: the raw format has no internal snapshots")
     return RawDevice(path, read_only=read_only, force_share=force_share)
 
 
@@ -117,7 +120,8 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = True, *,
                backing_policy: str = "any", max_backing_depth: int = MAX_BACKING_DEPTH,
                **options):
     """Open `path` as `fmt` (probed when None) with its backing chain. Options go to the
-    format's driver (qcow2: l2_cache_bytes, refcount_cache_bytes; all: force_share)."""
+    format's driver (qcow2: l2_cache_bytes, refcount_cache_bytes; all: force_share,
+    snapshot: an internal snapshot to load read-only)."""
     chain = BackingChain(_open_one, backing_policy, max_backing_depth)
     return chain.open(path, fmt, read_only, **options)
 

@@ -35,6 +35,9 @@ def add_parser(subparsers):
     p.add_argument("-S", dest="sparse", metavar="SIZE",
                    help="zero runs of this size in data are not written (default 4k; "
                         "0: write everything)")
+    p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
+                   help="copy this internal snapshot of SOURCE: snapshot.id=ID,"
+                        "snapshot.name=NAME (either or both), or an id or name")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("-U", "--force-share", action="store_true",
@@ -55,7 +58,7 @@ def run(args) -> int:
         # Even with -U, where no lock would stop the target's creation.
         raise QnbdError(f"'{args.target}' is both the source and the target")
     src = formats.open_image(args.source, args.fmt, read_only=True,
-                             force_share=args.force_share)
+                             force_share=args.force_share, snapshot=args.snapshot)
     try:
         if not args.no_create:
             _create(args, out_fmt, src.size)

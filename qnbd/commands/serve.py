@@ -18,7 +18,7 @@ from ..formats import DRIVERS
 # qemu-nbd options that qnbd does not implement yet: accepted by the parser only to be
 # refused by name, never silently ignored. (flag, long name, takes a value)
 UNSUPPORTED = (
-    ("-o", "--offset", True), ("-P", "--partition", True), ("-l", "--load-snapshot", True),
+    ("-o", "--offset", True), ("-P", "--partition", True),
     (None, "--object", True),
     (None, "--image-opts", False), (None, "--tls-hostname", True),
     ("-c", "--connect", True), ("-d", "--disconnect", False),
@@ -27,7 +27,8 @@ UNSUPPORTED = (
 )
 # Options that describe the one export or listener of a command-line server.
 _EXPORT_OPTIONS = ("format", "export_name", "description", "read_only", "shared", "discard",
-                   "detect_zeroes", "cache", "snapshot", "backing_policy", "bitmap", "allocation_depth")
+                   "detect_zeroes", "cache", "snapshot", "backing_policy", "bitmap", "allocation_depth",
+                   "load_snapshot")
 _LISTEN_OPTIONS = ("socket", "bind", "port")
 
 
@@ -52,6 +53,9 @@ def add_parser(subparsers):
                    help="export the qemu:allocation-depth metadata context")
     p.add_argument("-s", "--snapshot", action="store_true", default=None,
                    help="writes go to a temporary overlay; the image is not modified")
+    p.add_argument("-l", "--load-snapshot", metavar="SNAPSHOT",
+                   help="export an internal snapshot, read-only: its id or name, or "
+                   "snapshot.id=ID,snapshot.name=NAME")
     p.add_argument("-t", "--persistent", action="store_true",
                    help="keep serving after the last client disconnects")
     p.add_argument("-e", "--shared", type=_count, metavar="N",
@@ -144,7 +148,8 @@ def build_config(args) -> ServerConfig:
             backing=args.backing_policy or "any",
             # qemu-nbd prepends each -B to its list, so its contexts list the bitmaps
             # last given first; the same order here makes the two answer alike.
-            bitmaps=(args.bitmap or [])[::-1], allocation_depth=bool(args.allocation_depth))
+            bitmaps=(args.bitmap or [])[::-1], allocation_depth=bool(args.allocation_depth),
+            load_snapshot=args.load_snapshot)
         export.validate()
         config = ServerConfig(exports=[export], listeners=[_cli_listener(args)],
                               persistent=args.persistent,

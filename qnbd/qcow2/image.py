@@ -30,7 +30,7 @@ from .layout import Layout
 from .mapping import Mapper
 from .metadata_map import MetadataMap
 from .refcount import Refcounts
-from .snapshots import read_table as read_snapshot_table
+from .snapshots import find as find_snapshot, read_table as read_snapshot_table
 from .tables import ClusterTables
 from .writer import ClusterWriter
 
@@ -48,16 +48,21 @@ class Qcow2Image:
     def open(cls, path: str, read_only: bool = True, *, open_backing=None,
              l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
              refcount_cache_bytes: int = DEFAULT_REFCOUNT_CACHE_BYTES,
-             force_share: bool = False):
+             force_share: bool = False, snapshot: str | None = None):
         """open_backing(image_path, name, fmt) opens the backing file the header names
-        (qnbd/block/chain.py applies the policy, loop and depth rules)."""
+        (qnbd/block/chain.py applies the policy, loop and depth rules). snapshot: an
+        internal snapshot to show instead of the active layer, read-only (qemu-nbd -l,
+        qemu's bdrv_snapshot_load_tmp), named as snapshots.find() reads it."""
+        if snapshot is not None and not read_only:
+            raise ImageError("an internal snapshot can only be loaded read-only")
         file = fileio.open_file(path, writable=not read_only)
         try:
             lock_image(file, not read_only, force_share)  # rule 11, before any read
             storage = Storage(file)
             if not read_only:
                 repair_if_dirty(storage, path)
-            image = cls(path, storage, read_only, l2_cache_bytes, refcount_cache_bytes)
+            image = cls(path, storage, read_only, l2_cache_bytes, refcount_cache_bytes,
+                        snapshot)
         except BaseException:
             file.close()
             raise
@@ -73,7 +78,7 @@ class Qcow2Image:
         return image
 
     def __init__(self, path: str, storage: Storage, read_only: bool, l2_cache_bytes: int,
-                 refcount_cache_bytes: int):
+                 refcount_cache_bytes: int, snapshot: str | None = None):
         self.path = path
         self.storage = storage
         self.read_only = read_only
@@ -102,14 +107,6 @@ class Qcow2Image:
         metadata.add_range(0, cs)
         self.refcounts = Refcounts(storage, h, self.header_writer, metadata,
                                    self.mark_corrupt, refcount_cache_bytes // cs)
-        self.tables = ClusterTables(storage, h, layout, self.refcounts, self.mark_corrupt,
-                                    l2_cache_bytes // cs, self.data_storage)
-        metadata.add_range(h.l1_table_offset, h.l1_size * 8)
-        for offset in self.tables.l2_offsets():
-            metadata.add(offset >> layout.cluster_bits)
-        metadata.add_range(h.refcount_table_offset, h.refcount_table_clusters * cs)
-        for offset in self.refcounts.block_offsets():
-            metadata.add(offset >> layout.cluster_bits)
         self.snapshots = []
         if h.nb_snapshots:
             self.snapshots, table_bytes = read_snapshot_table(
@@ -117,6 +114,19 @@ class Qcow2Image:
             metadata.add_range(h.snapshots_offset, table_bytes)
             for snap in self.snapshots:
                 metadata.add_range(snap.l1_offset, snap.l1_size * 8)
+        # A loaded snapshot is read through its own L1 table (qcow2_snapshot_load_tmp).
+        self.loaded_snapshot = None if snapshot is None else find_snapshot(self.snapshots,
+                                                                           snapshot)
+        l1 = (h.l1_table_offset, h.l1_size) if self.loaded_snapshot is None else \
+            (self.loaded_snapshot.l1_offset, self.loaded_snapshot.l1_size)
+        self.tables = ClusterTables(storage, h, layout, self.refcounts, self.mark_corrupt,
+                                    l2_cache_bytes // cs, self.data_storage, l1)
+        metadata.add_range(h.l1_table_offset, h.l1_size * 8)
+        for offset in self.tables.l2_offsets():
+            metadata.add(offset >> layout.cluster_bits)
+        metadata.add_range(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        for offset in self.refcounts.block_offsets():
+            metadata.add(offset >> layout.cluster_bits)
         self.mapper = Mapper(layout, self.tables, self.data_storage, h.compression_type,
                              self.mark_corrupt)
         self.writer = ClusterWriter(layout, self.tables, self.refcounts, self.mapper,
