@@ -7,7 +7,7 @@ import sys
 from .errors import QnbdError
 
 # Subcommand name -> module under qnbd.commands.
-COMMANDS = ("serve", "create", "info", "bitmap", "check", "map", "convert", "snapshot")
+COMMANDS = ("serve", "create", "info", "bitmap", "check", "map", "convert", "snapshot", "resize")
 
 
 def build_parser() -> argparse.ArgumentParser:

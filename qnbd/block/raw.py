@@ -90,6 +90,26 @@ class RawDevice:
         if fua:
             self.file.fsync()
 
+    def resize(self, size: int) -> None:
+        """qemu-img resize of a raw file: truncate. Shrinking is refused over data (qemu
+        would drop it): only holes may be cut off."""
+        self._check_writable()
+        if size < self.size:
+            try:
+                data = os.lseek(self.file.fd, size, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: only holes from `size` on
+                    raise ImageError(f"could not look for data in '{self.path}': "
+                                     f"{e.strerror}") from None
+            else:
+                if data < self.size:
+                    raise ImageError(f"'{self.path}' holds data at offset {data}, past the "
+                                     "new size: nothing was changed (qnbd only shrinks "
+                                     "over an unallocated tail)")
+        self.file.truncate(size)
+        self.file.fsync()
+        self.size = size
+
     def flush(self):
         if not self.read_only:
             self.file.fsync()

@@ -224,6 +224,56 @@ class Qcow2Image:
         if fua or self.writer.too_many_releases():
             self.flush()
 
+    # -- resize ------------------------------------------------------------------------
+
+    def resize(self, size: int) -> None:
+        """qemu-img resize (qcow2_co_truncate, no preallocation). Shrinking is refused
+        where it would drop anything this image holds (qemu would discard it): only an
+        unallocated tail may be cut off. Growing extends the L1 table when it must and,
+        where a longer backing file would show through the new space, makes that space
+        read as zeros first (qemu: BDRV_REQ_ZERO_WRITE). The header's size is written
+        last, so a crash leaves the old size."""
+        self._check_writable()
+        old = self.size
+        if size % 512:
+            raise ImageError("The new size must be a multiple of 512")
+        if self.snapshots and self.version < 3:
+            # v2 snapshot entries do not record their disk size (qcow2_co_truncate).
+            raise ImageError("Can't resize a v2 image which has snapshots")
+        if self.bitmaps.entries:
+            raise ImageError("resizing an image with persistent bitmaps is not supported")
+        if size < old:
+            self._check_tail_unallocated(size)
+        self.flush()
+        entries = -(-size >> self.layout.table_shift)
+        if entries > len(self.tables.l1):
+            self.writer.queue_release(*self.tables.grow_l1(entries, self.header_writer))
+            self.metadata.add_range(self.tables.l1_offset, entries * 8)
+        self._set_size(size)
+        if size > old and self.backing is not None and self.backing.size > old:
+            self.write_zeroes(old, min(size, self.backing.size) - old)
+        self.flush()
+        self.header_writer.set_size(size)
+
+    def _check_tail_unallocated(self, size: int) -> None:
+        """Nothing this image holds past `size` (its last cluster stays, whole)."""
+        cs = self.cluster_size
+        pos = min(-(-size // cs) * cs, self.size)
+        while pos < self.size:
+            for e in self.layer_status(pos, self.size - pos):
+                if e.data or e.host_offset is not None:
+                    raise ImageError(f"'{self.path}' holds data at offset {pos}, past the "
+                                     "new size: nothing was changed (qnbd only shrinks "
+                                     "over an unallocated tail)")
+                pos += e.length
+
+    def _set_size(self, size: int) -> None:
+        """The parts this image wired share one Layout: they all get the new one."""
+        self.size = size
+        self.layout = Layout(self.version, size, self.layout.cluster_bits)
+        for part in (self.tables, self.mapper, self.writer, self.bitmaps):
+            part.layout = self.layout
+
     # -- flush and close ---------------------------------------------------------------
 
     def flush(self) -> None:

@@ -71,6 +71,26 @@ class ClusterTables:
                 self.storage.pwrite(encode_table(self.l1[i:i + 1]), self.l1_offset + 8 * i)
             self._l1_dirty.clear()
 
+    def grow_l1(self, entries: int, header_writer) -> tuple[int, int]:
+        """Move the L1 table to new clusters with `entries` entries (qcow2_grow_l1_table,
+        exact size). The new table and the refcounts of its clusters are durable before
+        the header points to it (rules 2 and 4). Returns the old table's (offset, bytes),
+        to be released once the header change is durable (rule 3). No L1 entry may be
+        dirty (the caller has flushed)."""
+        assert not self._l1_dirty
+        cs = self.layout.cluster_size
+        table = array("Q", self.l1)
+        table.extend([0] * (entries - len(table)))
+        clusters = -(-entries * 8 // cs)
+        offset = self._refcounts.allocate(clusters)
+        self.storage.pwrite(encode_table(table).ljust(clusters * cs, b"\0"), offset)
+        self._refcounts.cache.write_dirty()
+        self.storage.sync(Barrier.BEFORE_HEADER)
+        old = (self.l1_offset, len(self.l1) * 8)
+        header_writer.move_l1(offset, entries)
+        self.l1, self.l1_offset = table, offset
+        return old
+
     def _load_l2(self, offset: int) -> array:
         cs = self.layout.cluster_size
         if offset % cs or offset + cs > self.storage.size():
