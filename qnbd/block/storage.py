@@ -26,7 +26,6 @@ class Barrier(enum.Enum):
     BEFORE_L1 = "L2 tables durable before the L1 entries that point to them"
     BEFORE_RELEASE = "dropped references durable before the refcounts are decreased"
     NEW_REFBLOCK = "a new refcount block durable before the table entry naming it"
-    REFTABLE_ENTRY = "a refcount table entry durable before its block is used"
     BEFORE_HEADER = "new tables durable before the header points to them"
     HEADER = "a header change durable before anything that relies on it"
     BITMAPS_IN_USE = "bitmaps marked in use durably before the first write (rule 9)"
