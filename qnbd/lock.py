@@ -1,4 +1,4 @@
-"""Image locks that QEMU understands (DESIGN.md rule 11), so that qnbd and
+"""Image locks that QEMU understands (docs/DESIGN.md rule 11), so that qnbd and
 qemu-img/qemu-io/qemu-nbd never both write one image.
 
 QEMU's scheme (block/file-posix.c, raw_apply_lock_bytes / raw_check_lock_bytes): each
@@ -20,16 +20,10 @@ resize, and nobody under qcow2 shares write or resize):
   -U (force share)   hold read                  unshare nothing
 """
 
-from __future__ import annotations
-
 import errno
 import os
-from typing import TYPE_CHECKING
 
 from .errors import ImageError
-
-if TYPE_CHECKING:  # fileio creates files under these locks: no import cycle at run time
-    from .fileio import File
 
 CONSISTENT_READ, WRITE, WRITE_UNCHANGED, RESIZE = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 PERMISSIONS = (CONSISTENT_READ, WRITE, WRITE_UNCHANGED, RESIZE)
@@ -57,9 +51,11 @@ def permissions(writable: bool, force_share: bool = False,
     return held, WRITE | RESIZE if metadata else RESIZE
 
 
-def lock_image(file: File, writable: bool, force_share: bool = False,
+def lock_image(file, writable: bool, force_share: bool = False,
                metadata: bool = True) -> None:
-    """Take QEMU's lock bytes on `file` for this kind of open, or raise ImageInUse.
+    """Take QEMU's lock bytes on `file` (an open qnbd.fileio.File: fileio creates files
+    under these locks, so this module does not import it) for this kind of open, or
+    raise ImageInUse.
     The locks live as long as the file stays open; on failure the caller closes it."""
     held, unshared = permissions(writable, force_share, metadata)
     try:
@@ -79,7 +75,7 @@ def lock_image(file: File, writable: bool, force_share: bool = False,
         raise ImageError(f"could not lock '{file.path}': {e.strerror}") from None
 
 
-def _in_use(file: File, detail: str):
+def _in_use(file, detail: str):
     who = ", ".join(holders(file.path)) or "another process"
     raise ImageInUse(f"image '{file.path}' is in use by {who} ({detail})")
 

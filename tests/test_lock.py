@@ -1,9 +1,7 @@
 """Image locks against real qemu-img, qemu-io and qemu-nbd processes (DESIGN.md rule 11):
 a writer excludes every other writer and every lock-taking reader; -U readers pass."""
 
-import os
 import subprocess
-import time
 
 import pytest
 
@@ -12,7 +10,8 @@ from qnbd.errors import ImageError
 from qnbd.lock import ImageInUse
 from qnbd.qcow2.check import check_image
 
-from images import qemu_img
+from peers import qemu_img
+
 
 
 @pytest.fixture
@@ -31,40 +30,6 @@ def raw(tmp_path):
 
 def qemu(*args):
     return subprocess.run(list(args), capture_output=True, text=True, timeout=30)
-
-
-def wait_for_locks(path, timeout=10):
-    """Until some process holds OFD locks on the file (qemu takes them at open)."""
-    ino = os.stat(path).st_ino
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open("/proc/locks") as f:
-            if any(f":{ino} " in line and "OFDLCK" in line for line in f):
-                return
-        time.sleep(0.02)
-    raise AssertionError("qemu took no lock")
-
-
-@pytest.fixture
-def qemu_holder():
-    """Start a qemu-nbd (or qemu-io) holding an image until the test ends."""
-    procs = []
-
-    def start(path, fmt="qcow2", read_only=False, tool="qemu-nbd"):
-        if tool == "qemu-nbd":
-            cmd = ["qemu-nbd", "-f", fmt, "-k", path + ".sock"] + (["-r"] if read_only else [])
-        else:  # qemu-io stays open while its stdin does
-            cmd = ["qemu-io", "-f", fmt] + (["-r"] if read_only else [])
-        p = subprocess.Popen(cmd + [path], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        procs.append(p)
-        wait_for_locks(path)
-        return p
-
-    yield start
-    for p in procs:
-        p.kill()
-        p.wait()
 
 
 @pytest.mark.parametrize("tool", ["qemu-nbd", "qemu-io"])

@@ -7,10 +7,10 @@ import json
 import nbd
 import pytest
 
-from cli_util import qemu_img_info, qnbd, qnbd_ok, run
-from images import qemu_img, qemu_io
-from nbdserver import serve  # noqa: F401 (a fixture)
 from qnbd.formats import open_image
+
+from cli_util import qemu_img_info, qnbd, qnbd_ok
+from peers import check_clean, qemu_img, qemu_io, run
 
 MiB = 1 << 20
 
@@ -102,7 +102,7 @@ def test_convert_a_snapshot(tmp_path, image):
     qnbd_ok("convert", "-l", "snapshot.name=second one", "-O", "qcow2", image, out)
     expected = tmp_path / "expected.qcow2"
     qemu_img("convert", "-l", "snapshot.name=second one", "-O", "qcow2", image, expected)
-    p = run("qemu-img", "compare", out, expected)
+    p = run("qemu-img", "compare", out, expected, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
 
 
@@ -121,7 +121,7 @@ def test_serve_exports_a_snapshot_read_only(tmp_path, serve, option):
     finally:
         h.shutdown()
     # Nothing was written: the image is as qemu-img left it.
-    assert run("qemu-img", "check", image).returncode == 0
+    check_clean(image)
 
 
 @pytest.mark.parametrize("selector,message", [
