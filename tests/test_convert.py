@@ -81,6 +81,55 @@ def test_backing_target_copies_only_the_top(tmp_path, backing):
     assert qemu_img_check(ours).returncode == 0
 
 
+@pytest.mark.parametrize("backing", ["qcow2", "raw"])
+def test_compressed_target_over_a_backing_file(tmp_path, backing):
+    """-c with -B: clusters the top holds in part are read whole (through the chain) and
+    compressed, zero runs over the backing file become zero clusters, as qemu-img."""
+    shape = next(s for s in SHAPES if s.backing == backing and not s.v2)
+    src = shape.build(tmp_path)
+    base = os.path.basename(src).replace(".qcow2", f"-base.{backing}")
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    for tool, target in ((qnbd_ok, ours), (qemu_img, theirs)):
+        tool("convert", "-c", "-O", "qcow2", "-B", base, "-F", backing, src, target)
+    _compare(src, "qcow2", ours, "qcow2")
+    assert _layout(ours, "qcow2") == _layout(theirs, "qcow2")
+    assert qemu_img_check(ours).returncode == 0
+
+
+def test_compressed_runs_smaller_than_a_target_cluster(tmp_path):
+    """4 KiB source clusters under a 64 KiB target cluster: a zero run, data and the
+    backing file's data share one target cluster, which is written once, compressed."""
+    base, src = tmp_path / "base.raw", tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "raw", base, "1M")
+    qemu_io(base, "raw", "write -P 0x11 0 1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "base.raw",
+             "-F", "raw", src, "1M")
+    qemu_io(src, "qcow2", "write -z 0 4k", "write -P 1 4k 4k", "write -P 2 68k 4k",
+            "write -z 72k 4k", "write -z 128k 64k")
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    for tool, target in ((qnbd_ok, ours), (qemu_img, theirs)):
+        tool("convert", "-c", "-O", "qcow2", "-B", "base.raw", "-F", "raw", src, target)
+    _compare(src, "qcow2", ours, "qcow2")
+    assert _layout(ours, "qcow2") == _layout(theirs, "qcow2")
+    check = json.loads(run("qemu-img", "check", "--output=json", ours).stdout)
+    assert check["compressed-clusters"] == 2
+
+
+def test_compressed_into_existing_targets(tmp_path):
+    """-c -n: into an empty image (qemu-img's), and refused over allocated clusters
+    (compression never overwrites) with a one-line error, the target still clean."""
+    src = SHAPES[0].build(tmp_path)
+    empty, full = tmp_path / "empty.qcow2", tmp_path / "full.qcow2"
+    for target in (empty, full):
+        qemu_img("create", "-q", "-f", "qcow2", target, "12M")
+    qemu_io(full, "qcow2", "write -P 0x55 0 12M")
+    qnbd_ok("convert", "-c", "-n", src, empty)
+    _compare(src, "qcow2", empty, "qcow2")
+    rc, _, err = qnbd("convert", "-c", "-n", src, full)
+    assert rc == 1 and "already allocated" in err and err.count("\n") == 1
+    assert qemu_img_check(full).returncode == 0
+
+
 def test_into_existing_target(tmp_path):
     """-n: zero runs of the source must overwrite what the target held."""
     src = SHAPES[0].build(tmp_path)

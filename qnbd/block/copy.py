@@ -80,10 +80,10 @@ class _Copier:
     def run(self, start: int, n: int, kind: int) -> None:
         if kind == _BACKING:
             return
-        if kind == _ZERO:
+        if self.cluster:
+            self._by_clusters(start, n, kind)
+        elif kind == _ZERO:
             self._zero(start, n)
-        elif self.cluster:
-            self._compressed(start, n)
         else:
             self._data(start, n)
 
@@ -124,13 +124,36 @@ class _Copier:
         else:
             self.dst.write(start, data)
 
-    def _compressed(self, start: int, n: int) -> None:
+    def _by_clusters(self, start: int, n: int, kind: int) -> None:
+        """Compressed output: every target cluster is written once and whole, compressed
+        or as zeroes (a compressed write never goes over an allocated cluster). The
+        clusters a zero run covers entirely are zeroed without reading the source; the
+        ones it shares with other runs are read whole."""
+        cs = self.cluster
+        end = start + n
+        if kind == _ZERO:
+            first = -(-start // cs) * cs
+            last = end if end == self.src.size else end // cs * cs  # a short last cluster
+            if first < last:
+                self._clusters(start, first)
+                zero_from = max(first, self.written_until)
+                if zero_from < last:
+                    self._zero(zero_from, last - zero_from)
+                    self.written_until = last
+                self._clusters(last, end)
+                return
+        self._clusters(start, end)
+
+    def _clusters(self, start: int, end: int) -> None:
+        """Read and write whole the clusters [start, end) touches, unless done already."""
         cs = self.cluster
         pos = max(start // cs * cs, self.written_until)
-        end = min(-(-(start + n) // cs) * cs, self.src.size)
+        end = min(-(-end // cs) * cs, self.src.size)
         while pos < end:
             data = self.src.read(pos, min(cs, end - pos))
-            if data.count(0) != len(data):  # all-zero clusters stay unallocated (qemu-img)
+            if data.count(0) == len(data):
+                self._zero(pos, len(data))
+            else:
                 # A short last cluster is padded unless it is the target's last too.
                 self.dst.write_compressed(pos, bytes(data).ljust(min(cs, self.dst.size - pos),
                                                                  b"\0"))
