@@ -68,14 +68,17 @@ def test_matrix_like_qemu_img(tmp_path, shape, out):
             <= RAW_FIRST_BLOCK // 512
 
 
-@pytest.mark.parametrize("backing", ["qcow2", "raw"])
-def test_backing_target_copies_only_the_top(tmp_path, backing):
+@pytest.mark.parametrize("backing,how", [("qcow2", "-B"), ("raw", "-B"), ("raw", "-o")])
+def test_backing_target_copies_only_the_top(tmp_path, backing, how):
+    """-B, or -o backing_file=… (which qemu-img convert takes as -B)."""
     shape = next(s for s in SHAPES if s.backing == backing and not s.v2)
     src = shape.build(tmp_path)
     base = os.path.basename(src).replace(".qcow2", f"-base.{backing}")
+    target_args = ["-B", base, "-F", backing] if how == "-B" else \
+        ["-o", f"backing_file={base},backing_fmt={backing}"]
     ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
     for tool, target in ((qnbd_ok, ours), (qemu_img, theirs)):
-        tool("convert", "-O", "qcow2", "-B", base, "-F", backing, src, target)
+        tool("convert", "-O", "qcow2", *target_args, src, target)
     _compare(src, "qcow2", ours, "qcow2")
     assert _layout(ours, "qcow2") == _layout(theirs, "qcow2")
     assert qemu_img_check(ours).returncode == 0

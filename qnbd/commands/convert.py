@@ -48,12 +48,15 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    plan = CopyPlan(zero_init=not args.no_create and args.backing is None,
-                    target_has_backing=args.backing is not None,
-                    sparse=_sparse(args.sparse), compress=args.compress)
     out_fmt = args.out_fmt or (formats.probe(args.target) if args.no_create else "raw")
     if args.compress and out_fmt != "qcow2":
         raise QnbdError(f"Compression not supported for file format '{out_fmt}'")
+    options = {} if args.no_create else _target_options(args, out_fmt)
+    # -o backing_file=… means -B (qemu-img convert reads it from the options too).
+    backing = options.get("backing_file", args.backing)
+    plan = CopyPlan(zero_init=not args.no_create and backing is None,
+                    target_has_backing=backing is not None,
+                    sparse=_sparse(args.sparse), compress=args.compress)
     if os.path.exists(args.target) and os.path.samefile(args.source, args.target):
         # Even with -U, where no lock would stop the target's creation.
         raise QnbdError(f"'{args.target}' is both the source and the target")
@@ -61,7 +64,7 @@ def run(args) -> int:
                              force_share=args.force_share, snapshot=args.snapshot)
     try:
         if not args.no_create:
-            _create(args, out_fmt, src.size)
+            formats.create_image(out_fmt, args.target, src.size, options)
         dst = formats.open_image(args.target, out_fmt, read_only=False)
         try:
             if dst.size < src.size:
@@ -91,11 +94,12 @@ def _sparse(text: str | None) -> int:
     return value
 
 
-def _create(args, out_fmt: str, size: int) -> None:
+def _target_options(args, out_fmt: str) -> dict:
+    """The new target's creation options: -o, then -B and -F."""
     driver = formats.FORMATS.get(out_fmt)
     options = parse_options(out_fmt, driver and driver.create_options or {}, args.options)
     if args.backing is not None:
         options["backing_file"] = args.backing
-        if args.backing_fmt is not None:
-            options["backing_fmt"] = args.backing_fmt
-    formats.create_image(out_fmt, args.target, size, options)
+    if args.backing_fmt is not None:
+        options["backing_fmt"] = args.backing_fmt
+    return options
