@@ -205,6 +205,15 @@ class DirtyBitmap:
                 self.bits[start:start + n] = b"\xff" * n
         self._clear_tail()
 
+    def resized(self, disk_size: int) -> "DirtyBitmap":
+        """This bitmap for a resized disk (qemu's hbitmap_truncate): bits past a
+        shrunk end are dropped, a grown end starts clean."""
+        new = DirtyBitmap(self.entry, disk_size)
+        n = min(len(new.bits), len(self.bits))
+        new.bits[:n] = self.bits[:n]
+        new._clear_tail()
+        return new
+
     def _clear_tail(self) -> None:
         # qcow2.rst: unused tail bits of the last cluster must be zero.
         nbits = -(-self.disk_size // self.granularity)

@@ -160,6 +160,21 @@ class PersistentBitmaps:
         self.get(name).merge_from(source)
         self._changed = True
 
+    def check_resizable(self) -> None:
+        """qcow2_truncate_bitmaps_check: every bitmap must be loaded to follow a resize
+        (one left in use, or unusable, would keep a table of the old size)."""
+        if any(e.name not in self.loaded for e in self.entries):
+            raise ImageError("Cannot resize qcow2 with persistent bitmaps that were not "
+                             "loaded")
+
+    def resize(self, size: int) -> None:
+        """The loaded bitmaps follow the image's new size; stored on close, as any
+        change (their tables are allocated anew there, at the new size)."""
+        for name, bitmap in self.loaded.items():
+            self.loaded[name] = bitmap.resized(size)
+            self._changed = True
+        self._retrack()
+
     def _entry_index(self, name: str) -> int:
         for i, e in enumerate(self.entries):
             if e.name == name:

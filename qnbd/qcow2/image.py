@@ -232,7 +232,8 @@ class Qcow2Image:
         unallocated tail may be cut off. Growing extends the L1 table when it must and,
         where a longer backing file would show through the new space, makes that space
         read as zeros first (qemu: BDRV_REQ_ZERO_WRITE). The header's size is written
-        last, so a crash leaves the old size."""
+        last, so a crash leaves the old size. Persistent bitmaps follow the new size (as
+        qemu's): a grown end starts clean."""
         self._check_writable()
         old = self.size
         if size % 512:
@@ -240,8 +241,7 @@ class Qcow2Image:
         if self.snapshots and self.version < 3:
             # v2 snapshot entries do not record their disk size (qcow2_co_truncate).
             raise ImageError("Can't resize a v2 image which has snapshots")
-        if self.bitmaps.entries:
-            raise ImageError("resizing an image with persistent bitmaps is not supported")
+        self.bitmaps.check_resizable()
         if size < old:
             self._check_tail_unallocated(size)
         self.flush()
@@ -251,9 +251,14 @@ class Qcow2Image:
             self.metadata.add_range(self.tables.l1_offset, entries * 8)
         self._set_size(size)
         if size > old and self.backing is not None and self.backing.size > old:
-            self.write_zeroes(old, min(size, self.backing.size) - old)
+            # Straight to the writer, as qemu zeroes inside qcow2_co_truncate: the new
+            # space is not a guest write, the bitmaps do not mark it.
+            self.writer.write_zeroes(old, min(size, self.backing.size) - old, False, False)
         self.flush()
         self.header_writer.set_size(size)
+        # Bitmaps are in use on disk while the image is open (rule 9): they are stored
+        # at the new size on close.
+        self.bitmaps.resize(size)
 
     def _check_tail_unallocated(self, size: int) -> None:
         """Nothing this image holds past `size` (its last cluster stays, whole)."""
