@@ -4,8 +4,9 @@ qcow2-cluster.c does for reads (qcow2_get_host_offset).
 
 A range maps to runs [guest offset, length, kind, value]: DATA (host-contiguous, value
 the host offset), COMPRESSED (one cluster a run, value the L2 entry), ZERO (value the
-preallocated host offset, host-contiguous, or 0) and UNALLOCATED (the backing file shows through, or
-zeros). Reads, block status and copy-on-write all start from the same runs.
+preallocated host offset, host-contiguous, or 0 for none) and UNALLOCATED (the backing
+file shows through, or zeros). Reads, block status, copy-on-write and qemu-img map's
+view (layer_status) all start from the same runs.
 """
 
 from ..block.base import HOLE, ZERO as ZERO_FLAG, Extent, LayerExtent
@@ -232,12 +233,23 @@ class Mapper:
 def _append_run(runs: list, pos: int, n: int, kind: int, value: int) -> None:
     if runs:
         last = runs[-1]
-        # Host-contiguous runs only (qemu-img map shows where each run lies).
-        if last[2] == kind and (kind not in (DATA, ZERO) or last[3] + last[1] == value
-                                or not last[3] and not value):
+        if _continues(last, kind, value):
             last[1] += n
             return
     runs.append([pos, n, kind, value])
+
+
+def _continues(last: list, kind: int, value: int) -> bool:
+    """Whether a run of `kind` at host `value` extends `last`: host-contiguous runs only,
+    and zero runs with a host cluster never with those without (qemu-img map shows where
+    each run lies, and whether it lies anywhere)."""
+    if last[2] != kind:
+        return False
+    if kind not in (DATA, ZERO):
+        return True
+    if not last[3] or not value:
+        return not last[3] and not value
+    return last[3] + last[1] == value
 
 
 def _append_extent(extents: list, e: Extent) -> None:
