@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from bitmaputil import qemu_dirty_map
 from cli_util import qemu_img_check, qnbd, qnbd_ok
 from images import RAW, SHAPES
 from peers import qemu_img, qemu_io, run
@@ -225,3 +226,71 @@ def test_target_in_use_is_refused_untouched(qemu_holder, tmp_path):
     rc, _, err = qnbd("convert", "-O", "qcow2", src, target)
     assert rc == 1 and "in use" in err and err.count("\n") == 1
     assert open(target, "rb").read() == before
+
+
+def _image_with_bitmaps(tmp_path):
+    src = str(tmp_path / "bm.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", src, "8M")
+    qemu_img("bitmap", "--add", src, "a")
+    qemu_img("bitmap", "--add", "-g", "512k", "--disable", src, "b")
+    qemu_io(src, "qcow2", "write -P 1 64k 64k", "write -P 2 5M 3M")
+    qemu_img("bitmap", "--enable", src, "b")
+    qemu_io(src, "qcow2", "write -P 3 1M 4k")
+    return src
+
+
+def _bitmaps(image):
+    data = json.loads(run("qemu-img", "info", "--output=json", image).stdout)
+    return sorted(data["format-specific"]["data"].get("bitmaps", []),
+                  key=lambda b: b["name"])
+
+
+def test_bitmaps_copied_as_qemu_img(tmp_path):
+    src = _image_with_bitmaps(tmp_path)
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    qnbd_ok("convert", "--bitmaps", "-O", "qcow2", src, ours)
+    qemu_img("convert", "--bitmaps", "-O", "qcow2", src, theirs)
+    assert _bitmaps(ours) == _bitmaps(theirs) and len(_bitmaps(ours)) == 2
+    for name in ("a", "b"):
+        assert qemu_dirty_map(ours, name) == qemu_dirty_map(theirs, name) != []
+    assert qemu_img_check(ours).returncode == 0
+    _compare(src, "qcow2", ours, "qcow2")
+
+
+def test_inconsistent_bitmaps_refused_or_skipped(tmp_path, qemu_holder):
+    src = _image_with_bitmaps(tmp_path)
+    holder = qemu_holder(src, tool="qemu-io")
+    holder.kill()  # killed while open: both bitmaps are left in use
+    holder.wait()
+    qemu_img("bitmap", "--remove", src, "a")
+    qemu_img("bitmap", "--add", src, "c")
+    out = tmp_path / "o.qcow2"
+    rc, _, err = qnbd("convert", "--bitmaps", "-O", "qcow2", src, out)
+    assert rc == 1 and "Cannot copy inconsistent bitmap 'b'" in err and err.count("\n") == 1
+    assert not out.exists()
+    rc, _, err = qnbd("convert", "--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", src, out)
+    assert rc == 0 and "Skipping inconsistent bitmap 'b'" in err
+    assert [b["name"] for b in _bitmaps(out)] == ["c"]
+    assert qemu_img_check(out).returncode == 0
+
+
+@pytest.mark.parametrize("case,message", [
+    ("raw-target", "Format driver 'raw' does not support bitmaps"),
+    ("raw-source", "Source lacks bitmap support"),
+    ("existing", "Bitmap already exists: a"),
+])
+def test_bitmap_copy_refusals(tmp_path, case, message):
+    src = _image_with_bitmaps(tmp_path)
+    out = tmp_path / "o.img"
+    args = ["-O", "raw"] if case == "raw-target" else ["-O", "qcow2"]
+    if case == "raw-source":
+        src = tmp_path / "s.raw"
+        qemu_img("create", "-q", "-f", "raw", src, "1M")
+    if case == "existing":
+        qemu_img("create", "-q", "-f", "qcow2", out, "8M")
+        qemu_img("bitmap", "--add", out, "a")
+        args = ["-n"]
+    rc, _, err = qnbd("convert", "--bitmaps", *args, src, out)
+    assert rc == 1 and message in err and err.count("\n") == 1
+    if case == "existing":
+        assert [b["name"] for b in _bitmaps(out)] == ["a"]

@@ -15,6 +15,7 @@ all, and only data that is not zero is written.
 
 from dataclasses import dataclass
 
+from ..errors import ImageError, printable
 from .status import chain_status
 
 CHUNK = 2 << 20  # qemu-img convert's buffer (IO_BUF_SIZE): reads and progress steps
@@ -44,6 +45,34 @@ def copy(src, dst, plan: CopyPlan, progress) -> None:
         pos = end
         progress.step()
     dst.flush()
+
+
+def broken_bitmaps(src) -> list[str]:
+    """Names of the source's persistent bitmaps that cannot be copied (left in use, or
+    unusable); qemu-img convert --bitmaps checks them before it copies anything."""
+    names = []
+    for entry in src.bitmaps.describe():
+        try:
+            src.bitmaps.get(entry.name)
+        except ImageError:
+            names.append(entry.name)
+    return names
+
+
+def copy_bitmaps(src, dst, skip: list[str]) -> None:
+    """qemu-img convert --bitmaps (convert_copy_bitmaps): after the data, each usable
+    source bitmap is added to the target with its granularity and enabled state, then
+    its dirty bits merged in, so the copy itself marks nothing."""
+    existing = {e.name for e in dst.bitmaps.describe()}
+    for entry in src.bitmaps.describe():
+        if entry.name in skip:
+            continue
+        if entry.name in existing:
+            name = printable(entry.name)
+            raise ImageError(f"Failed to create bitmap {name}: Bitmap already exists: {name}")
+        bitmap = src.bitmaps.get(entry.name)
+        dst.bitmaps.add(entry.name, bitmap.granularity, disabled=not bitmap.entry.auto)
+        dst.bitmaps.merge(entry.name, bitmap)
 
 
 def _runs(src, pos: int, end: int, plan: CopyPlan):

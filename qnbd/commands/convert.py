@@ -3,11 +3,12 @@ compressed qcow2 output (-c), a backing file for the target (-B), into an existi
 target (-n) and a progress bar (-p). The copy itself is qnbd/block/copy.py."""
 
 import os
+import sys
 
 from .. import formats
-from ..block.copy import DEFAULT_SPARSE, CopyPlan, copy
+from ..block.copy import DEFAULT_SPARSE, CopyPlan, broken_bitmaps, copy, copy_bitmaps
 from ..block.options import parse_options
-from ..errors import QnbdError
+from ..errors import QnbdError, printable
 from ..units import parse_size
 from .progress import ProgressBar
 
@@ -38,6 +39,10 @@ def add_parser(subparsers):
     p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
                    help="copy this internal snapshot of SOURCE: snapshot.id=ID,"
                         "snapshot.name=NAME (either or both), or an id or name")
+    p.add_argument("--bitmaps", action="store_true",
+                   help="copy the persistent bitmaps too (qcow2 to qcow2)")
+    p.add_argument("--skip-broken-bitmaps", action="store_true",
+                   help="with --bitmaps: leave out inconsistent bitmaps instead of failing")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("-U", "--force-share", action="store_true",
@@ -63,6 +68,7 @@ def run(args) -> int:
     src = formats.open_image(args.source, args.fmt, read_only=True,
                              force_share=args.force_share, snapshot=args.snapshot)
     try:
+        skip = _check_bitmaps(args, src, out_fmt) if args.bitmaps else []
         if not args.no_create:
             formats.create_image(out_fmt, args.target, src.size, options)
         dst = formats.open_image(args.target, out_fmt, read_only=False)
@@ -75,11 +81,30 @@ def run(args) -> int:
                 copy(src, dst, plan, progress)
             finally:
                 progress.done()
+            if args.bitmaps:
+                copy_bitmaps(src, dst, skip)
         finally:
             dst.close()
     finally:
         src.close()
     return 0
+
+
+def _check_bitmaps(args, src, out_fmt: str) -> list[str]:
+    """qemu-img convert's checks before --bitmaps copies anything (convert_check_bitmaps);
+    returns the inconsistent bitmaps to leave out (--skip-broken-bitmaps)."""
+    if getattr(src, "bitmaps", None) is None:
+        raise QnbdError("Source lacks bitmap support")
+    if out_fmt != "qcow2":
+        raise QnbdError(f"Format driver '{out_fmt}' does not support bitmaps")
+    broken = broken_bitmaps(src)
+    if broken and not args.skip_broken_bitmaps:
+        raise QnbdError(f"Cannot copy inconsistent bitmap '{printable(broken[0])}' (try "
+                        "--skip-broken-bitmaps, or remove it with qnbd bitmap --remove)")
+    for name in broken:
+        print(f"qnbd convert: warning: Skipping inconsistent bitmap '{printable(name)}'",
+              file=sys.stderr)
+    return broken
 
 
 def _sparse(text: str | None) -> int:
