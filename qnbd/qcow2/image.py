@@ -139,8 +139,10 @@ class Qcow2Image:
         if self._corrupt:
             return
         self._corrupt = True
+        if self.read_only:
+            return  # nothing is marked: the IOFailure raised with `reason` says it all
         log.error("%s: %s; marking the image corrupt", self.path, reason)
-        if self.read_only or self.version < 3:
+        if self.version < 3:
             return
         try:
             self.header_writer.set_incompatible(hdr.INCOMPAT_CORRUPT, True)
