@@ -3,6 +3,7 @@
 convert, the engine) reads exactly what `qemu-img convert -l` reads."""
 
 import json
+import subprocess
 
 import nbd
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from qnbd.formats import open_image
 
 from cli_util import qemu_img_info, qnbd, qnbd_ok
+from nbdserver import wait_for_socket
 from peers import check_clean, qemu_img, qemu_io, run
 
 MiB = 1 << 20
@@ -122,6 +124,32 @@ def test_serve_exports_a_snapshot_read_only(tmp_path, serve, option):
         h.shutdown()
     # Nothing was written: the image is as qemu-img left it.
     check_clean(image)
+
+
+@pytest.mark.parametrize("context", ["base:allocation", "qemu:allocation-depth"])
+@pytest.mark.parametrize("load", [["-l", "snapshot.name=second one"], ["-r"]],
+                         ids=["snapshot", "active"])
+def test_served_snapshot_maps_as_qemu_nbd(tmp_path, serve, context, load):
+    """Block status of an exported snapshot (through its own L1 table) and of the active
+    layer, down a backing file shorter than the image, as qemu-nbd reports it."""
+    image = _build(tmp_path, "cluster_size=512", backing=True)
+    if load == ["-r"]:  # the active layer of _build is all written: a fresh overlay
+        image = str(tmp_path / "overlay.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", image,
+                 "8M")
+        qemu_io(image, "qcow2", "write -P 6 1M 64k", "write -z 2M 64k", "write -P 7 7M 4k")
+    ours = serve(image, "-A", *load)
+    sock = str(tmp_path / "qemu.sock")
+    qemu_nbd = subprocess.Popen(["qemu-nbd", "-A", *load, "-k", sock, image])
+    try:
+        wait_for_socket(sock, qemu_nbd)
+        maps = [run("nbdinfo", "--json", f"--map={context}", uri).stdout
+                for uri in (ours.uri, f"nbd+unix:///?socket={sock}")]
+    finally:
+        qemu_nbd.kill()
+        qemu_nbd.wait()
+    assert json.loads(maps[0]) == json.loads(maps[1])
+    assert len(json.loads(maps[0])) > 3
 
 
 @pytest.mark.parametrize("selector,message", [

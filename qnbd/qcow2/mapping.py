@@ -227,7 +227,9 @@ class Mapper:
                 if offset >= covered:
                     break
         if end > offset:
-            yield Extent(end - offset, HOLE | ZERO_FLAG, 0)
+            # Past a short backing file's end: zeros that count as allocated in it, at
+            # its depth (qemu's bdrv_co_common_block_status_above, for qemu-nbd -A).
+            yield Extent(end - offset, HOLE | ZERO_FLAG, 2)
 
 
 def _append_run(runs: list, pos: int, n: int, kind: int, value: int) -> None:
