@@ -9,8 +9,9 @@ all, and only data that is not zero is written.
   sparse=0: nothing is scanned and every byte is written.
 - With a target backing file (-B), only what the source's top layer holds is copied; the
   rest is left to the target's backing file, which must read as the source's does.
-- Compressed output works on whole target clusters (a cluster can only be compressed
-  whole): a cluster with any data is read from the source and written compressed.
+- Compressed output works on whole target clusters, each written once (a compressed
+  write never goes over an allocated cluster): a cluster with any data is read whole
+  from the source and written compressed, one a zero run covers entirely is zeroed.
 """
 
 from dataclasses import dataclass
