@@ -1,5 +1,6 @@
-"""The tools of issue 11 on damaged images: map, convert, snapshot -l, info, resize and
-serve -l give a one-line error, never a traceback, and write nothing into the image."""
+"""The tools of issue 11 on damaged images: map, convert (also -c and -l), snapshot -l,
+info and resize give a one-line error, never a traceback, and write nothing into the
+image (serve -l's errors: tests/test_snapshots.py)."""
 
 import struct
 
@@ -7,9 +8,7 @@ import pytest
 
 from cli_util import qnbd, qnbd_subprocess
 from peers import qemu_img, qemu_io
-from qcow2util import patch_u64, read_field, read_u64
-
-MiB = 1 << 20
+from qcow2util import patch_u64, read_field
 
 
 def _image(tmp_path, snapshot=False):
