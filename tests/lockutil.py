@@ -1,6 +1,7 @@
 """Real qemu processes holding an image's locks, for the tests of locking (the
 `qemu_holder` fixture, registered in conftest.py)."""
 
+import json
 import os
 import subprocess
 import time
@@ -40,3 +41,25 @@ def qemu_holder():
     for p in procs:
         p.kill()
         p.wait()
+
+
+def leave_bitmaps_in_use(image, timeout=10):
+    """What a qemu killed while it had the image open leaves: every bitmap in use.
+    qemu marks them some time after it takes its locks, so wait until qemu-img info
+    (-U: shared) shows it before killing."""
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", image], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = subprocess.run(["qemu-img", "info", "-U", "--output=json", image],
+                                  capture_output=True, text=True)
+            bitmaps = json.loads(info.stdout or "{}").get("format-specific", {}) \
+                .get("data", {}).get("bitmaps", [])
+            if bitmaps and all("in-use" in b["flags"] for b in bitmaps):
+                return
+            time.sleep(0.02)
+        raise AssertionError("qemu did not mark the bitmaps in use")
+    finally:
+        holder.kill()
+        holder.wait()

@@ -13,6 +13,7 @@ import pytest
 from bitmaputil import qemu_dirty_map
 from cli_util import qemu_img_check, qnbd, qnbd_ok
 from images import RAW, SHAPES
+from lockutil import leave_bitmaps_in_use
 from peers import qemu_img, qemu_io, run
 
 MiB = 1 << 20
@@ -257,11 +258,9 @@ def test_bitmaps_copied_as_qemu_img(tmp_path):
     _compare(src, "qcow2", ours, "qcow2")
 
 
-def test_inconsistent_bitmaps_refused_or_skipped(tmp_path, qemu_holder):
+def test_inconsistent_bitmaps_refused_or_skipped(tmp_path):
     src = _image_with_bitmaps(tmp_path)
-    holder = qemu_holder(src, tool="qemu-io")
-    holder.kill()  # killed while open: both bitmaps are left in use
-    holder.wait()
+    leave_bitmaps_in_use(src)
     qemu_img("bitmap", "--remove", src, "a")
     qemu_img("bitmap", "--add", src, "c")
     out = tmp_path / "o.qcow2"

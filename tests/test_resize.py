@@ -6,7 +6,6 @@ new size, never damage."""
 import json
 import random
 import shutil
-import subprocess
 
 import pytest
 
@@ -17,7 +16,7 @@ from cli_util import qemu_img_check, qemu_img_info, qnbd, qnbd_ok
 from bitmaputil import qemu_dirty_map
 from crashsim import RecordingFile, crash_states
 from images import RAW, SHAPES
-from lockutil import wait_for_locks
+from lockutil import leave_bitmaps_in_use
 from peers import qemu_img, qemu_io, run
 
 MiB = 1 << 20
@@ -161,13 +160,7 @@ def test_unloadable_bitmaps_refuse_a_resize(tmp_path):
     image = str(tmp_path / "b.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", image, "4M")
     qemu_img("bitmap", "--add", image, "b0")
-    # qemu marks the bitmap in use when it opens the image read-write; killed, it
-    # leaves it so.
-    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", image], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_locks(image)
-    holder.kill()
-    holder.wait()
+    leave_bitmaps_in_use(image)
     rc, _, err = qnbd("resize", image, "+1M")
     assert rc == 1 and "were not loaded" in err
     assert qemu_img_info(image)["virtual-size"] == 4 * MiB
