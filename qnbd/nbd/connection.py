@@ -8,9 +8,9 @@ TLS upgrade, transmission). It only moves bytes between the socket and the sans-
   max_queued_total): requests stop being executed, and the socket stops being read, once that
   much is queued; both resume when the client has taken its replies. Under TLS, encrypted
   bytes wait in two places (the TLS layer and the socket), so each gets half.
-- fairness: one loop turn does at most TURN_BYTES of replies or TURN_REQUESTS requests for
-  a connection, then yields to the others, so a client flooding pipelined reads costs the
-  others about a millisecond per turn, not its whole queue.
+- fairness: one loop turn moves at most TURN_BYTES of data (read, written or zeroed) or
+  answers TURN_REQUESTS requests for a connection, then yields to the others, so a client
+  flooding pipelined requests costs the others milliseconds per turn, not its whole queue.
 - input backlog: past INPUT_HIGH bytes of unanswered requests, reading pauses.
 - idle_timeout (optional): a client that sends nothing and takes no replies is dropped.
 
@@ -212,10 +212,10 @@ class Connection(asyncio.Protocol):
         tx = self.tx
         transport = self.transport
         next_output = tx.next_output
-        budget = self.budget
+        budget = self.budget - transport.get_write_buffer_size()
+        turn_end = tx.work + TURN_BYTES
         out = []
         made = 0
-        queued = transport.get_write_buffer_size()
         try:
             for _ in range(TURN_REQUESTS):
                 pieces = next_output()
@@ -224,7 +224,7 @@ class Connection(asyncio.Protocol):
                 out += pieces
                 for piece in pieces:
                     made += len(piece)
-                if queued + made >= budget or made >= TURN_BYTES:
+                if made >= budget or tx.work >= turn_end:
                     break
             else:
                 pieces = ()

@@ -118,6 +118,9 @@ class Transmission:
         # A READ being answered in steps: (request, next offset, whole), where whole means
         # one header announced all the data (simple replies, DF).
         self.stream: tuple[Request, int, bool] | None = None
+        # Bytes of data moved so far (read, written or zeroed): what a request costs,
+        # whatever the size of its reply; the asyncio side bounds it per loop turn.
+        self.work = 0
 
     def receive_data(self, data) -> None:
         self.parser.push(data)
@@ -177,10 +180,12 @@ class Transmission:
             return r.none(req) if r.structured else r.ok(req)
         whole = not r.structured or bool(req.flags & p.CMD_FLAG_DF)
         if length <= STREAM_CHUNK:
+            self.work += length
             if whole:
                 return [r.data_header(req, offset, length, True), self.export.read(offset, length)]
             return self._parts(req, offset, length, True)
         if whole:
+            self.work += STREAM_CHUNK
             first = self.export.read(offset, STREAM_CHUNK)
             self.stream = (req, offset + STREAM_CHUNK, True)
             return [r.data_header(req, offset, length, True), first]
@@ -192,6 +197,7 @@ class Transmission:
         end = req.offset + req.length
         n = min(STREAM_CHUNK, end - offset)
         final = offset + n == end
+        self.work += n
         out = [self.export.read(offset, n)] if whole else self._parts(req, offset, n, final)
         self.stream = None if final else (req, offset + n, whole)
         return out
@@ -212,6 +218,7 @@ class Transmission:
         return out
 
     def _write(self, req: Request) -> list:
+        self.work += req.length
         if req.length:
             self.export.write(req.offset, req.payload, bool(req.flags & p.CMD_FLAG_FUA))
         return self.replies.ok(req)
@@ -235,6 +242,7 @@ class Transmission:
         return self.replies.ok(req)
 
     def _write_zeroes(self, req: Request) -> list:
+        self.work += req.length
         if req.length:
             f = req.flags
             self.export.write_zeroes(req.offset, req.length, no_hole=bool(f & p.CMD_FLAG_NO_HOLE),
