@@ -125,10 +125,7 @@ class Connection(asyncio.Protocol):
     def _handshake_expired(self):
         log.info("%s: handshake not finished in %ss, disconnecting", self.peer,
                  self.server.config.handshake_timeout)
-        self.transport.abort()
-        if self.early is not None:
-            # Mid-upgrade the event loop reports the loss to the TLS layer, not to us.
-            self.connection_lost(TimeoutError("TLS handshake"))
+        self.abort()
 
     def _negotiate(self, data):
         for event in self.handshake.feed(data):
@@ -197,7 +194,7 @@ class Connection(asyncio.Protocol):
         quiet = self.server.loop.time() - self.active_at
         if quiet >= idle:
             log.info("%s: idle for %ss, disconnecting", self.peer, idle)
-            self.transport.abort()
+            self.abort()
         else:
             self.idle_timer = self.server.loop.call_later(idle - quiet, self._idle_check)
 
@@ -230,7 +227,7 @@ class Connection(asyncio.Protocol):
                 pieces = ()
         except ProtocolError as e:
             log.info("%s: %s, disconnecting", self.peer, e)
-            transport.abort()
+            self.abort()
             return
         if out:
             transport.writelines(out)   # may call pause_writing
@@ -254,4 +251,14 @@ class Connection(asyncio.Protocol):
 
     def close(self):
         self.closing = True
-        self.transport.close()
+        if self.early is not None:
+            self.abort()   # nothing of ours is queued before the TLS session exists
+        else:
+            self.transport.close()
+
+    def abort(self):
+        self.transport.abort()
+        if self.early is not None:
+            # Mid-upgrade the event loop reports the loss to the TLS layer, not to this
+            # protocol (issue 16: the slot was never given back).
+            self.connection_lost(ConnectionAbortedError("during the TLS handshake"))

@@ -138,7 +138,7 @@ class Server:
             if self.loop.time() > deadline:
                 # Clients that do not take their last replies are cut off.
                 for conn in list(self.active) + list(self.waiting):
-                    conn.transport.abort()
+                    conn.abort()
                 deadline = float("inf")
             await asyncio.sleep(0.01)
 
