@@ -5,8 +5,8 @@ client's bytes live in connection.py, the protocol in handshake.py and transmiss
 
 Signals are handled from the very start, before any image is opened and before any socket
 listens: a SIGTERM that arrives while an image is opened (or repaired) or while the
-listeners start is kept and honoured once the loop runs, so images are always closed
-cleanly (bitmaps leave `in_use`). qemu-nbd likewise installs its handler first.
+listeners start is kept and honoured as soon as that step ends, so images are always closed
+cleanly (bitmaps leave `in_use`).
 """
 
 import asyncio
@@ -68,6 +68,9 @@ class Server:
             srv = await listen(self.loop, listener, factory)
             if listener.unix is not None:
                 self.unix_paths.append(listener.unix)
+            if self.stopping:   # a signal came while it started
+                srv.close()
+                return
             self.servers.append(srv)
             log.info("listening on %s", listener.describe())
 
@@ -159,17 +162,25 @@ def serve(config, on_ready=None) -> int:
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     server = Server(config, loop)
-    server.install_signals()
     pid_file = None
-    try:
+
+    async def run():
+        # One run of the loop from the first signal handler to the end: uvloop reads
+        # signals only while it runs, so a SIGTERM during an image open (a repair) is
+        # kept and honoured right after it instead of being lost.
+        nonlocal pid_file
+        server.install_signals()
         if config.pid_file:
             pid_file = PidFile(config.pid_file)
         for cfg in config.exports:
             exports.append(Export.open(cfg))
-        loop.run_until_complete(server.start(exports))
+        await server.start(exports)
         if on_ready and not server.stopping:
             on_ready()
-        loop.run_until_complete(server.run_until_stopped())
+        await server.run_until_stopped()
+
+    try:
+        loop.run_until_complete(run())
     finally:
         try:
             for export in exports:
@@ -178,8 +189,6 @@ def serve(config, on_ready=None) -> int:
             server.cleanup()
             if pid_file is not None:
                 pid_file.close()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
             loop.close()
             asyncio.set_event_loop(None)
     return 0
