@@ -174,7 +174,7 @@ def build_config(args) -> ServerConfig:
         raise QnbdError("-k, -b and -p cannot be used with socket activation")
     activated = socket_activation()
     if activated:
-        config.listeners = activated
+        config.listeners = [Listener(fd=fd) for fd in activated]
     return config
 
 

@@ -8,12 +8,12 @@ import os
 import socket
 import stat
 
-from ..config import Listener
 from ..errors import QnbdError
 
 
-async def listen(loop, listener: Listener, factory):
-    """An asyncio server accepting on `listener`."""
+async def listen(loop, listener, factory):
+    """An asyncio server accepting on `listener` (a qnbd.config.Listener: an inherited
+    `fd`, a `unix` path or an `address` and `port`)."""
     if listener.fd is not None:
         sock = socket.socket(fileno=listener.fd)
         if sock.family == socket.AF_UNIX:
@@ -59,10 +59,10 @@ def _stale_socket(path: str) -> bool:
     return False
 
 
-def socket_activation() -> list[Listener]:
+def socket_activation() -> list[int]:
     """systemd's protocol (sd_listen_fds(3)): LISTEN_PID names this process and
     LISTEN_FDS counts listening sockets passed from fd 3 on. The variables are removed so
-    that nothing started later mistakes them for its own."""
+    that nothing started later mistakes them for its own. Returns the listening fds."""
     pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
     if pid is None or count is None:
         return []
@@ -80,4 +80,4 @@ def socket_activation() -> list[Listener]:
             os.set_inheritable(fd, False)
         except OSError as e:
             raise QnbdError(f"socket activation: fd {fd}: {e.strerror}") from None
-    return [Listener(fd=fd) for fd in range(3, 3 + n)]
+    return list(range(3, 3 + n))
