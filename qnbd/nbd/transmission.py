@@ -140,25 +140,29 @@ class Transmission:
         Raises ProtocolError when the session must end in a hard disconnect."""
         if self.stream is not None:
             req = self.stream[0]
-            return self._guard(req, self._read_step)
+            try:
+                return self._read_step()
+            except Exception as e:
+                return self._failed(req, e)
         req = self.parser.pop()
         if req is None:
             return None
         err, msg = check(self.session, self.allowed, self.export.size, req, self.max_request)
         if err:
             return self._error(req, err, msg)
-        return self._guard(req, _DISPATCH[req.cmd], self, req)
-
-    def _guard(self, req: Request, handler, *args) -> list:
-        """Engine failures cost the request an NBD error, never the session."""
         try:
-            return handler(*args)
-        except IOFailure as e:
+            return _DISPATCH[req.cmd](self, req)
+        except Exception as e:
+            return self._failed(req, e)
+
+    def _failed(self, req: Request, e: Exception) -> list:
+        """Engine failures cost the request an NBD error, never the session."""
+        if isinstance(e, IOFailure):
             err, msg = p.nbd_error(e.errno), str(e)
-        except OSError as e:
+        elif isinstance(e, OSError):
             err, msg = p.nbd_error(e.errno), e.strerror or str(e)
-        except Exception:  # a bug must cost this request, not the server or the client
-            log.exception("%s: request %d failed", self.peer, req.cmd)
+        else:  # a bug must cost this request, not the server or the client
+            log.error("%s: request %d failed", self.peer, req.cmd, exc_info=e)
             err, msg = p.EIO, "internal error"
         stream, self.stream = self.stream, None
         if stream is not None and stream[2]:
