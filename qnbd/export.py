@@ -29,10 +29,10 @@ that into wire flags, and offering metadata contexts, is the NBD layer's job (qn
 from dataclasses import dataclass, field
 
 from .block.base import read_parts
-from .block.open import FORMATS, open_image
+from .block.chain import BACKING_POLICIES
 from .block.overlay import SnapshotOverlay
 from .errors import ImageError, QnbdError
-from .qcow2.image import BACKING_POLICIES
+from .formats import DRIVERS, open_image
 
 DISCARD_MODES = ("ignore", "unmap")
 DETECT_ZEROES_MODES = ("off", "on", "unmap")
@@ -65,8 +65,8 @@ class ExportConfig:
                                     ("backing", self.backing, BACKING_POLICIES)):
             if value not in allowed:
                 raise QnbdError(f"Invalid {key} mode '{value}' (expected {'|'.join(allowed)})")
-        if self.format is not None and self.format not in FORMATS:
-            raise QnbdError(f"Unknown image format '{self.format}' (supported: {', '.join(FORMATS)})")
+        if self.format is not None and self.format not in DRIVERS:
+            raise QnbdError(f"Unknown image format '{self.format}' (supported: {', '.join(DRIVERS)})")
         if self.detect_zeroes == "unmap" and self.discard != "unmap":
             raise QnbdError("--detect-zeroes=unmap can only be used if discard is set to unmap")
         if self.shared < 0:
@@ -107,7 +107,7 @@ class Export:
             return cls(config, device)
         except BaseException:
             # Close what was opened: a read-write open has already set in_use on the
-            # image's bitmaps, and only a clean close clears it (DESIGN.md rule 9).
+            # image's bitmaps, and only a clean close clears it (docs/DESIGN.md rule 9).
             device.close()
             raise
 

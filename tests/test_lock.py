@@ -7,12 +7,13 @@ import time
 
 import pytest
 
-from qnbd.block.open import open_image
+from qnbd.formats import open_image
 from qnbd.errors import ImageError
 from qnbd.lock import ImageInUse
 from qnbd.qcow2.check import check_image
 
-from images import qemu_img
+from peers import qemu_img
+
 
 
 @pytest.fixture

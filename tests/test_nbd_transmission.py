@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fuzz import targets
-from nbdserver import RawClient, make_raw, serve  # noqa: F401
+from nbdserver import RawClient, make_raw
 from qnbd.errors import IOFailure, NotFast
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p

@@ -14,7 +14,7 @@ import time
 import nbd
 import pytest
 
-from nbdserver import RawClient, Server, make_raw, meta_payload, serve, short_tmpdir  # noqa: F401
+from nbdserver import RawClient, Server, make_raw, meta_payload, short_tmpdir
 from qnbd.nbd import protocol as p
 from tlsutil import make_pki
 

@@ -8,7 +8,6 @@ import subprocess
 import nbd
 import pytest
 
-from nbdserver import serve  # noqa: F401
 
 pytestmark = pytest.mark.skipif(
     not hasattr(nbd.NBD, "get_extended_headers_negotiated"),

@@ -10,7 +10,7 @@ import time
 import nbd
 import pytest
 
-from nbdserver import RawClient, make_raw, serve  # noqa: F401
+from nbdserver import RawClient, make_raw
 from qcow2util import bitmap_locations, read_field
 from qnbd.nbd import protocol as p
 from tlsutil import make_pki

@@ -13,7 +13,8 @@ from ..logconfig import FORMATS as LOG_FORMATS, LEVELS as LOG_LEVELS, configure 
 from ..nbd.listeners import socket_activation
 from ..nbd.server import serve
 from ..nbd.tls import MODES as TLS_MODES, TlsConfig, load_authz
-from ..qcow2.image import BACKING_POLICIES
+from ..block.chain import BACKING_POLICIES
+from ..formats import DRIVERS
 
 # qemu-nbd options that qnbd does not implement yet: accepted by the parser only to be
 # refused by name, never silently ignored. (flag, long name, takes a value)
@@ -37,7 +38,7 @@ def add_parser(subparsers):
         description="Export IMAGE over NBD. Options have qemu-nbd's meaning.")
     p.add_argument("image", nargs="?", metavar="IMAGE", help="image file to export")
     p.add_argument("--config", metavar="FILE", help="serve the exports of a TOML file")
-    p.add_argument("-f", "--format", choices=("qcow2", "raw"), help="image format (probed if omitted)")
+    p.add_argument("-f", "--format", choices=DRIVERS, help="image format (probed if omitted)")
     p.add_argument("-k", "--socket", metavar="PATH", help="listen on a unix socket")
     p.add_argument("-b", "--bind", metavar="ADDR", help="TCP address to listen on (default 0.0.0.0)")
     p.add_argument("-p", "--port", type=_port, metavar="PORT",

@@ -14,8 +14,8 @@ TLS upgrade, transmission). It only moves bytes between the socket and the sans-
 - input backlog: past INPUT_HIGH bytes of unanswered requests, reading pauses.
 - idle_timeout (optional): a client that sends nothing and takes no replies is dropped.
 
-Requests run inline on the loop (the engines are synchronous by design, see DESIGN.md), so
-replies leave in request order, which the protocol allows.
+Requests run inline on the loop (the engines are synchronous by design, see
+docs/DESIGN.md), so replies leave in request order, which the protocol allows.
 """
 
 import asyncio

@@ -1,0 +1,283 @@
+"""Running a workload on the recording seam and checking every enumerated crash state
+against qemu-img (used by test_crash.py and test_crash_mutation.py)."""
+
+import json
+import os
+import random
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import qnbd.fileio
+from qnbd.formats import open_image
+
+from bitmaputil import qemu_dirty_map
+from crashsim import SECTOR, RecordingFile, crash_states
+from peers import run
+from qcow2util import INCOMPAT_DIRTY, patch_bytes, patch_fields, read_field, read_u64
+from images import MiB, Shape
+from workload import Model, apply_ops, converted
+
+# The shapes the engine issue asks for: small refcount regions (512 B clusters, 64-bit
+# refcounts: 64 clusters a block) under raw and qcow2 backing files, 1-bit refcounts,
+# v2, lazy refcounts, compressed clusters, persistent bitmaps.
+SHAPES = [
+    Shape("c512-r64-raw", "cluster_size=512,refcount_bits=64", backing="raw", size=4 * MiB),
+    Shape("c512-r64-qcow2", "cluster_size=512,refcount_bits=64", backing="qcow2",
+          size=4 * MiB),
+    Shape("c4k-r1", "cluster_size=4096,refcount_bits=1", size=4 * MiB),
+    Shape("v2", "compat=0.10", size=4 * MiB),
+    Shape("lazy", "lazy_refcounts=on", size=4 * MiB),
+    Shape("zlib", compress="zlib", size=4 * MiB),
+    Shape("bitmaps", "cluster_size=4096", size=4 * MiB, bitmaps=["b0", "b1"]),
+]
+SHAPE_IDS = [s.name for s in SHAPES]
+
+
+@dataclass
+class Context:
+    flushed: bytes  # the guest content at the last completed flush
+    touched: bytes  # one byte per sector: written since that flush
+    during: str  # the operation under way, for failure messages
+    start: bytes = b""  # the guest content when the image was opened
+
+
+def crash_ops(rng: random.Random, size: int, count: int) -> list:
+    """Writes, zeroes (with and without trim), discards and flushes, a few sectors to a
+    few clusters long, some aligned: each one allocates, frees or rewrites metadata."""
+    ops = []
+    for _ in range(count):
+        kind = rng.choice(["write", "write", "write", "zero", "zero_trim", "discard",
+                           "flush"])
+        off = rng.randrange(0, size)
+        if rng.random() < 0.4:
+            off = off // 65536 * 65536
+        n = rng.choice([1, 511, 512, 4096, 65536, 70000, rng.randrange(1, 140000)])
+        ops.append((kind, off, max(1, min(n, size - off)), rng.randrange(1, 256)))
+    return ops
+
+
+def record_workload(shape: Shape, directory, ops, monkeypatch):
+    """Run `ops` on a fresh image of `shape`, recording every interval; returns the
+    image path and the intervals, each with its Context."""
+    return record_driven(shape, directory, monkeypatch,
+                         lambda dev, do: [do(op) for op in ops])
+
+
+def record_driven(shape: Shape, directory, monkeypatch, drive):
+    """drive(dev, do) runs the workload, calling do(op) for each operation."""
+    return record_on(shape.build(directory), directory, monkeypatch, drive,
+                     discard_keeps=shape.v2 and shape.backing is not None)
+
+
+def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False):
+    """record_driven on an image already made (opening it may itself write: a repair)."""
+    start = converted(image, "qcow2", directory)
+    state = {"flushed": bytes(start), "touched": bytearray(len(start) // SECTOR + 1),
+             "op": "open"}
+    intervals = []
+
+    def closed(f: RecordingFile):
+        if f.path == image:
+            intervals.append(f.interval(Context(state["flushed"], bytes(state["touched"]),
+                                                state["op"], start)))
+
+    real_open = qnbd.fileio.open_file
+    monkeypatch.setattr(qnbd.fileio, "open_file",
+                        lambda path, writable: RecordingFile(real_open(path, writable),
+                                                             closed))
+    dev = open_image(image, "qcow2", read_only=False)
+    model = Model(start, dev.cluster_size, discard_keeps=discard_keeps)
+    done = []
+
+    def do(op):
+        kind, off, n, pattern = op
+        state["op"] = f"op {len(done)} {op}"
+        done.append(op)
+        if kind != "flush":
+            first, last = off // SECTOR, (off + n - 1) // SECTOR
+            state["touched"][first:last + 1] = b"\1" * (last - first + 1)
+        apply_ops(dev, model, [op])
+        if kind == "flush" or (kind == "write" and pattern % 17 == 0):  # FUA
+            state["flushed"] = bytes(model.data)
+            state["touched"] = bytearray(len(start) // SECTOR + 1)
+
+    try:
+        drive(dev, do)
+        state["op"] = "close"
+    finally:
+        dev.close()
+        monkeypatch.setattr(qnbd.fileio, "open_file", real_open)
+    return image, intervals
+
+
+def check_state(path: str, content: bytes, ctx: Context, what: str, scratch) -> str | None:
+    """Why this crash state is wrong, or None."""
+    with open(path, "wb") as f:
+        f.write(content)
+    where = f"{what}, during {ctx.during}"
+    r = subprocess.run(["qemu-img", "info", "--output=json", path], capture_output=True,
+                       text=True)
+    if r.returncode:
+        return f"{where}: qemu-img info fails: {r.stderr.strip()}"
+    info = json.loads(r.stdout)
+    dirty = info.get("dirty-flag", False)
+    if dirty:
+        # Rule 6: a dirty image opened read-write is checked and repaired first.
+        open_image(path, "qcow2", read_only=False).close()
+    r = subprocess.run(["qemu-img", "check", "--output=json", path], capture_output=True,
+                       text=True)
+    report = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
+    if r.returncode not in (0, 3) or report.get("corruptions", 0):
+        return f"{where}: qemu-img check rc {r.returncode}: {r.stdout}{r.stderr}"
+    if dirty and r.returncode:
+        return f"{where}: the repaired image still has leaks: {r.stdout}"
+    data = converted(path, "qcow2", scratch)
+    if len(data) != len(ctx.flushed):
+        return f"{where}: size {len(data)} instead of {len(ctx.flushed)}"
+    for sector, touched in enumerate(ctx.touched):
+        lo = sector * SECTOR
+        if not touched and data[lo:lo + SECTOR] != ctx.flushed[lo:lo + SECTOR]:
+            return f"{where}: flushed data lost at offset {lo}"
+    return _check_bitmaps(path, info, data, ctx.start, where)
+
+
+def _check_bitmaps(path: str, info: dict, data: bytes, start: bytes, where: str):
+    """Rule 9: a bitmap stored as consistent (not in use) covers every change made
+    since the image was opened (its bits were all clear then: the shapes add empty,
+    enabled bitmaps). The dirty bits are read by qemu itself (qemu-nbd -B)."""
+    bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+    changed = [i for i in range(0, len(data), SECTOR)
+               if data[i:i + SECTOR] != start[i:i + SECTOR]]
+    for bitmap in bitmaps:
+        if "in-use" in bitmap["flags"] or not changed:
+            continue
+        dirty = qemu_dirty_map(path, bitmap["name"])
+        missed = [i for i in changed if not any(o <= i < o + n for o, n in dirty)]
+        if missed:
+            return (f"{where}: bitmap '{bitmap['name']}' is stored as consistent but "
+                    f"misses the change at offset {missed[0]}")
+    return None
+
+
+def enumerate_crashes(image: str, intervals, seed: int, scratch) -> tuple[int, list[str]]:
+    """Check every crash state of every interval, two at a time (qemu-img runs in
+    subprocesses); returns how many states were checked and the failures."""
+    rng = random.Random(seed)
+    jobs = [(what, content, iv.context) for iv in intervals
+            for what, content in crash_states(iv, rng)]
+
+    def check(job_index):
+        what, content, ctx = jobs[job_index]
+        slot = job_index % 2
+        worker = os.path.join(str(scratch), f"w{slot}")
+        os.makedirs(worker, exist_ok=True)
+        # Beside the image, so that a relative backing file name resolves.
+        state = os.path.join(os.path.dirname(image), f"state{slot}.qcow2")
+        return check_state(state, content, ctx, what, worker)
+
+    # One file per worker slot: states in flight at once never share files.
+    with ThreadPoolExecutor(2) as pool:
+        failures = []
+        for start in range(0, len(jobs), 2):
+            failures += [f for f in pool.map(check, range(start, min(start + 2, len(jobs))))
+                         if f]
+    return len(jobs), failures
+
+
+# -- scenarios aimed at one ordering rule each -----------------------------------------
+
+L1_OFFSET = 0x00FFFFFFFFFFFE00  # qcow2.rst: bits 9-55 of L1 and L2 entries
+
+def issue10_scenario(directory, monkeypatch):
+    """The corruption of the engine issue: 512 B clusters, 64-bit refcounts, a raw
+    backing file. A data cluster is written into an L2 table already on disk, then
+    write-zeroes over a range with no L2 table needs a new table whose allocation needs
+    a new refcount block, then a flush: the data cluster's refcount must be durable
+    before the old L2 table is rewritten to point to it."""
+    shape = SHAPES[0]
+    cs = 512
+    table_span = cs * (cs // 8)  # guest bytes one L2 table maps
+
+    def drive(dev, do):
+        do(("write", 0, cs, 3))
+        do(("flush", 0, 0, 0))  # the L2 table of guest offset 0 is on disk
+        rc = dev.refcounts
+        # Fill the free clusters of the allocated regions, one data cluster at a time
+        # into that same table, until the next allocation opens a new region.
+        guest = cs
+        while True:
+            nxt = rc._next_free(rc.free_hint)
+            region = nxt // rc.per_block
+            if nxt % rc.per_block == 0 and not (region < len(rc.table) and rc.table[region]):
+                break
+            do(("write", guest, cs, 5))
+            guest += cs
+        assert guest < table_span, "the regions did not fill within one table"
+        do(("zero", 3 * table_span, table_span, 0))  # a new L2 table, a new refblock
+        do(("flush", 0, 0, 0))
+
+    return record_driven(shape, directory, monkeypatch, drive)
+
+
+def reftable_growth_scenario(directory, monkeypatch):
+    """512 B clusters with 64-bit refcounts: one refcount table cluster covers 2 MiB of
+    file, so writing 3 MiB moves the table (new table, header switch, old one freed)."""
+    shape = Shape("c512-r64", "cluster_size=512,refcount_bits=64", size=4 * MiB)
+
+    def drive(dev, do):
+        for off in range(0, 3 * MiB, 256 * 1024):
+            do(("write", off, 256 * 1024, 7))
+        do(("flush", 0, 0, 0))
+
+    return record_driven(shape, directory, monkeypatch, drive)
+
+
+def repair_on_open_scenario(directory, monkeypatch):
+    """A lazy-refcounts image left dirty by qemu (killed after a flush: its refcounts
+    lag behind its L2 tables) is repaired when opened read-write; power cuts during the
+    repair leave an image that is consistent or still dirty (and repaired next time)."""
+    image = str(directory / "dirty.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", image,
+        str(4 * MiB))
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M",
+                        "-c", "write -P 2 2M 512k", "-c", "flush", "-c", "sigraise 9", image],
+                       capture_output=True)
+    assert r.returncode != 0  # killed, as intended
+    return record_on(image, directory, monkeypatch, lambda dev, do: None)
+
+
+def repair_raises_refcount_scenario(directory, monkeypatch):
+    """A dirty image whose refcount is too low but not zero (a cluster shared with an
+    internal snapshot, refcount 1 where it is referenced twice): the repair raises it
+    in place, and only then clears the dirty bit (Barrier.REPAIR between them)."""
+    image = str(directory / "shared.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", image,
+        str(4 * MiB))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 256k", image)
+    run("qemu-img", "snapshot", "-c", "s1", image)
+    l1 = read_u64(image, read_field(image, "l1_table_offset")) & L1_OFFSET
+    data = read_u64(image, l1) & L1_OFFSET  # the first data cluster, now shared
+    cluster_bits = read_field(image, "cluster_bits")
+    reftable = read_field(image, "refcount_table_offset")
+    per_block = (1 << cluster_bits) * 8 // 16
+    cluster = data >> cluster_bits
+    block = read_u64(image, reftable + 8 * (cluster // per_block))
+    patch_bytes(image, block + 2 * (cluster % per_block), (1).to_bytes(2, "big"))
+    patch_fields(image, incompatible_features=read_field(image, "incompatible_features")
+                 | INCOMPAT_DIRTY)
+    return record_on(image, directory, monkeypatch, lambda dev, do: None)
+
+
+def random_scenario(shape_name: str, seed: int, count: int):
+    shape = next(s for s in SHAPES if s.name == shape_name)
+    return lambda directory, monkeypatch: record_workload(
+        shape, directory, crash_ops(random.Random(seed), shape.size, count), monkeypatch)
+
+
+SCENARIOS = {
+    "issue-10": issue10_scenario,
+    "reftable-growth": reftable_growth_scenario,
+    "repair-on-open": repair_on_open_scenario,
+    "repair-raises-refcount": repair_raises_refcount_scenario,
+}
