@@ -9,9 +9,9 @@ Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
   writeback/none honour them as asked; writethrough/directsync make every write FUA;
   unsafe ignores FUA and FLUSH (fast, and not crash-safe). O_DIRECT is not used.
 - snapshot: writes go to a throwaway overlay; the image itself is opened read-only.
-- shared: how many clients may use the export at once (0 = unlimited); more than one
-  advertises NBD_FLAG_CAN_MULTI_CONN, which is true because every connection of an
-  export shares this one open device.
+- shared: how many clients may use the export at once (0 = unlimited). With more than
+  one, `can_multi_conn` holds: every connection of an export shares this one open
+  device, so a flush on one covers the writes of all.
 - bitmaps (-B NAME, repeatable): persistent dirty bitmaps of a qcow2 image offered as
   `qemu:dirty-bitmap:NAME`; they stay enabled and keep tracking while exported, as in
   qemu-nbd. allocation_depth (-A): offer `qemu:allocation-depth`.
@@ -21,6 +21,9 @@ Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
   cannot make the server read arbitrary host files.
 - tls_only (config file only): with TLS mode "on" (SELECTIVETLS), the export is
   invisible to clients that have not started TLS.
+
+An Export says what it can do (`read_only`, `can_fast_zero`, `can_multi_conn`); turning
+that into wire flags, and offering metadata contexts, is the NBD layer's job (qnbd/nbd/).
 """
 
 from dataclasses import dataclass, field
@@ -29,8 +32,6 @@ from .block.base import read_parts
 from .block.chain import BACKING_POLICIES
 from .block.overlay import SnapshotOverlay
 from .errors import ImageError, QnbdError
-from .nbd import protocol as p
-from .nbd.contexts import contexts_for
 from .formats import DRIVERS, open_image
 
 DISCARD_MODES = ("ignore", "unmap")
@@ -70,10 +71,6 @@ class ExportConfig:
             raise QnbdError("--detect-zeroes=unmap can only be used if discard is set to unmap")
         if self.shared < 0:
             raise QnbdError(f"Invalid shared value '{self.shared}' (0 = unlimited)")
-        if len(self.name.encode()) > p.MAX_STRING:
-            raise QnbdError("export name is longer than 4096 bytes")
-        if len(self.description.encode()) > p.MAX_STRING:
-            raise QnbdError("export description is longer than 4096 bytes")
 
 
 class Export:
@@ -93,7 +90,8 @@ class Export:
         self.allocation_depth = config.allocation_depth
         self.tls_only = config.tls_only
         self.bitmaps = [_bitmap(device, name) for name in dict.fromkeys(config.bitmaps)]
-        self.contexts = contexts_for(self)
+        self.can_fast_zero = not self.read_only and device.supports_fast_zero
+        self.can_multi_conn = self.shared != 1
 
     @classmethod
     def open(cls, config: ExportConfig) -> "Export":
@@ -113,20 +111,6 @@ class Export:
             device.close()
             raise
 
-    def transmission_flags(self, structured: bool) -> int:
-        flags = (p.FLAG_HAS_FLAGS | p.FLAG_SEND_FLUSH | p.FLAG_SEND_FUA | p.FLAG_SEND_CACHE)
-        if structured:
-            flags |= p.FLAG_SEND_DF  # only with structured replies (proto.md SEND_DF)
-        if self.read_only:
-            flags |= p.FLAG_READ_ONLY
-        else:
-            flags |= p.FLAG_SEND_TRIM | p.FLAG_SEND_WRITE_ZEROES
-            if self.device.supports_fast_zero:
-                flags |= p.FLAG_SEND_FAST_ZERO
-        if self.shared != 1:
-            flags |= p.FLAG_CAN_MULTI_CONN
-        return flags
-
     def admit(self) -> str | None:
         """Why one more client may not use this export, or None."""
         if self.shared and self.clients >= self.shared:
@@ -145,9 +129,9 @@ class Export:
         return read_parts(self.device, offset, length)
 
     def write(self, offset: int, data: bytes, fua: bool) -> None:
-        # detect-zeroes: lstrip returns the same object when the first byte is not zero,
-        # so ordinary data costs nothing.
-        if self.detect_zeroes and data and not data.lstrip(b"\0"):
+        # detect-zeroes: ordinary data fails at its first byte, so it costs nothing (the
+        # payload may be a bytearray, whose lstrip would copy it).
+        if self.detect_zeroes and data and data[0] == 0 and data.count(0) == len(data):
             self.device.write_zeroes(offset, len(data), may_trim=self.may_trim,
                                      fua=self._fua(fua))
         else:

@@ -4,12 +4,13 @@ multi-export server from a TOML file (`--config`)."""
 import argparse
 import logging
 import os
-import sys
 
 from ..config import (DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT, Listener, ServerConfig,
                       check_tls_only, load_config)
 from ..errors import QnbdError
 from ..export import CACHE_MODES, DETECT_ZEROES_MODES, DISCARD_MODES, ExportConfig
+from ..logconfig import FORMATS as LOG_FORMATS, LEVELS as LOG_LEVELS, configure as configure_log
+from ..nbd.listeners import socket_activation
 from ..nbd.server import serve
 from ..nbd.tls import MODES as TLS_MODES, TlsConfig, load_authz
 from ..block.chain import BACKING_POLICIES
@@ -85,7 +86,13 @@ def add_parser(subparsers):
     p.add_argument("--fork", action="store_true",
                    help="run in the background; return once the server listens")
     p.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
-    p.add_argument("-v", "--verbose", action="store_true", help="log connections to stderr")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="as qemu-nbd: with --fork, keep stderr open")
+    p.add_argument("--log-level", choices=tuple(LOG_LEVELS),
+                   help="qnbd's own log: warning (default) or error, off; info adds a line "
+                   "per connection, debug more")
+    p.add_argument("--log-file", metavar="PATH", help="write the log here instead of stderr")
+    p.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or json lines")
     for short, long, takes_value in UNSUPPORTED:
         names = [n for n in (short, long) if n]
         kw = {"metavar": "ARG"} if takes_value else {"action": "store_true"}
@@ -166,9 +173,9 @@ def build_config(args) -> ServerConfig:
     if os.environ.get("LISTEN_PID") == str(os.getpid()) and \
             any(getattr(args, name) is not None for name in _LISTEN_OPTIONS):
         raise QnbdError("-k, -b and -p cannot be used with socket activation")
-    activated = _socket_activation()
+    activated = socket_activation()
     if activated:
-        config.listeners = activated
+        config.listeners = [Listener(fd=fd) for fd in activated]
     return config
 
 
@@ -190,33 +197,9 @@ def _cli_listener(args) -> Listener:
     return Listener(address=args.bind or "0.0.0.0", port=args.port or DEFAULT_PORT)
 
 
-def _socket_activation() -> list[Listener]:
-    """systemd's protocol (sd_listen_fds(3)): LISTEN_PID names this process and
-    LISTEN_FDS counts listening sockets passed from fd 3 on. The variables are removed so
-    that nothing started later mistakes them for its own."""
-    pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
-    if pid is None or count is None:
-        return []
-    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(var, None)
-    try:
-        if int(pid) != os.getpid():
-            return []
-        n = int(count)
-    except ValueError:
-        raise QnbdError(f"bad socket activation variables LISTEN_PID={pid} LISTEN_FDS={count}") \
-            from None
-    for fd in range(3, 3 + n):
-        try:
-            os.set_inheritable(fd, False)
-        except OSError as e:
-            raise QnbdError(f"socket activation: fd {fd}: {e.strerror}") from None
-    return [Listener(fd=fd) for fd in range(3, 3 + n)]
-
-
 def run(args) -> int:
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="qnbd serve: %(message)s", stream=sys.stderr)
+    configure_log("qnbd serve", args.log_level or "warning", args.log_file,
+                  args.log_format or "text")
     config = build_config(args)
     if not args.fork:
         return serve(config)
