@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from cli_util import qemu_img_info, qnbd, qnbd_ok, qnbd_subprocess, run
+from cli_util import qemu_img_info, qemu_img_info_text, qnbd, qnbd_ok, qnbd_subprocess, run
 
 
 def _qemu_img(*args, cwd=None):
@@ -63,7 +63,7 @@ def test_json_and_text_match_qemu_img(tmp_path, monkeypatch, name):
     before = hashlib.sha256((tmp_path / image).read_bytes()).digest()
     ours = json.loads(qnbd_ok("info", "--output=json", image))
     assert ours == qemu_img_info(image, "-U", cwd=tmp_path)
-    assert qnbd_ok("info", image) == _qemu_img("info", "-U", image, cwd=tmp_path)
+    assert qnbd_ok("info", image) == qemu_img_info_text(image, "-U", cwd=tmp_path)
     assert hashlib.sha256((tmp_path / image).read_bytes()).digest() == before
 
 
@@ -75,7 +75,7 @@ def test_backing_chain_matches_qemu_img(tmp_path, monkeypatch):
                                              "sub/../base.raw"]
     assert ours == qemu_img_info(image, "--backing-chain", cwd=tmp_path)
     assert (qnbd_ok("info", "--backing-chain", image)
-            == _qemu_img("info", "--backing-chain", image, cwd=tmp_path))
+            == qemu_img_info_text(image, "--backing-chain", cwd=tmp_path))
 
 
 def test_bitmaps_listed_in_directory_order(tmp_path, monkeypatch):
