@@ -21,6 +21,8 @@ Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
   cannot make the server read arbitrary host files.
 - tls_only (config file only): with TLS mode "on" (SELECTIVETLS), the export is
   invisible to clients that have not started TLS.
+- offset, size (qemu-nbd --offset, the raw driver's options in --image-opts): export a
+  window of the image (block/window.py).
 """
 
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from .block.base import read_parts
 from .block.open import FORMATS, open_image
 from .block.overlay import SnapshotOverlay
+from .block.window import Window
 from .errors import ImageError, QnbdError
 from .nbd import protocol as p
 from .nbd.contexts import contexts_for
@@ -55,6 +58,8 @@ class ExportConfig:
     allocation_depth: bool = False
     backing: str = "any"
     tls_only: bool = False
+    offset: int = 0
+    size: int | None = None
 
     def validate(self) -> None:
         """One-line errors in qemu-nbd's words for the combinations it refuses."""
@@ -67,7 +72,8 @@ class ExportConfig:
         if self.format is not None and self.format not in FORMATS:
             raise QnbdError(f"Unknown image format '{self.format}' (supported: {', '.join(FORMATS)})")
         if self.detect_zeroes == "unmap" and self.discard != "unmap":
-            raise QnbdError("--detect-zeroes=unmap can only be used if discard is set to unmap")
+            raise QnbdError("setting detect-zeroes to unmap is not allowed without setting "
+                            "discard operation to unmap")
         if self.shared < 0:
             raise QnbdError(f"Invalid shared value '{self.shared}' (0 = unlimited)")
         if len(self.name.encode()) > p.MAX_STRING:
@@ -106,6 +112,8 @@ class Export:
             device = open_image(config.image, config.format, read_only=config.read_only,
                                 backing_policy=config.backing)
         try:
+            if config.offset or config.size is not None:
+                device = Window(device, config.offset, config.size)
             return cls(config, device)
         except BaseException:
             # Close what was opened: a read-write open has already set in_use on the
@@ -173,11 +181,16 @@ class Export:
 
 
 def _bitmap(device, name: str):
-    """The named bitmap of the image behind `device` (under a snapshot overlay: of the
-    image it covers, as qemu-nbd looks down the backing chain). Devices without
-    persistent bitmaps (raw) have none, in qemu-nbd's words."""
+    """The named bitmap of the image behind `device` or, as qemu-nbd finds it
+    (nbd/server.c, nbd_export_create: bdrv_find_dirty_bitmap on each node down
+    bdrv_filter_or_cow_bs), of the first image down its backing chain that has one; a
+    snapshot overlay is looked through. A bitmap of a backing file records no writes:
+    writes go to the top image. Raw files have no bitmaps; a window (--offset) is not
+    looked through, as qemu's raw node with an offset is not a filter."""
     image = getattr(device, "base", device)
-    bitmaps = getattr(image, "bitmaps", None)
-    if bitmaps is None:
-        raise ImageError(f"Bitmap '{name}' is not found")
-    return bitmaps.get(name)
+    while image is not None:
+        bitmaps = getattr(image, "bitmaps", None)
+        if bitmaps is not None and any(e.name == name for e in bitmaps.describe()):
+            return bitmaps.get(name)
+        image = getattr(image, "backing", None)
+    raise ImageError(f"Bitmap '{name}' is not found")
