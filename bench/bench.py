@@ -140,7 +140,7 @@ def extras(work):
             server.stop()
         results[kind] = {"open+first-reply-s": opened, "peak-rss-MiB": rss}
     # The engine's own open (header, L1 and refcount tables, bitmaps), timed in-process.
-    out = sh(sys.executable, "-c", "import sys, time; from qnbd.block.open import open_image;"
+    out = sh(sys.executable, "-c", "import sys, time; from qnbd.formats import open_image;"
              "t = time.perf_counter(); d = open_image(sys.argv[1], read_only=False);"
              "print(time.perf_counter() - t); d.close()", big).stdout
     results["qnbd"]["engine-open-1T-s"] = float(out)

@@ -32,3 +32,10 @@ class NotFast(IOFailure):
 
     def __init__(self, message: str = "zeroing this range would not be fast"):
         super().__init__(message, errno.ENOTSUP)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped, so that names taken from an image (feature
+    names, backing file names, bitmap names) cannot break an error message's one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)

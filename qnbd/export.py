@@ -28,13 +28,13 @@ Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
 from dataclasses import dataclass, field
 
 from .block.base import read_parts
-from .block.open import FORMATS, open_image
+from .block.chain import BACKING_POLICIES
 from .block.overlay import SnapshotOverlay
 from .block.window import Window
 from .errors import ImageError, QnbdError
 from .nbd import protocol as p
 from .nbd.contexts import contexts_for
-from .qcow2.image import BACKING_POLICIES
+from .formats import DRIVERS, open_image
 
 DISCARD_MODES = ("ignore", "unmap")
 DETECT_ZEROES_MODES = ("off", "on", "unmap")
@@ -69,8 +69,8 @@ class ExportConfig:
                                     ("backing", self.backing, BACKING_POLICIES)):
             if value not in allowed:
                 raise QnbdError(f"Invalid {key} mode '{value}' (expected {'|'.join(allowed)})")
-        if self.format is not None and self.format not in FORMATS:
-            raise QnbdError(f"Unknown image format '{self.format}' (supported: {', '.join(FORMATS)})")
+        if self.format is not None and self.format not in DRIVERS:
+            raise QnbdError(f"Unknown image format '{self.format}' (supported: {', '.join(DRIVERS)})")
         if self.detect_zeroes == "unmap" and self.discard != "unmap":
             raise QnbdError("setting detect-zeroes to unmap is not allowed without setting "
                             "discard operation to unmap")

@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from qnbd.block.open import open_image
+from qnbd.formats import open_image
 from qnbd.errors import ImageError
 
 from images import MiB, qemu_img, qemu_io
@@ -165,7 +165,7 @@ def test_bitmap_tracks_writes_made_by_qemu_then_qnbd(image):
 
 def test_bitmap_left_in_use_by_a_killed_process_is_refused_and_removable(image):
     qemu_img("bitmap", "--add", image, "b")
-    code = ("import os, sys; from qnbd.block.open import open_image;"
+    code = ("import os, sys; from qnbd.formats import open_image;"
             "d = open_image(sys.argv[1], read_only=False); d.write(0, b'x' * 65536);"
             "d.flush(); os.kill(os.getpid(), 9)")
     r = subprocess.run([sys.executable, "-c", code, image], capture_output=True)

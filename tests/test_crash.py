@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 import qnbd.fileio
-from qnbd.block.open import open_image
+from qnbd.formats import open_image
 
 from crashsim import SECTOR, RecordingFile
 from images import SHAPES, qemu_img

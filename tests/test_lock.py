@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from qnbd.block.open import open_image
+from qnbd.formats import open_image
 from qnbd.errors import ImageError
 from qnbd.lock import ImageInUse
 from qnbd.qcow2.check import check_image

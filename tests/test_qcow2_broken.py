@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from qnbd.errors import IOFailure, QnbdError
-from qnbd.qcow2.image import Qcow2Image
+from qnbd.formats import open_image
 
 from qcow2util import (COPIED, EXT_BITMAPS, bitmap_locations, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT,
                        INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, feature_entry,
@@ -137,7 +137,7 @@ def try_open_and_read(path, read_only: bool, timeout: float = 10):
     try:
         with time_limit(timeout):
             stage = "open"
-            img = Qcow2Image.open(str(path), read_only=read_only)
+            img = open_image(str(path), "qcow2", read_only=read_only)
             stage = "read"
             read_all(img)
     except QnbdError as e:
@@ -160,7 +160,7 @@ def try_open_and_read(path, read_only: bool, timeout: float = 10):
         # A data error (a damaged compressed cluster) fails the read without making the
         # image corrupt; the session then closes cleanly and stores its bitmaps (rule 9),
         # so the file may change, but must still open.
-        Qcow2Image.open(str(path), read_only=True).close()
+        open_image(str(path), "qcow2", read_only=True).close()
     else:
         assert masked_allowed_changes(after) == masked_allowed_changes(before), \
             f"{stage} failed ({message}) and more than the corrupt bit and in_use changed"
@@ -313,7 +313,7 @@ def test_dirty_bit(copy):
     path = copy("data")
     patch_fields(path, incompatible_features=INCOMPAT_DIRTY)
     expect_ok(path, read_only=[True])
-    Qcow2Image.open(path, read_only=False).close()
+    open_image(path, "qcow2", read_only=False).close()
     assert qemu_info(path)["dirty-flag"] is False
 
 
@@ -324,7 +324,7 @@ def test_dirty_bit_with_broken_refcounts_is_repaired_on_open(copy):
     patch_fields(path, incompatible_features=INCOMPAT_DIRTY)
     block = read_u64(path, read_field(path, "refcount_table_offset"))
     patch_bytes(path, block, bytes(1 << read_field(path, "cluster_bits")))  # all lost
-    dev = Qcow2Image.open(path, read_only=False)
+    dev = open_image(path, "qcow2", read_only=False)
     try:
         dev.write(8 << 20, b"n" * 65536)  # must not land on a cluster in use
     finally:
@@ -475,7 +475,7 @@ REFBLOCK = 0x20000
 
 def check_write_sets_corrupt(path, offset=0, length=0x10000):
     before = path.read_bytes()
-    img = Qcow2Image.open(str(path), read_only=False)
+    img = open_image(str(path), "qcow2", read_only=False)
     try:
         with pytest.raises(IOFailure) as info:
             img.write(offset, b"\x07" * length)
@@ -521,7 +521,7 @@ def test_l2_entry_unaligned(copy, base):
         check_write_sets_corrupt(path)
     else:  # v2 has no corrupt bit, but the write must still fail and write nothing
         before = path.read_bytes()
-        img = Qcow2Image.open(str(path), read_only=False)
+        img = open_image(str(path), "qcow2", read_only=False)
         with pytest.raises(IOFailure):
             img.write(0, b"\x07" * 0x10000)
         img.close()
@@ -535,7 +535,7 @@ def test_l2_entry_unaligned_zero_and_discard(copy):
         host = read_u64(path, L2)
         patch_u64(path, L2, host + 0x200)
         before = path.read_bytes()
-        img = Qcow2Image.open(str(path), read_only=False)
+        img = open_image(str(path), "qcow2", read_only=False)
         try:
             try:
                 getattr(img, op)(0, 0x10000)
@@ -801,10 +801,10 @@ def test_backing_policy(chains, policy, allowed):
     for name in ("same", "out", "link"):
         path = str(chains / f"top-{name}.qcow2")
         if name in allowed:
-            Qcow2Image.open(path, backing_policy=policy).close()
+            open_image(path, "qcow2", backing_policy=policy).close()
         else:
             with pytest.raises(QnbdError, match=f"not allowed by the backing policy '{policy}'"):
-                Qcow2Image.open(path, backing_policy=policy)
+                open_image(path, "qcow2", backing_policy=policy)
 
 
 def test_backing_policy_applies_down_the_chain(tmp_path):
@@ -816,4 +816,4 @@ def test_backing_policy_applies_down_the_chain(tmp_path):
              str(tmp_path / "mid.qcow2"))
     qemu_img("create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", str(tmp_path / "top.qcow2"))
     with pytest.raises(QnbdError, match="far.qcow2' is not allowed"):
-        Qcow2Image.open(str(tmp_path / "top.qcow2"), backing_policy="same-dir")
+        open_image(str(tmp_path / "top.qcow2"), "qcow2", backing_policy="same-dir")

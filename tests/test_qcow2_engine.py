@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qnbd.block.open import open_image
+from qnbd.formats import open_image
 from qnbd.errors import NotFast
 
 from images import MiB, RAW, SHAPES, qemu_img
@@ -261,7 +261,7 @@ def test_memory_bounded_by_cache(tmp_path):
     try:
         for i in range(300):  # one write per L2 table (each maps 2 MiB here)
             dev.write(i * (2 * MiB) + 5, b"z" * 10)
-        assert len(dev.l2_cache) <= 16
+        assert len(dev.tables.l2_cache) <= 16
         for i in range(300):
             assert bytes(dev.read(i * (2 * MiB) + 5, 10)) == b"z" * 10
     finally:
@@ -272,7 +272,7 @@ def test_memory_bounded_by_cache(tmp_path):
 def test_block_status_stops_after_a_bounded_number_of_tables(tmp_path):
     """A query over many allocated L2 tables returns early (the contract allows it), and
     asking again from where it stopped covers the rest exactly."""
-    from qnbd.qcow2.image import MAX_STATUS_TABLES
+    from qnbd.qcow2.mapping import MAX_STATUS_TABLES
 
     image = os.path.join(str(tmp_path), "frag.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", image, "1G")

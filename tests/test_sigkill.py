@@ -16,7 +16,7 @@ import time
 import nbd
 import pytest
 
-from qnbd.block.open import open_image
+from qnbd.formats import open_image
 from qnbd.errors import ImageError
 
 from images import MiB, qemu_img

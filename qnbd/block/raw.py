@@ -1,14 +1,41 @@
-"""Raw files as block devices (exports of `-f raw`, and raw backing files)."""
+"""The raw format: files as block devices (exports of `-f raw`, raw backing files), and
+their creation and info as qemu-img does them."""
 
 import errno
 import os
 
-from ..errors import IOFailure, NotFast
-from ..fileio import File, open_file
+from ..errors import ImageError, IOFailure, NotFast
+from ..fileio import File, create_file, open_file
 from ..lock import lock_image
 from .base import HOLE, ZERO, Extent
 
 _ZERO_CHUNK = bytes(1 << 20)
+SECTOR = 512  # qemu-img rounds the size of a new raw image up to whole sectors
+# qemu-img create -f raw -o keys: the size is the only one (qnbd/block/options.py)
+CREATE_OPTIONS: dict = {}
+
+
+def create_raw(path: str, size: int | None, **options) -> int:
+    """Create (or truncate) `path` as an all-zero sparse file; returns its size."""
+    if "backing_file" in options or "backing_fmt" in options:
+        raise ImageError("Backing file not supported for file format 'raw'")
+    if size is None:
+        raise ImageError("Image creation needs a size parameter")
+    size = -(-size // SECTOR) * SECTOR
+    f = create_file(path)
+    try:
+        f.truncate(size)
+    except OSError as e:
+        raise ImageError(f"Could not resize file: {e.strerror}") from None
+    finally:
+        f.close()
+    return size
+
+
+def raw_info(path: str, file, st) -> dict:
+    """qemu-img info of a raw file."""
+    return {"virtual-size": st.st_size, "filename": path, "format": "raw",
+            "actual-size": st.st_blocks * 512, "dirty-flag": False}
 
 
 class RawDevice:

@@ -9,7 +9,7 @@ stored once at the end (qemu-img does the same).
 
 import argparse
 
-from ..block.open import open_image, probe_format
+from ..formats import open_image, probe
 from ..errors import ImageError
 from ..units import parse_size
 
@@ -54,7 +54,7 @@ def run(args) -> int:
             granularity = parse_size(args.granularity, "granularity")
         except ValueError as e:
             raise ImageError(str(e)) from None
-    fmt = args.format or probe_format(args.image)
+    fmt = args.format or probe(args.image)
     if fmt != "qcow2":
         raise ImageError(f"bitmaps need a qcow2 image, not {fmt}")
     image = open_image(args.image, "qcow2", read_only=False)

@@ -1,10 +1,15 @@
-"""`qnbd check`: qemu-img check for qcow2 images: same options, output and exit codes
-(0 clean, 1 check not completed, 2 corruptions, 3 leaks only)."""
+"""`qnbd check`: qemu-img check: same options, output and exit codes (0 clean, 1 check
+not completed, 2 corruptions, 3 leaks only, 63 the format cannot be checked), and the
+text, JSON and progress it shows."""
 
 import json
 import sys
 
-from ..qcow2.check import FIX_ALL, FIX_LEAKS, check_image
+from .. import formats
+from ..block.check_result import FIX_ALL, FIX_LEAKS, CheckResult
+from .progress import ProgressBar
+
+EXIT_NOT_SUPPORTED = 63  # qemu-img check on a format without checks
 
 _FIX_MODES = {"leaks": FIX_LEAKS, "all": FIX_ALL}
 
@@ -14,8 +19,8 @@ def add_parser(subparsers):
         "check", help="check (and repair) a qcow2 image (like qemu-img check)",
         description="Walk every reference in a qcow2 image, compare with the stored "
                     "refcounts and COPIED flags, and with -r repair what was found.")
-    p.add_argument("-f", dest="fmt", choices=("qcow2",), default="qcow2",
-                   help="image format (only qcow2 can be checked)")
+    p.add_argument("-f", dest="fmt", metavar="FMT",
+                   help="image format (probed if absent; qcow2 can be checked)")
     p.add_argument("-r", dest="repair", choices=tuple(_FIX_MODES),
                    help="repair leaks only, or all inconsistencies")
     p.add_argument("--output", choices=("human", "json"), default="human")
@@ -28,8 +33,17 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     fix = _FIX_MODES.get(args.repair, 0)
-    result = check_image(args.filename, fix, force_share=args.force_share,
-                         progress=args.output == "human" and not args.quiet)
+    fmt = args.fmt or formats.probe(args.filename)
+    driver = formats.get(fmt)
+    if driver.check is None:
+        print("qnbd check: This image format does not support checks", file=sys.stderr)
+        return EXIT_NOT_SUPPORTED
+    progress = ProgressBar(enabled=args.output == "human" and not args.quiet)
+    try:
+        result = driver.check(args.filename, fix, force_share=args.force_share,
+                              progress=progress)
+    finally:
+        progress.done()
     for message in result.messages:
         print(message, file=sys.stderr)
     if result.check_errors:
@@ -38,12 +52,50 @@ def run(args) -> int:
     if args.quiet:
         return result.exit_code
     if args.output == "json":
-        print(json.dumps(result.to_json(), indent=4))
+        print(json.dumps(to_json(result), indent=4))
         return result.exit_code
     if result.leaks_fixed or result.corruptions_fixed:
         print("The following inconsistencies were found and repaired:\n\n"
               f"    {result.leaks_fixed} leaked clusters\n"
               f"    {result.corruptions_fixed} corruptions\n\n"
               "Double checking the fixed image now...")
-    print(result.human(), end="")
+    print(human(result), end="")
     return result.exit_code
+
+
+def to_json(result: CheckResult) -> dict:
+    """qemu-img check --output=json: counters that are zero are left out (except
+    check-errors), in the order qemu 7.2 prints them."""
+    order = ("image-end-offset", "compressed-clusters", "total-clusters",
+             "corruptions", "corruptions-fixed", "check-errors", "leaks", "leaks-fixed",
+             "allocated-clusters", "filename", "format", "fragmented-clusters")
+    out = {}
+    for key in order:
+        value = getattr(result, key.replace("-", "_"))
+        if value or key in ("check-errors", "filename", "format"):
+            out[key] = value
+    return out
+
+
+def human(result: CheckResult) -> str:
+    """qemu-img check's text (qemu-img.c, dump_human_image_check)."""
+    lines = []
+    if not (result.corruptions or result.leaks or result.check_errors):
+        lines.append("No errors were found on the image.")
+    if result.corruptions:
+        lines += ["", f"{result.corruptions} errors were found on the image.",
+                  "Data may be corrupted, or further writes to the image may corrupt it."]
+    if result.leaks:
+        lines += ["", f"{result.leaks} leaked clusters were found on the image.",
+                  "This means waste of disk space, but no harm to data."]
+    if result.check_errors:
+        lines += ["", f"{result.check_errors} internal errors have occurred during the "
+                  "check."]
+    if result.total_clusters and result.allocated_clusters:
+        a = result.allocated_clusters
+        lines.append(f"{a}/{result.total_clusters} = {a * 100 / result.total_clusters:.2f}% "
+                     f"allocated, {result.fragmented_clusters * 100 / a:.2f}% fragmented, "
+                     f"{result.compressed_clusters * 100 / a:.2f}% compressed clusters")
+    if result.image_end_offset:
+        lines.append(f"Image end offset: {result.image_end_offset}")
+    return "\n".join(lines) + "\n"

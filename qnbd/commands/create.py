@@ -1,11 +1,9 @@
 """`qnbd create`: make a new empty image, with qemu-img create's options and meaning."""
 
-from ..block.create import create_raw
+from .. import formats
+from ..block.options import parse_options, parse_size_option
 from ..errors import QnbdError
-from ..qcow2.create import create as create_qcow2
 from ..units import parse_size
-
-FORMATS = ("qcow2", "raw")
 
 
 def add_parser(subparsers):
@@ -29,87 +27,10 @@ def add_parser(subparsers):
     return p
 
 
-def _bool(name: str, value: str) -> bool:
-    # QemuOpts booleans (qapi_bool_parse)
-    if value in ("on", "yes", "true", "y"):
-        return True
-    if value in ("off", "no", "false", "n"):
-        return False
-    raise QnbdError(f"Parameter '{name}' expects 'on' or 'off'")
-
-
-def _int(name: str, value: str) -> int:
-    try:
-        return int(value, 10)
-    except ValueError:
-        raise QnbdError(f"Parameter '{name}' expects a number") from None
-
-
-def _size(name: str, value: str) -> int:
-    try:
-        return parse_size(value, what=f"value for '{name}'")
-    except ValueError as e:
-        raise QnbdError(str(e)) from None
-
-
-def _text(name: str, value: str) -> str:
-    return value
-
-
-# Accepted -o keys per format -> (create() argument, value parser)
-OPTIONS = {
-    "qcow2": {
-        "size": ("size", _size),
-        "compat": ("compat", _text),
-        "cluster_size": ("cluster_size", _size),
-        "refcount_bits": ("refcount_bits", _int),
-        "lazy_refcounts": ("lazy_refcounts", _bool),
-        "backing_file": ("backing_file", _text),
-        "backing_fmt": ("backing_fmt", _text),
-        "compression_type": ("compression_type", _text),
-    },
-    "raw": {"size": ("size", _size)},
-}
-
-
-def split_options(text: str) -> list[tuple[str, str]]:
-    """QemuOpts syntax: key=value pairs separated by commas; ",," is a literal comma; a
-    bare key means key=on."""
-    pairs, item, i = [], [], 0
-    while i <= len(text):
-        if i == len(text) or (text[i] == "," and text[i + 1:i + 2] != ","):
-            part = "".join(item)
-            if part:
-                key, sep, value = part.partition("=")
-                pairs.append((key, value if sep else "on"))
-            item = []
-            i += 1
-        elif text[i] == ",":  # ",,"
-            item.append(",")
-            i += 2
-        else:
-            item.append(text[i])
-            i += 1
-    return pairs
-
-
-def parse_options(fmt: str, strings: list[str]) -> dict:
-    known = OPTIONS[fmt]
-    kwargs = {}
-    for text in strings:
-        for key, value in split_options(text):
-            if key not in known:
-                raise QnbdError(f"Invalid parameter '{key}' for format '{fmt}' "
-                                f"(known: {', '.join(known)})")
-            arg, parse = known[key]
-            kwargs[arg] = parse(key, value)
-    return kwargs
-
-
 def run(args) -> int:
-    if args.fmt not in FORMATS:
-        raise QnbdError(f"Unknown file format '{args.fmt}' (supported: {', '.join(FORMATS)})")
-    kwargs = parse_options(args.fmt, args.options)
+    driver = formats.FORMATS.get(args.fmt)
+    known = {"size": ("size", parse_size_option), **(driver and driver.create_options or {})}
+    kwargs = parse_options(args.fmt, known, args.options)
     if args.size is not None:
         try:
             kwargs["size"] = parse_size(args.size)
@@ -119,20 +40,19 @@ def run(args) -> int:
         kwargs["backing_file"] = args.backing_file
     if args.backing_fmt is not None:
         kwargs["backing_fmt"] = args.backing_fmt
-    if args.fmt == "raw":
-        if "backing_file" in kwargs or "backing_fmt" in kwargs:
-            raise QnbdError("Backing file not supported for file format 'raw'")
-        if "size" not in kwargs:
-            raise QnbdError("Image creation needs a size parameter")
-        size = create_raw(args.filename, kwargs["size"])
-        _report(args, f"fmt=raw size={size}")
-        return 0
-    size = create_qcow2(args.filename, kwargs.pop("size", None),
-                        check_backing=not args.unsafe, **kwargs)
-    described = {"cluster_size": 65536, "compression_type": "zlib", "size": size,
-                 **kwargs, "lazy_refcounts": "on" if kwargs.get("lazy_refcounts") else "off"}
-    _report(args, "fmt=qcow2 " + " ".join(f"{k}={v}" for k, v in described.items()))
+    size = formats.create_image(args.fmt, args.filename, kwargs.pop("size", None), kwargs,
+                                open_backing_file=not args.unsafe)
+    _report(args, _describe(args.fmt, size, kwargs))
     return 0
+
+
+def _describe(fmt: str, size: int, options: dict) -> str:
+    """qemu-img create's "Formatting" line: the format's options with their defaults."""
+    if fmt != "qcow2":
+        return f"fmt={fmt} size={size}"
+    described = {"cluster_size": 65536, "compression_type": "zlib", "size": size,
+                 **options, "lazy_refcounts": "on" if options.get("lazy_refcounts") else "off"}
+    return "fmt=qcow2 " + " ".join(f"{k}={v}" for k, v in described.items())
 
 
 def _report(args, description: str) -> None:

@@ -3,7 +3,7 @@
 import json
 import math
 
-from ..block.info import chain_info, image_info
+from ..formats import chain_info, image_info
 
 
 def add_parser(subparsers):

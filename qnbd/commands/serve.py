@@ -14,7 +14,7 @@ from ..errors import QnbdError
 from ..export import ExportConfig
 from ..nbd.server import serve
 from ..nbd.tls import MODES as TLS_MODES
-from ..qcow2.image import BACKING_POLICIES
+from ..block.chain import BACKING_POLICIES
 from . import serve_values as v
 from .serve_tls import cli_tls, list_creds
 

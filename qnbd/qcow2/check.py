@@ -18,119 +18,55 @@ results can be compared with qemu-img's. Repairs:
               itself is broken (a used cluster has no refcount, a refcount block is
               invalid or shared) build a new one from the computed refcounts.
 The image is read with the header parser and plain preads, never through the engine,
-which refuses exactly the damage a checker has to look at.
+which refuses exactly the damage a checker has to look at; repairs that rebuild or
+rewrite structures are in repair.py. Every write goes through the image's Storage.
 """
 
-import sys
 from array import array
-from dataclasses import dataclass, field
 
 import cachetools
 
 from .. import fileio
+from ..block.check_result import FIX_ALL, FIX_ERRORS, FIX_LEAKS, CheckResult, NoProgress, Progress
+from ..block.storage import Barrier, Storage
 from ..errors import ImageError, QnbdError
 from ..lock import lock_image
-from . import bitmaps
+from . import bitmap_format as bitmaps
 from . import header as hdr
+from . import repair
+from .repair import last_nonzero
 from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L1E_RESERVED_MASK,
                       L2E_OFFSET_MASK, L2E_STANDARD_RESERVED_MASK, OFLAG_COPIED, OFLAG_ZERO,
                       ZERO, CompressedLayout, classify, decode_table, encode_table)
 from .refcount import REFTABLE_ENTRY_RESERVED, SubByteBlock, WordBlock
 from .snapshots import read_table as read_snapshot_table
 
-FIX_LEAKS = 1
-FIX_ERRORS = 2
-FIX_ALL = FIX_LEAKS | FIX_ERRORS
+__all__ = ["FIX_ALL", "FIX_LEAKS", "check_image", "check_storage"]
 
 # Computed refcounts are kept as refcount_bits-wide integers (refcount_order -> array
 # typecode), as QEMU does: never more than the image can store.
 _COUNT_TYPECODES = "BBBBHIQ"
-# Progress is shown for images with at least this many clusters (and only on a TTY).
-PROGRESS_MIN_CLUSTERS = 1 << 16
-
-
-@dataclass
-class CheckResult:
-    """qemu-img check's ImageCheck (qapi/block-core.json)."""
-    filename: str
-    format: str = "qcow2"
-    check_errors: int = 0
-    corruptions: int = 0
-    leaks: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
-    messages: list[str] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        """qemu-img check's: 1 check not completed, 2 corruptions, 3 leaks only."""
-        if self.check_errors:
-            return 1
-        if self.corruptions:
-            return 2
-        return 3 if self.leaks else 0
-
-    def to_json(self) -> dict:
-        """qemu-img check --output=json: counters that are zero are left out (except
-        check-errors), in the order qemu 7.2 prints them."""
-        order = ("image-end-offset", "compressed-clusters", "total-clusters",
-                 "corruptions", "corruptions-fixed", "check-errors", "leaks", "leaks-fixed",
-                 "allocated-clusters", "filename", "format", "fragmented-clusters")
-        out = {}
-        for key in order:
-            value = getattr(self, key.replace("-", "_"))
-            if value or key in ("check-errors", "filename", "format"):
-                out[key] = value
-        return out
-
-    def human(self) -> str:
-        """qemu-img check's text (qemu-img.c, dump_human_image_check)."""
-        lines = []
-        if not (self.corruptions or self.leaks or self.check_errors):
-            lines.append("No errors were found on the image.")
-        if self.corruptions:
-            lines += ["", f"{self.corruptions} errors were found on the image.",
-                      "Data may be corrupted, or further writes to the image may corrupt it."]
-        if self.leaks:
-            lines += ["", f"{self.leaks} leaked clusters were found on the image.",
-                      "This means waste of disk space, but no harm to data."]
-        if self.check_errors:
-            lines += ["", f"{self.check_errors} internal errors have occurred during the "
-                      "check."]
-        if self.total_clusters and self.allocated_clusters:
-            a = self.allocated_clusters
-            lines.append(f"{a}/{self.total_clusters} = {a * 100 / self.total_clusters:.2f}% "
-                         f"allocated, {self.fragmented_clusters * 100 / a:.2f}% fragmented, "
-                         f"{self.compressed_clusters * 100 / a:.2f}% compressed clusters")
-        if self.image_end_offset:
-            lines.append(f"Image end offset: {self.image_end_offset}")
-        return "\n".join(lines) + "\n"
-
-
 def check_image(path: str, fix: int = 0, force_share: bool = False,
-                progress: bool = False) -> CheckResult:
+                progress: Progress | None = None) -> CheckResult:
     """Open `path` (read-write only to repair), lock it as qemu-img check does, check,
     repair with `fix`, and when something was repaired check again (the result is the
     second check's, with the repair counts of the first)."""
     file = fileio.open_file(path, writable=bool(fix))
     try:
         lock_image(file, bool(fix), force_share)
-        return check_file(file, path, fix, progress)
+        return check_storage(Storage(file), path, fix, progress)
     finally:
         file.close()
 
 
-def check_file(file, filename: str, fix: int = 0, progress: bool = False) -> CheckResult:
-    """Check (and with `fix`, repair) the qcow2 image open as `file` (a fileio.File,
-    writable when fixing). Errors that stop the check are counted in check_errors."""
-    result = _Checker(file, filename, progress).run(fix)
+def check_storage(storage: Storage, filename: str, fix: int = 0,
+                  progress: Progress | None = None) -> CheckResult:
+    """Check (and with `fix`, repair) the qcow2 image in `storage` (writable when
+    fixing). Errors that stop the check are counted in check_errors."""
+    progress = progress or NoProgress()
+    result = _Checker(storage, filename, progress).run(fix)
     if fix and (result.corruptions_fixed or result.leaks_fixed):
-        again = _Checker(file, filename, progress).run(0)
+        again = _Checker(storage, filename, progress).run(0)
         again.messages[:0] = result.messages
         again.leaks_fixed, again.corruptions_fixed = result.leaks_fixed, result.corruptions_fixed
         result = again
@@ -187,13 +123,12 @@ class _StoredRefcounts:
     def write_back(self) -> None:
         for offset, block in sorted(self._dirty.items()):
             self.file.pwrite(block.encode(), offset)
-        if self._dirty:
-            self.file.fsync()
+        self.file.sync(Barrier.REPAIR)
         self._dirty.clear()
 
 
 class _Checker:
-    def __init__(self, file, filename: str, progress: bool):
+    def __init__(self, file: Storage, filename: str, progress: Progress):
         self.file = file
         self.result = CheckResult(filename)
         self.file_size = file.size()
@@ -205,10 +140,14 @@ class _Checker:
         self.max_refcount = (1 << self.h.refcount_bits) - 1
         self.compressed = CompressedLayout(self.cb)
         self.typecode = _COUNT_TYPECODES[self.h.refcount_order]
-        self.progress = _Progress(progress and sys.stderr.isatty()
-                                  and self.file_size >> self.cb >= PROGRESS_MIN_CLUSTERS)
+        self.progress = progress
         self.counts = array(self.typecode)
         self.refcount_structure: list[tuple[int, int]] = []
+
+    def reload_stored(self) -> None:
+        """Read the stored refcounts again (after a rebuild switched the header)."""
+        self.file_size = self.file.size()
+        self.stored = _StoredRefcounts(self.file, self.h)
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -232,7 +171,7 @@ class _Checker:
             before = (r.corruptions, r.leaks, len(r.messages))
             rebuild, highest = self.compare(0, rebuild)
             if rebuild and fix & FIX_ERRORS:
-                self.rebuild_refcounts(fix)
+                repair.rebuild_refcounts(self, fix)
                 highest = self.highest
             elif fix and rebuild:
                 self.check_error("ERROR need to rebuild refcount structures")
@@ -244,11 +183,9 @@ class _Checker:
             self.check_copied(fix)
             r.image_end_offset = (highest + 1) * self.cs
             if fix and not r.check_errors and not r.corruptions:
-                self.mark_clean()
+                repair.mark_clean(self)
         except (QnbdError, OSError) as e:
             self.check_error(f"Check failed: {e}")
-        finally:
-            self.progress.done()
         return r
 
     # -- counting references (calculate_refcounts) ---------------------------------------
@@ -368,7 +305,7 @@ class _Checker:
             return False
         table[i] = OFLAG_ZERO
         self.file.pwrite(encode_table(table[i:i + 1]), l2_offset + 8 * i)
-        self.file.fsync()
+        self.file.sync(Barrier.REPAIR)
         self.result.corruptions_fixed += 1
         self.result.messages.append(f"Repairing L2 entry {i} of the table at "
                                     f"0x{l2_offset:x}: unaligned preallocated zero cluster")
@@ -445,7 +382,7 @@ class _Checker:
                     self.check_error(f"Can't get refcount for cluster {c}: {e}")
                 continue
             stored = self._stored_values(block, len(computed))
-            used = max(_last_nonzero(stored), _last_nonzero(computed))
+            used = max(last_nonzero(stored), last_nonzero(computed))
             if used >= 0:
                 highest = start + used
             if stored != computed:
@@ -516,7 +453,7 @@ class _Checker:
                     r.corruptions += 1
             self._check_copied_l2(l2_offset, repair)
         if repair:
-            self.file.fsync()
+            self.file.sync(Barrier.REPAIR)
 
     def _check_copied_l2(self, l2_offset: int, repair: bool) -> None:
         r = self.result
@@ -550,133 +487,3 @@ class _Checker:
             return self.stored.get(offset >> self.cb)
         except _Unreadable:
             return None
-
-    # -- rebuilding the refcount structure ------------------------------------------------
-
-    def rebuild_refcounts(self, fix: int) -> None:
-        """Write a new refcount table and blocks, holding the computed refcounts, past
-        the end of the file; switch the header to them; the old structure becomes free.
-        Crash-safe order (qemu's rebuild_refcount_structure): nothing the old header
-        points to is touched; the new structure is durable before the header names it."""
-        r = self.result
-        old = (r.corruptions, r.leaks)
-        r.messages.append("Rebuilding refcount structure")
-        counts = self.counts
-        # The old table and blocks are referenced only by the header being replaced.
-        for offset, size in self.refcount_structure:
-            for c in range(offset >> self.cb, (offset + size - 1 >> self.cb) + 1):
-                counts[c] -= 1
-        per_block = self.stored.per_block
-        regions = {c // per_block for c in _nonzero_runs_starts(counts, per_block)}
-        start = max(len(counts), -(-self.file_size // self.cs))
-        table_clusters, blocks = 1, []
-        while True:
-            end = start + table_clusters + len(blocks)
-            needed = sorted(regions | set(range(start // per_block,
-                                                (end - 1) // per_block + 1)))
-            clusters = -(-(needed[-1] + 1) * 8 // self.cs)
-            if needed == blocks and clusters == table_clusters:
-                break
-            blocks, table_clusters = needed, clusters
-        if table_clusters * self.cs > hdr.MAX_REFTABLE_BYTES:
-            raise ImageError("the rebuilt refcount table would be too large")
-        counts.extend(bytes(counts.itemsize * (end - len(counts))))
-        for c in range(start, end):
-            counts[c] = 1
-        table = array("Q", bytes(table_clusters * self.cs))
-        for n, region in enumerate(blocks):
-            offset = (start + table_clusters + n) << self.cb
-            table[region] = offset
-            block = self.stored.block_class(bytes(self.cs), self.stored.bits)
-            values = counts[region * per_block:(region + 1) * per_block]
-            if isinstance(block, WordBlock):
-                block.entries[:len(values)] = values
-            else:
-                for i, v in enumerate(values):
-                    if v:
-                        block.set(i, v)
-            self.file.pwrite(block.encode(), offset)
-        self.file.pwrite(encode_table(table), start << self.cb)
-        self.file.fsync()
-        self.h.refcount_table_offset = start << self.cb
-        self.h.refcount_table_clusters = table_clusters
-        self._write_header()
-        # Recount against the new structure: what is left are the unfixable corruptions.
-        r.corruptions = r.leaks = 0
-        self.file_size = self.file.size()
-        self.stored = _StoredRefcounts(self.file, self.h)
-        if self.calculate(0):
-            r.messages.append("ERROR rebuilt refcount structure is still broken")
-        # Anything the new structure itself leaked is reclaimed; only what cannot be
-        # fixed is reported (qemu counts those as fresh leaks).
-        kept = (r.corruptions, r.corruptions_fixed, r.leaks_fixed)
-        self.compare(fix & FIX_LEAKS, False)
-        fresh_leaks = r.leaks
-        r.corruptions, r.corruptions_fixed, r.leaks_fixed = kept
-        r.leaks = 0
-        r.corruptions_fixed += max(0, old[0] - r.corruptions)
-        r.leaks_fixed += max(0, old[1] - r.leaks)
-        r.leaks += fresh_leaks
-
-    def mark_clean(self) -> None:
-        """After a successful repair: clear the dirty bit (refcounts are right again) and
-        the corrupt bit (qemu's qcow2_mark_clean and qcow2_mark_consistent)."""
-        h = self.h
-        bits = hdr.INCOMPAT_DIRTY | hdr.INCOMPAT_CORRUPT
-        if h.incompatible_features & bits:
-            h.incompatible_features &= ~bits
-            self.file.fsync()
-            self._write_header()
-
-    def _write_header(self) -> None:
-        """Write the header fields that changed, and only those bytes, so the usual
-        change (bytes 48-59 or 72-79) is one small write within the first sector."""
-        new = self.h.encode()
-        old = self.raw_header[:len(new)]
-        first = next((i for i in range(len(new)) if i >= len(old) or new[i] != old[i]), None)
-        if first is None:
-            return
-        last = max(i for i in range(len(new)) if i >= len(old) or new[i] != old[i])
-        self.file.pwrite(new[first:last + 1], first)
-        self.file.fsync()
-        self.raw_header = new + self.raw_header[len(new):]
-
-
-def _last_nonzero(values: array) -> int:
-    """Index of the last non-zero element, -1 if none."""
-    raw = values.tobytes().rstrip(b"\0")
-    return -(-len(raw) // values.itemsize) - 1 if raw else -1
-
-
-def _nonzero_runs_starts(counts: array, per_block: int):
-    """One index per refcount-block region holding a non-zero count."""
-    for start in range(0, len(counts), per_block):
-        if _last_nonzero(counts[start:start + per_block]) >= 0:
-            yield start
-
-
-class _Progress:
-    """qemu-img -p style progress on stderr: "    (12.34/100%)"."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.total = 0
-        self.current = 0
-        self.shown = -1
-
-    def add_total(self, n: int) -> None:
-        self.total += n
-
-    def step(self) -> None:
-        self.current += 1
-        if self.enabled and self.total:
-            percent = int(self.current * 10000 / self.total)
-            if percent != self.shown:
-                self.shown = percent
-                sys.stderr.write(f"\r    ({percent / 100:.2f}/100%)")
-                sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.enabled and self.shown >= 0:
-            sys.stderr.write("\n")
-            self.shown = -1

@@ -15,6 +15,8 @@ Spec: qemu docs/interop/qcow2.rst, "Header", "Host cluster management", "Cluster
 from array import array
 
 from .. import fileio
+from ..block.chain import resolve_backing
+from ..block.options import parse_bool, parse_int, parse_size_option, parse_text
 from ..errors import ImageError
 from . import header as hdr
 from .entries import encode_table
@@ -24,24 +26,36 @@ from .refcount import SubByteBlock, WordBlock
 VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 COMPRESSION_TYPES = {name: code for code, name in hdr.COMPRESSION_NAMES.items()}
 SECTOR = 512  # qemu-img rounds the virtual size up to whole sectors
+# qemu-img create -o keys -> (create() argument, value parser)
+CREATE_OPTIONS = {
+    "size": ("size", parse_size_option),
+    "compat": ("compat", parse_text),
+    "cluster_size": ("cluster_size", parse_size_option),
+    "refcount_bits": ("refcount_bits", parse_int),
+    "lazy_refcounts": ("lazy_refcounts", parse_bool),
+    "backing_file": ("backing_file", parse_text),
+    "backing_fmt": ("backing_fmt", parse_text),
+    "compression_type": ("compression_type", parse_text),
+}
 
 
 def create(path: str, size: int | None = None, *, compat: str = "1.1",
            cluster_size: int = 65536, refcount_bits: int = 16,
            lazy_refcounts: bool = False, backing_file: str | None = None,
            backing_fmt: str | None = None, compression_type: str = "zlib",
-           check_backing: bool = True) -> int:
+           open_backing=None) -> int:
     """Write a new empty qcow2 image at `path` (an existing file is overwritten, as with
     qemu-img). `size` may be None with a backing file: the backing file's size is used.
     The backing file name is stored as given; it is opened (relative names against the
-    new image's directory) to check it and to learn its size unless `check_backing` is
-    False. Returns the virtual size. Raises ImageError with a one-line reason."""
+    new image's directory) with `open_backing(path, fmt)` to check it and to learn its
+    size, unless that is None (qemu-img create -u). Returns the virtual size. Raises
+    ImageError with a one-line reason."""
     header = new_header(size, compat=compat, cluster_size=cluster_size,
                         refcount_bits=refcount_bits, lazy_refcounts=lazy_refcounts,
                         backing_file=backing_file, backing_fmt=backing_fmt,
                         compression_type=compression_type,
                         backing_size=_backing_size(path, backing_file, backing_fmt,
-                                                   check_backing))
+                                                   open_backing))
     _write(path, header)
     return header.size
 
@@ -136,17 +150,14 @@ def _refcount_layout(cluster_size: int, refcount_bits: int, l1_size: int):
 
 
 def _backing_size(path: str, backing_file: str | None, backing_fmt: str | None,
-                  check: bool) -> int | None:
+                  open_backing) -> int | None:
     """Open the backing file read-only as qemu-img create does; return its size."""
-    if backing_file is None or not check:
+    if backing_file is None or open_backing is None:
         return None
     if not backing_fmt:
         raise ImageError("Backing file specified without backing format")
-    from ..block.open import open_image
-
     try:
-        device = open_image(hdr.resolve_backing(path, backing_file), backing_fmt,
-                            read_only=True)
+        device = open_backing(resolve_backing(path, backing_file), backing_fmt)
     except ImageError as e:
         raise ImageError(f"Could not open backing image: {e}") from None
     try:

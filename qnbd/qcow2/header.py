@@ -5,11 +5,10 @@ Spec: qemu docs/interop/qcow2.rst, sections "Header", "Additional fields",
 code relies on, so the rest of the engine can trust a `Header`.
 """
 
-import os
 import struct
 from dataclasses import dataclass, field
 
-from ..errors import ImageError, UnsupportedFeature
+from ..errors import ImageError, UnsupportedFeature, printable
 
 MAGIC = b"QFI\xfb"
 
@@ -30,6 +29,19 @@ _V2 = struct.Struct(">" + "".join(code for _, code in _V2_FIELDS))
 _V3 = struct.Struct(">" + "".join(code for _, code in _V2_FIELDS + _V3_FIELDS))
 V2_HEADER_LENGTH = _V2.size  # 72
 V3_HEADER_LENGTH = _V3.size  # 104
+
+
+def field_offset(name: str) -> int:
+    """Byte offset of a header field, from the field table above (for in-place updates
+    of one field, e.g. the feature bits)."""
+    pos = 0
+    for field_name, code in _V2_FIELDS + _V3_FIELDS:
+        if field_name == name:
+            return pos
+        pos += struct.calcsize(">" + code)
+    raise KeyError(name)
+
+
 COMPRESSION_TYPE_OFFSET = 104  # "Additional fields": one byte, padded to 112
 V3_HEADER_LENGTH_WITH_COMPRESSION = 112
 
@@ -190,25 +202,10 @@ class Header:
         return out
 
 
-def printable(text: str) -> str:
-    """`text` with control characters escaped, so that names taken from an image (feature
-    names, backing file names) cannot break an error message's single line."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
-
-
 def read(file) -> Header:
     """Parse and validate the header of an open image file (a fileio.File)."""
     file_size = file.size()
     return parse(file.pread(min(file_size, 1 << MAX_CLUSTER_BITS), 0), file_size)
-
-
-def resolve_backing(image_path: str, name: str) -> str:
-    """The file a backing name means, as qemu's path_combine: a relative name is relative
-    to the directory of the image that names it."""
-    if os.path.isabs(name):
-        return name
-    return os.path.join(os.path.dirname(image_path), name)
 
 
 def _parse_fields(data: bytes) -> dict:

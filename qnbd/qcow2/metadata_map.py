@@ -10,9 +10,10 @@ from ..errors import IOFailure
 
 
 class MetadataMap:
-    def __init__(self, image):
-        self.image = image
-        self.cluster_bits = image.cluster_bits
+    def __init__(self, cluster_bits: int, mark_corrupt):
+        """mark_corrupt(reason) is called when an overlap is found (rule 7)."""
+        self.cluster_bits = cluster_bits
+        self._mark_corrupt = mark_corrupt
         self.clusters: set[int] = set()
 
     def add(self, cluster: int) -> None:
@@ -43,5 +44,5 @@ class MetadataMap:
     def _overlap(self, cluster: int, what: str):
         reason = (f"{what} at host offset 0x{cluster << self.cluster_bits:x} would "
                   "overwrite metadata")
-        self.image.mark_corrupt(reason)
+        self._mark_corrupt(reason)
         raise IOFailure(reason)

@@ -16,8 +16,11 @@ import struct
 import sys
 from array import array
 
+from ..block.cache import TableCache
+from ..block.storage import Barrier, Storage
 from ..errors import CorruptImage, IOFailure
-from .cache import TableCache
+from .header import Header
+from .metadata_map import MetadataMap
 
 _SWAP = sys.byteorder == "little"
 _TYPECODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
@@ -101,29 +104,34 @@ class SubByteBlock:
 
 
 class Refcounts:
-    def __init__(self, image, table_offset: int, table_clusters: int, cache_tables: int):
-        """`image` provides file, cluster_bits, refcount_bits, metadata (a MetadataMap),
-        l2_barrier-independent helpers: sync(), mark_corrupt(), write_reftable_location()."""
-        self.image = image
-        self.file = image.file
-        self.cluster_bits = image.cluster_bits
+    def __init__(self, storage: Storage, header: Header, header_writer, metadata: MetadataMap,
+                 mark_corrupt, cache_tables: int):
+        """header_writer.move_reftable(offset, clusters) switches the header to a new
+        refcount table; metadata: clusters allocations must not hit (rule 8);
+        mark_corrupt(reason): rule 7."""
+        self.storage = storage
+        self._header_writer = header_writer
+        self.metadata = metadata
+        self._mark_corrupt = mark_corrupt
+        self.cluster_bits = header.cluster_bits
         self.cluster_size = 1 << self.cluster_bits
-        self.bits = image.header.refcount_bits
+        self.bits = header.refcount_bits
         self.max_refcount = (1 << self.bits) - 1
         self.per_block = self.cluster_size * 8 // self.bits
         self._block_class = WordBlock if self.bits >= 8 else SubByteBlock
-        self.table_offset = table_offset
-        self.table_clusters = table_clusters
-        raw = self.file.pread(table_clusters * self.cluster_size, table_offset)
+        self.table_offset = table_offset = header.refcount_table_offset
+        self.table_clusters = table_clusters = header.refcount_table_clusters
+        raw = storage.pread(table_clusters * self.cluster_size, table_offset)
         raw += bytes(table_clusters * self.cluster_size - len(raw))
         self.table = array("Q", raw)
         if _SWAP:
             self.table.byteswap()
-        self.cache = TableCache("refcount", self._load_block, self._store_block, cache_tables)
+        self.cache = TableCache("refcount", storage, self._load_block, _encode_block,
+                                cache_tables)
         self.free_hint = 0
         # Clusters at or past this index are free: nothing beyond the file end or beyond
         # what this session allocated is in use (refcounts past EOF would be corruption).
-        self.end_cluster = -(-self.file.size() // self.cluster_size)
+        self.end_cluster = -(-storage.size() // self.cluster_size)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -131,14 +139,11 @@ class Refcounts:
         return (e & ~REFTABLE_ENTRY_RESERVED for e in self.table if e)
 
     def _load_block(self, offset: int):
-        if offset % self.cluster_size or offset >= self.file.size():
-            self.image.mark_corrupt(f"refcount block offset 0x{offset:x} is invalid")
+        if offset % self.cluster_size or offset >= self.storage.size():
+            self._mark_corrupt(f"refcount block offset 0x{offset:x} is invalid")
             raise IOFailure(f"refcount block offset 0x{offset:x} is invalid")
-        raw = self.file.pread(self.cluster_size, offset)
+        raw = self.storage.pread(self.cluster_size, offset)
         return self._block_class(raw + bytes(self.cluster_size - len(raw)), self.bits)
-
-    def _store_block(self, offset: int, block) -> None:
-        self.file.pwrite(block.encode(), offset)
 
     def _block(self, block_index: int):
         """The refcount block of region `block_index`, or None where none is allocated."""
@@ -164,7 +169,7 @@ class Refcounts:
             raise CorruptImage(f"cluster 0x{cluster << self.cluster_bits:x} has no refcount")
         value = block.get(i) + delta
         if value < 0:
-            self.image.mark_corrupt(f"refcount of cluster 0x{cluster << self.cluster_bits:x} "
+            self._mark_corrupt(f"refcount of cluster 0x{cluster << self.cluster_bits:x} "
                                     "would drop below zero")
             raise IOFailure("refcount underflow")
         if value > self.max_refcount:
@@ -214,7 +219,7 @@ class Refcounts:
 
     def _take(self, start: int, count: int) -> None:
         # Checked before the refcounts change, so a refused allocation leaves no trace.
-        self.image.metadata.check_free(start, count)
+        self.metadata.check_free(start, count)
         for c in range(start, start + count):
             self.add(c, 1)
         if start == self.free_hint:
@@ -251,7 +256,7 @@ class Refcounts:
 
     def _ensure_block(self, block_index: int) -> None:
         """Give region `block_index` a refcount block if it has none. Made durable at
-        once (block, fsync, table entry, fsync): this happens once per region."""
+        once, before the table entry that names it: this happens once per region."""
         if block_index >= len(self.table):
             self._grow_table(block_index + 1)
         if self.table[block_index]:
@@ -260,13 +265,12 @@ class Refcounts:
         offset = cluster << self.cluster_bits
         block = self._block_class(bytes(self.cluster_size), self.bits)
         block.set(0, 1)  # it describes itself
-        self.image.metadata.check_free(cluster, 1)
-        self.file.pwrite(block.encode(), offset)
-        self.image.sync()
+        self.metadata.check_free(cluster, 1)
+        self.storage.pwrite(block.encode(), offset)
+        self.storage.sync(Barrier.NEW_REFBLOCK)
         self.table[block_index] = offset
-        self.file.pwrite(_U64.pack(offset), self.table_offset + block_index * 8)
-        self.image.sync()
-        self.image.metadata.add(cluster)
+        self.storage.pwrite(_U64.pack(offset), self.table_offset + block_index * 8)
+        self.metadata.add(cluster)
         self.cache.mark_dirty(offset, block)  # already on disk; rewriting it is harmless
         self.end_cluster = max(self.end_cluster, cluster + 1)
 
@@ -287,7 +291,7 @@ class Refcounts:
         """Refcount 1 for every cluster of [base, end): in the new `blocks` (region ->
         block, not yet written) or, for regions that have one, in their block."""
         for c in range(base, end):
-            self.image.metadata.check_free(c, 1)
+            self.metadata.check_free(c, 1)
             block_index, i = divmod(c, self.per_block)
             if block_index in blocks:
                 blocks[block_index].set(i, 1)
@@ -300,7 +304,7 @@ class Refcounts:
 
     def _adopt_blocks(self, blocks: dict, first: int) -> None:
         """New blocks, stored from cluster `first` on, become metadata and cached."""
-        metadata = self.image.metadata
+        metadata = self.metadata
         for n, (block_index, block) in enumerate(blocks.items()):
             metadata.add(first + n)
             self.cache.mark_dirty((first + n) << self.cluster_bits, block)
@@ -317,14 +321,12 @@ class Refcounts:
         blocks = self._new_blocks(needed)
         self._fill_area(base, end, blocks)
         for n, block in enumerate(blocks.values()):
-            self.file.pwrite(block.encode(), (first_block + n) << self.cluster_bits)
-        self.cache.write_dirty()
-        self.image.sync()
+            self.storage.pwrite(block.encode(), (first_block + n) << self.cluster_bits)
+        self.cache.flush(Barrier.NEW_REFBLOCK)
         for n, block_index in enumerate(blocks):
             offset = (first_block + n) << self.cluster_bits
             self.table[block_index] = offset
-            self.file.pwrite(_U64.pack(offset), self.table_offset + block_index * 8)
-        self.image.sync()
+            self.storage.pwrite(_U64.pack(offset), self.table_offset + block_index * 8)
         self._adopt_blocks(blocks, first_block)
         self.end_cluster = max(self.end_cluster, end)
         return base << self.cluster_bits
@@ -351,24 +353,27 @@ class Refcounts:
             new_table[block_index] = (first_block + n) << self.cluster_bits
         self._fill_area(base, end, blocks)
         for block_index, block in blocks.items():
-            self.file.pwrite(block.encode(), new_table[block_index])
+            self.storage.pwrite(block.encode(), new_table[block_index])
         encoded = array("Q", new_table)
         if _SWAP:
             encoded.byteswap()
-        self.file.pwrite(encoded.tobytes(), base << self.cluster_bits)
-        self.cache.write_dirty()
-        self.image.sync()
+        self.storage.pwrite(encoded.tobytes(), base << self.cluster_bits)
+        self.cache.flush(Barrier.BEFORE_HEADER)
         old_offset, old_clusters = self.table_offset, self.table_clusters
         self.table = new_table
         self.table_offset = base << self.cluster_bits
         self.table_clusters = table_clusters
-        self.image.write_reftable_location(self.table_offset, table_clusters)
+        self._header_writer.move_reftable(self.table_offset, table_clusters)
         self.end_cluster = max(self.end_cluster, end)
         self._adopt_blocks(blocks, first_block)
-        metadata = self.image.metadata
+        metadata = self.metadata
         for c in range(old_offset >> self.cluster_bits, (old_offset >> self.cluster_bits) + old_clusters):
             metadata.remove(c)
         for c in range(base, base + table_clusters):
             metadata.add(c)
         # The header now points at the new table: the old one is unreferenced.
         self.release(old_offset, old_clusters << self.cluster_bits)
+
+
+def _encode_block(block) -> bytes:
+    return block.encode()

@@ -16,8 +16,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 
-from ..errors import ImageError
-from .header import printable
+from ..errors import ImageError, printable
 
 BITMAPS_EXT = struct.Struct(">IIQQ")  # nb_bitmaps, reserved, directory size, offset
 _ENTRY = struct.Struct(">QIIBBHI")  # fixed part of a directory entry, bytes 0-23

@@ -1,25 +1,39 @@
-"""The life cycle of an image's persistent bitmaps (DESIGN.md rule 9).
+"""The life cycle of an image's persistent bitmaps (docs/DESIGN.md rule 9); their on-disk
+structures are in bitmap_format.py.
 
 Open read-write: load every usable bitmap, set in_use on disk (durable) before any write.
 While open: `mark` dirties the enabled (auto) bitmaps for every write, zero and discard.
 Clean close: `store` writes each loaded bitmap to new clusters, then a new directory, then
-points the header at it, and only then releases the old tables, data and directory
-(rule 2: refcounts before references; rule 3: references dropped before release).
+points the header at it (Barrier.BEFORE_HEADER: data, tables, directory and their
+refcounts durable first, rule 2), and only then hands back the old tables, data and
+directory for release (rule 3: the header no longer names them).
 """
 
 import logging
 from dataclasses import replace
 
+from ..block.storage import Barrier, Storage
 from ..errors import ImageError
-from . import bitmaps as bm
+from . import bitmap_format as bm
 from . import header as hdr
+from .header_update import HeaderWriter
+from .layout import Layout
+from .metadata_map import MetadataMap
+from .refcount import Refcounts
 
 log = logging.getLogger("qnbd.qcow2")
 
 
 class PersistentBitmaps:
-    def __init__(self, image):
-        self.image = image
+    def __init__(self, storage: Storage, header_writer: HeaderWriter, layout: Layout,
+                 metadata: MetadataMap, refcounts: Refcounts, read_only: bool):
+        self.storage = storage
+        self.header_writer = header_writer
+        self.header = header_writer.header
+        self.layout = layout
+        self.metadata = metadata
+        self.refcounts = refcounts
+        self.read_only = read_only
         self.entries: list[bm.DirectoryEntry] = []  # directory order, as stored next
         self.loaded: dict[str, bm.DirtyBitmap] = {}
         self._on_disk: dict[str, tuple[int, list[int]]] = {}  # name -> (table offset, table)
@@ -28,14 +42,13 @@ class PersistentBitmaps:
         self._changed = False
         self._tracking: list[bm.DirtyBitmap] = []
         self._load()
-        if not image.read_only and self.loaded:
+        if not read_only and self.loaded:
             self._mark_in_use()
 
     # -- loading -----------------------------------------------------------------------
 
     def _load(self) -> None:
-        image = self.image
-        h = image.header
+        h = self.header
         ext = h.extension(hdr.EXT_BITMAPS)
         if ext is None:
             return
@@ -43,25 +56,27 @@ class PersistentBitmaps:
             # qcow2.rst: without the autoclear bit the extension must be considered
             # inconsistent (a program without bitmap support wrote the image).
             log.warning("%s: bitmaps extension is inconsistent (autoclear bit clear); "
-                        "its bitmaps are ignored", image.path)
-            self._drop_extension = not image.read_only
+                        "its bitmaps are ignored", self.storage.path)
+            self._drop_extension = not self.read_only
             self._changed = self._drop_extension
             return
-        file_size = image.file.size()
-        cs = image.cluster_size
-        self.entries = bm.read_directory(image.file, ext, image.size, cs, file_size)
+        storage = self.storage
+        file_size = storage.size()
+        cs = self.layout.cluster_size
+        disk_size = self.layout.size
+        self.entries = bm.read_directory(storage, ext, disk_size, cs, file_size)
         _nb, size, offset = bm.parse_extension(ext)
         self._directory = (offset, size)
-        image.metadata.add_range(offset, size)
+        self.metadata.add_range(offset, size)
         for entry in self.entries:
-            table = bm.read_table(image.file, entry, cs, file_size)
+            table = bm.read_table(storage, entry, cs, file_size)
             self._on_disk[entry.name] = (entry.table_offset, table)
-            image.metadata.add_range(entry.table_offset, entry.table_size * 8)
+            self.metadata.add_range(entry.table_offset, entry.table_size * 8)
             for data in bm.data_clusters(table):
-                image.metadata.add_range(data, cs)
+                self.metadata.add_range(data, cs)
             if entry.usable:
-                bitmap = bm.DirtyBitmap(entry, image.size)
-                bitmap.load(image.file, table, cs)
+                bitmap = bm.DirtyBitmap(entry, disk_size)
+                bitmap.load(storage, table, cs)
                 self.loaded[entry.name] = bitmap
         self._retrack()
 
@@ -75,8 +90,8 @@ class PersistentBitmaps:
                 entry = replace(entry, flags=entry.flags | bm.FLAG_IN_USE)
                 self.entries[i] = entry
         offset, _size = self._directory
-        self.image._pwrite(bm.encode_directory(self.entries), offset)
-        self.image.sync()
+        self.storage.pwrite(bm.encode_directory(self.entries), offset)
+        self.storage.sync(Barrier.BITMAPS_IN_USE)
         self._changed = True
 
     # -- use ---------------------------------------------------------------------------
@@ -99,21 +114,21 @@ class PersistentBitmaps:
     # -- operations (qemu-img bitmap) ----------------------------------------------------
 
     def _require_writable(self) -> None:
-        if self.image.read_only:
+        if self.read_only:
             raise ImageError("bitmap operations need the image opened read-write")
 
     def add(self, name: str, granularity: int | None = None, disabled: bool = False) -> None:
         self._require_writable()
-        image = self.image
+        layout = self.layout
         if granularity is None:
             # qemu's default: the cluster size, at least 4 KiB.
-            granularity = max(4096, image.cluster_size)
-        gbits = bm.check_new_bitmap(name, granularity, self.entries, image.version)
+            granularity = max(4096, layout.cluster_size)
+        gbits = bm.check_new_bitmap(name, granularity, self.entries, layout.version)
         flags = bm.FLAG_IN_USE | (0 if disabled else bm.FLAG_AUTO)
-        entry = bm.DirectoryEntry(name, 0, bm.table_entries(image.size, granularity,
-                                                            image.cluster_size), flags, gbits)
+        entry = bm.DirectoryEntry(name, 0, bm.table_entries(layout.size, granularity,
+                                                            layout.cluster_size), flags, gbits)
         self.entries.append(entry)
-        self.loaded[name] = bm.DirtyBitmap(entry, image.size)
+        self.loaded[name] = bm.DirtyBitmap(entry, layout.size)
         self._changed = True
         self._retrack()
 
@@ -153,14 +168,15 @@ class PersistentBitmaps:
 
     # -- storing -----------------------------------------------------------------------
 
-    def store(self) -> None:
-        """Write the bitmaps and a new directory, switch the header, free the old ones.
-        Every cluster is allocated before anything is written: an allocation refused as
-        inconsistent (it would land on metadata) then leaves the file as it was."""
+    def store(self) -> list[tuple[int, int]]:
+        """Write the bitmaps and a new directory and switch the header to it; returns
+        the old tables, data and directory, (offset, length) each, for the caller to
+        release. Every cluster is allocated before anything is written: an allocation
+        refused as inconsistent (it would land on metadata) then leaves the file as it
+        was."""
         if not self._changed:
-            return
-        image = self.image
-        cs = image.cluster_size
+            return []
+        cs = self.layout.cluster_size
         writes: list[tuple[int, bytes]] = []
         releases = []
         new_entries = []
@@ -183,7 +199,7 @@ class PersistentBitmaps:
             releases.extend((data, cs) for data in bm.data_clusters(table))
         if self._directory:
             releases.append(self._directory)
-        h = image.header
+        h = self.header
         if new_entries:
             directory = bm.encode_directory(new_entries)
             offset = self._place(directory, writes)
@@ -194,15 +210,12 @@ class PersistentBitmaps:
             h.set_extension(hdr.EXT_BITMAPS, None)
             h.autoclear_features &= ~hdr.AUTOCLEAR_BITMAPS
         for offset, data in writes:
-            image._pwrite(data, offset)
-            image.metadata.add_range(offset, len(data))
-        image._write_metadata()  # refcounts of the new clusters durable first (rule 2)
-        image.write_header()
-        for offset, length in releases:
-            if length:
-                image._queue_release(offset, length)
-        image.flush()
+            self.storage.pwrite(data, offset)
+            self.metadata.add_range(offset, len(data))
+        self.refcounts.cache.flush(Barrier.BEFORE_HEADER)
+        self.header_writer.rewrite()
         self._changed = False
+        return [(offset, length) for offset, length in releases if length]
 
     def _place_data(self, chunk, writes: list) -> int:
         """A bitmap data cluster, or 0 where all its bits are clear (qcow2.rst "Bitmap
@@ -213,8 +226,8 @@ class PersistentBitmaps:
 
     def _place(self, data, writes: list) -> int:
         """Allocate clusters for `data` (zero-padded) and queue its write."""
-        cs = self.image.cluster_size
+        cs = self.layout.cluster_size
         count = max(1, -(-len(data) // cs))
-        offset = self.image.refcounts.allocate(count)
+        offset = self.refcounts.allocate(count)
         writes.append((offset, bytes(data) + bytes(count * cs - len(data))))
         return offset

@@ -1,0 +1,93 @@
+"""The durable storage of one image file: every byte a format engine writes goes through
+a `Storage`, and only a Storage knows what is written but not yet synced.
+
+docs/DESIGN.md, "Durability": write ordering is expressed as *barriers*. A barrier is the
+one fsync that must separate writes that something depends on from the writes that
+depend on them (refcount blocks before the L2 tables that use them, L2 tables before
+the L1 entries, a new table before the header that points to it...). Each barrier has a
+name (`Barrier`), so that the crash tests can remove any single one and watch the
+enumeration of crash states fail: a barrier nobody can show to be needed is not kept.
+
+`sync(barrier)` issues the fsync only when this storage has unsynced writes; since no
+engine module writes to a file except through its Storage, the answer cannot be wrong
+(the flag the engine used to keep by hand was, see docs/DESIGN.md "History").
+"""
+
+import enum
+
+from ..fileio import File
+
+
+class Barrier(enum.Enum):
+    """Every fsync an engine issues, by the ordering rule it serves (docs/DESIGN.md,
+    "Barriers" lists which rule of the format each one keeps)."""
+
+    BEFORE_L2 = "refcounts and data durable before the L2 tables that point to them"
+    BEFORE_L1 = "L2 tables durable before the L1 entries that point to them"
+    BEFORE_RELEASE = "dropped references durable before the refcounts are decreased"
+    NEW_REFBLOCK = "a new refcount block durable before the table entry naming it"
+    REFTABLE_ENTRY = "a refcount table entry durable before its block is used"
+    BEFORE_HEADER = "new tables durable before the header points to them"
+    HEADER = "a header change durable before anything that relies on it"
+    BITMAPS_IN_USE = "bitmaps marked in use durably before the first write (rule 9)"
+    FLUSH = "everything acknowledged is durable (NBD_CMD_FLUSH, FUA)"
+    REPAIR = "a repair step durable before the next one"
+
+
+class Storage:
+    """One open image file (metadata, or an external data file)."""
+
+    def __init__(self, file: File):
+        self.file = file
+        self.path = file.path
+        self._unsynced = False
+
+    # -- reads -------------------------------------------------------------------------
+
+    def size(self) -> int:
+        return self.file.size()
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return self.file.pread(length, offset)
+
+    def preadinto(self, buf, offset: int) -> int:
+        return self.file.preadinto(buf, offset)
+
+    # -- writes: each one leaves the storage unsynced ------------------------------------
+
+    def pwrite(self, data, offset: int) -> None:
+        self._unsynced = True  # before the call: a failed write may still land in part
+        self.file.pwrite(data, offset)
+
+    def pwritev(self, buffers: list, offset: int) -> None:
+        self._unsynced = True
+        self.file.pwritev(buffers, offset)
+
+    def truncate(self, length: int) -> None:
+        self._unsynced = True
+        self.file.truncate(length)
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        self._unsynced = True
+        return self.file.punch_hole(offset, length)
+
+    # -- durability --------------------------------------------------------------------
+
+    @property
+    def unsynced(self) -> bool:
+        return self._unsynced
+
+    def sync(self, barrier: Barrier) -> None:
+        """Make every write so far durable, if any is not (`barrier` names why)."""
+        if self._unsynced:
+            self.file.fsync()
+            self._unsynced = False
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def sync_all(storages, barrier: Barrier) -> None:
+    """One barrier over several files (an image and its external data file)."""
+    for storage in storages:
+        storage.sync(barrier)

@@ -1,0 +1,49 @@
+"""In-place updates of a qcow2 header: feature bits, the refcount table's location, and
+the whole header cluster (extensions, backing name).
+
+Every update is a barrier (docs/DESIGN.md, "Barriers"): the header is what everything
+else hangs from, so a change to it is durable before anything relies on it (the dirty
+bit before the first deferred refcount, rule 6; the corrupt bit, rule 7; a new refcount
+table before the old one is freed; a new bitmap directory before the old is released).
+Callers that make the header point at new tables sync those first (Barrier.BEFORE_HEADER).
+"""
+
+import struct
+
+from ..block.storage import Barrier, Storage
+from . import header as hdr
+
+_U64 = struct.Struct(">Q")
+_REFTABLE_LOCATION = struct.Struct(">QI")  # refcount_table_offset, refcount_table_clusters
+_INCOMPATIBLE = hdr.field_offset("incompatible_features")
+_AUTOCLEAR = hdr.field_offset("autoclear_features")
+_REFTABLE = hdr.field_offset("refcount_table_offset")
+
+
+class HeaderWriter:
+    def __init__(self, storage: Storage, header: hdr.Header):
+        self.storage = storage
+        self.header = header
+
+    def set_incompatible(self, bits: int, on: bool) -> None:
+        h = self.header
+        h.incompatible_features = (h.incompatible_features | bits) if on \
+            else (h.incompatible_features & ~bits)
+        self._write(_U64.pack(h.incompatible_features), _INCOMPATIBLE)
+
+    def clear_autoclear(self, bits: int) -> None:
+        self.header.autoclear_features &= ~bits
+        self._write(_U64.pack(self.header.autoclear_features), _AUTOCLEAR)
+
+    def move_reftable(self, offset: int, clusters: int) -> None:
+        self.header.refcount_table_offset = offset
+        self.header.refcount_table_clusters = clusters
+        self._write(_REFTABLE_LOCATION.pack(offset, clusters), _REFTABLE)
+
+    def rewrite(self) -> None:
+        """The header cluster's contents (fields, extensions, backing name)."""
+        self._write(self.header.encode(), 0)
+
+    def _write(self, data: bytes, offset: int) -> None:
+        self.storage.pwrite(data, offset)
+        self.storage.sync(Barrier.HEADER)

@@ -1,0 +1,312 @@
+"""The write side of cluster mapping: writes, copy-on-write, write-zeroes and discard.
+qcow2.rst, "Cluster mapping"; what QEMU's qcow2-cluster.c does for writes.
+
+Ordering (docs/DESIGN.md, "Rules of the qcow2 format"): new clusters are allocated
+(refcount 1 in the refcount cache) before the L2 entry that maps them changes (rule 2);
+data is written before the entry changes, and reaches the disk before the entry through
+the L2 cache's barrier (rule 4); a cluster that loses its last reference is not freed at
+once but queued until the change that dropped the reference is durable (rule 3), then
+released by `apply_releases` and its space punched out of the file.
+"""
+
+from array import array
+
+from ..block.storage import Storage
+from ..errors import NotFast
+from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED,
+                      OFLAG_ZERO, UNALLOCATED, ZERO, classify)
+from .layout import Layout
+from .mapping import Mapper
+from .metadata_map import MetadataMap
+from .refcount import Refcounts
+from .tables import ClusterTables
+
+# Released clusters wait for a flush (rule 3); past this many, writes flush by themselves
+# so that discarded space returns without waiting for the client.
+MAX_PENDING_RELEASES = 4096
+
+
+class ClusterWriter:
+    def __init__(self, layout: Layout, tables: ClusterTables, refcounts: Refcounts,
+                 mapper: Mapper, metadata: MetadataMap, data: Storage):
+        self.layout = layout
+        self.tables = tables
+        self.refcounts = refcounts
+        self.mapper = mapper
+        self.metadata = metadata
+        self.data = data
+        self.pending_releases: list[tuple[int, int]] = []
+
+    # -- releases (rule 3) -------------------------------------------------------------
+
+    def queue_release(self, offset: int, length: int) -> None:
+        self.pending_releases.append((offset, length))
+
+    def _release_entry(self, entry: int, kind: int) -> None:
+        """Queue the drop of the reference an L2 entry held."""
+        if kind == COMPRESSED:
+            self.queue_release(*self.layout.compressed.host_range(entry))
+        elif kind in (DATA, ZERO) and entry & L2E_OFFSET_MASK:
+            self.queue_release(entry & L2E_OFFSET_MASK, self.layout.cluster_size)
+
+    def too_many_releases(self) -> bool:
+        return len(self.pending_releases) > MAX_PENDING_RELEASES
+
+    def apply_releases(self) -> None:
+        """Drop the queued references; the caller has made their removal durable."""
+        pending, self.pending_releases = self.pending_releases, []
+        self.mapper.forget_compressed()
+        cb = self.layout.cluster_bits
+        freed = []
+        for offset, length in pending:
+            freed.extend(self.refcounts.release(offset, length))
+        for cluster in sorted(freed):
+            if cluster in self.metadata.clusters:
+                self.metadata.remove(cluster)
+                self.tables.l2_cache.discard(cluster << cb)
+        for start, count in _runs_of(sorted(freed)):
+            self.tables.storage.punch_hole(start << cb, count << cb)
+
+    # -- tables ------------------------------------------------------------------------
+
+    def _l2_for_write(self, l1_index: int) -> tuple[int, array]:
+        """The L2 table for `l1_index`, owned by this L1 entry alone (COPIED): allocated
+        when missing, copied when shared with a snapshot."""
+        tables = self.tables
+        entry = tables.l1[l1_index]
+        offset = entry & L1E_OFFSET_MASK
+        if offset and entry & OFLAG_COPIED:
+            return offset, tables.l2_cache.get(offset)
+        new_offset = self.refcounts.allocate(1)
+        if offset:
+            table = array("Q", tables.l2_cache.get(offset))
+            self.queue_release(offset, self.layout.cluster_size)
+        else:
+            table = array("Q", bytes(self.layout.cluster_size))
+        self.metadata.add(new_offset >> self.layout.cluster_bits)
+        tables.l2_cache.mark_dirty(new_offset, table)
+        # Rule 4: the L1 entry is written only after the new table (ClusterTables).
+        tables.set_l1(l1_index, new_offset | OFLAG_COPIED)
+        return new_offset, table
+
+    # -- writes ------------------------------------------------------------------------
+
+    def write(self, offset: int, view: memoryview) -> None:
+        table_shift = self.layout.table_shift
+        pos, end = offset, offset + len(view)
+        while pos < end:
+            l1_index = pos >> table_shift
+            table_end = min(end, (l1_index + 1) << table_shift)
+            self._write_in_table(l1_index, pos, view[pos - offset:table_end - offset])
+            pos = table_end
+
+    def _write_in_table(self, l1_index: int, pos: int, data: memoryview) -> None:
+        layout = self.layout
+        cs, version = layout.cluster_size, layout.version
+        table_offset, table = self._l2_for_write(l1_index)
+        i = layout.l2_index(pos)
+        last = layout.l2_index(pos + len(data) - 1)
+        writes = _WriteGather(self.data, self.metadata)
+        updates = []
+        fresh: list[int] = []  # clusters allocated ahead, as one run, for what follows
+        done = 0
+        while done < len(data):
+            guest = pos + done
+            in_cluster = guest & (cs - 1)
+            n = min(cs - in_cluster, len(data) - done)
+            chunk = data[done:done + n]
+            entry = table[i]
+            kind = classify(entry, version)
+            host = entry & L2E_OFFSET_MASK
+            if host & (cs - 1) and kind in (DATA, ZERO):
+                self.mapper.bad_entry(entry)  # never write (or free) at an unaligned offset
+            if kind == DATA and entry & OFLAG_COPIED:
+                writes.add(host + in_cluster, chunk)
+            else:
+                if not _owned(entry, kind):
+                    if not fresh:
+                        fresh = self._allocate_run(table, i, last)
+                    host = fresh.pop()
+                    self._release_entry(entry, kind)
+                if n == cs:
+                    writes.add(host, chunk)
+                elif self._reads_zero_before_write(kind) and self._past_eof(writes, host):
+                    # Past the end of the file the cluster already reads as zeros: extend
+                    # the file instead of writing the zeros around the data (as QEMU skips
+                    # a copy-on-write from nothing).
+                    self.data.truncate(host + cs)
+                    writes.add(host + in_cluster, chunk)
+                else:
+                    content = self.mapper.cluster_content(entry, kind, guest - in_cluster)
+                    content[in_cluster:in_cluster + n] = chunk
+                    writes.add(host, content)
+                updates.append((i, host | OFLAG_COPIED))
+            done += n
+            i += 1
+        writes.flush()
+        # Rule 4 (data before the mapping): entries change only after the data writes
+        # succeeded, and reach the disk after the L2 cache's barrier.
+        if updates:
+            for i, entry in updates:
+                table[i] = entry
+            self.tables.l2_cache.mark_dirty(table_offset, table)
+
+    def _allocate_run(self, table: array, i: int, last: int) -> list[int]:
+        """New clusters for entries i..last that need one, up to the first that does not,
+        as contiguous as the free space allows so the data goes out in few host writes.
+        Returned in reverse order, to be taken with pop()."""
+        count = 1
+        version = self.layout.version
+        while i + count <= last and not _owned(table[i + count],
+                                               classify(table[i + count], version)):
+            count += 1
+        first, taken = self.refcounts.allocate_some(count)
+        return [first + (k << self.layout.cluster_bits) for k in range(taken - 1, -1, -1)]
+
+    def _past_eof(self, writes: "_WriteGather", host: int) -> bool:
+        writes.flush()  # gathered writes may end past the file's current end
+        return host >= self.data.size()
+
+    def _reads_zero_before_write(self, kind: int) -> bool:
+        return kind == ZERO or (kind == UNALLOCATED and self.mapper.backing is None)
+
+    # -- zeroes and discard ------------------------------------------------------------
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
+        cs = self.layout.cluster_size
+        size = self.layout.size
+        first_full = -(-offset // cs) * cs
+        end_full = (offset + length) // cs * cs
+        # The image's tail may end inside a cluster: that cluster counts as whole.
+        if offset + length == size and size % cs:
+            end_full = -(-size // cs) * cs
+        if first_full >= end_full:
+            partials = [(offset, length)]
+            first_full = end_full = None
+        else:
+            partials = [(offset, first_full - offset), (end_full, offset + length - end_full)]
+            partials = [(o, n) for o, n in partials if 0 < n and o < size]
+        partials = [(o, n) for o, n in partials
+                    if n > 0 and not self.mapper.reads_zero(o, n)]
+        v2_backing = self.layout.version < 3 and self.mapper.backing is not None
+        if fast and (partials or (v2_backing and first_full is not None)):
+            raise NotFast()
+        for o, n in partials:
+            self._write_zero_data(o, n)
+        if first_full is not None:
+            if v2_backing:
+                # No zero flag in v2: zeros must be written for the backing not to show.
+                self._write_zero_data(first_full, min(end_full, size) - first_full)
+            else:
+                self._zero_clusters(first_full, end_full, trim=may_trim)
+
+    def discard(self, offset: int, length: int) -> None:
+        cs = self.layout.cluster_size
+        size = self.layout.size
+        start = -(-offset // cs) * cs
+        end = (offset + length) // cs * cs
+        if offset + length == size:
+            end = -(-size // cs) * cs
+        # v2 cannot hide a backing file's data without writing zeros: discard is advisory,
+        # so it does nothing there.
+        if start < end and not (self.layout.version < 3 and self.mapper.backing is not None):
+            self._zero_clusters(start, end, trim=True)
+
+    def _write_zero_data(self, offset: int, length: int) -> None:
+        chunk = 1 << 20
+        zeros = bytes(min(chunk, length))
+        while length > 0:
+            n = min(chunk, length)
+            self.write(offset, memoryview(zeros)[:n])
+            offset += n
+            length -= n
+
+    def _zero_clusters(self, start: int, end: int, trim: bool) -> None:
+        """Whole clusters [start, end) read as zeros afterwards. v3 uses the zero flag
+        (keeping our own allocation unless trimming); without a backing file an
+        unallocated entry reads as zeros too, which is also v2's only way."""
+        layout = self.layout
+        cb, table_shift = layout.cluster_bits, layout.table_shift
+        pos = start
+        while pos < end:
+            l1_index = pos >> table_shift
+            table_end = min(end, (l1_index + 1) << table_shift)
+            if not self.tables.l1[l1_index] & L1E_OFFSET_MASK and self.mapper.backing is None:
+                pos = table_end  # nothing mapped here and nothing shows through
+                continue
+            table_offset, table = self._l2_for_write(l1_index)
+            i = layout.l2_index(pos)
+            changed = False
+            for _ in range((table_end - pos) >> cb):
+                entry = table[i]
+                new = self._zeroed_entry(entry, trim)
+                if new != entry:
+                    if not new & L2E_OFFSET_MASK:
+                        self._release_entry(entry, classify(entry, layout.version))
+                    table[i] = new
+                    changed = True
+                i += 1
+            if changed:
+                self.tables.l2_cache.mark_dirty(table_offset, table)
+            pos = table_end
+
+    def _zeroed_entry(self, entry: int, trim: bool) -> int:
+        version = self.layout.version
+        kind = classify(entry, version)
+        host = entry & L2E_OFFSET_MASK
+        if host & (self.layout.cluster_size - 1) and kind in (DATA, ZERO):
+            self.mapper.bad_entry(entry)  # keeping or freeing it would hit wrong clusters
+        if kind in (DATA, ZERO) and host and entry & OFLAG_COPIED and not trim \
+                and version >= 3:
+            return host | OFLAG_COPIED | OFLAG_ZERO
+        if kind == ZERO and not host:
+            return entry
+        return OFLAG_ZERO if self.mapper.backing is not None else 0
+
+
+def _owned(entry: int, kind: int) -> bool:
+    """A cluster this entry alone references (COPIED), writable in place: data, or a
+    preallocated zero cluster (filled in place)."""
+    return kind in (DATA, ZERO) and bool(entry & OFLAG_COPIED) \
+        and bool(entry & L2E_OFFSET_MASK)
+
+
+class _WriteGather:
+    """Coalesces writes to consecutive host offsets into one pwritev; every write is
+    checked against the metadata map first (rule 8)."""
+
+    def __init__(self, data: Storage, metadata: MetadataMap):
+        self.data = data
+        self.metadata = metadata
+        self.start = 0
+        self.end = 0
+        self.buffers: list = []
+
+    def add(self, host: int, data) -> None:
+        if self.buffers and host != self.end:
+            self.flush()
+        if not self.buffers:
+            self.start = self.end = host
+        self.metadata.check_data_write(host, len(data))
+        self.buffers.append(data)
+        self.end += len(data)
+
+    def flush(self) -> None:
+        if self.buffers:
+            self.data.pwritev(self.buffers, self.start)
+            self.buffers = []
+
+
+def _runs_of(clusters: list[int]):
+    """(first, count) for each run of consecutive numbers in a sorted list."""
+    start = prev = None
+    for c in clusters:
+        if start is None:
+            start = prev = c
+        elif c == prev + 1:
+            prev = c
+        else:
+            yield start, prev - start + 1
+            start = prev = c
+    if start is not None:
+        yield start, prev - start + 1
