@@ -3,6 +3,7 @@ the installed qemu-nbd and against qnbd, comparing what a script sees — exit c
 stderr, `qemu-nbd -L` listings, nbdinfo's answers and the bytes served. The installed
 qemu-nbd is the oracle: nothing here is a string frozen from one qemu version."""
 
+import importlib.util
 import json
 import os
 import re
@@ -267,11 +268,7 @@ def test_authz_list_file_is_reread(servers, pki, tmp_path):
 def _psk_supported() -> bool:
     if hasattr(ssl.SSLContext, "set_psk_server_callback"):
         return True
-    try:
-        import sslpsk3  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    return importlib.util.find_spec("sslpsk3") is not None
 
 
 @pytest.fixture

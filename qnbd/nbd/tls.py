@@ -1,6 +1,6 @@
 """TLS for the NBD server (proto.md "TLS support", "Security considerations"): the server's
-`ssl.SSLContext` from qemu's tls-creds-x509 or tls-creds-psk directory, the check of a
-client against --tls-authz after the handshake, and a client's context for qnbd serve -L.
+`ssl.SSLContext` from qemu's tls-creds-x509 or tls-creds-psk directory, and the check of a
+client against --tls-authz after the handshake.
 
 Modes (qemu-nbd --tls, proto.md "Server-side requirements"):
 - off: NOTLS, STARTTLS is refused with ERR_POLICY.
@@ -32,7 +32,7 @@ from .authz import AuthzList, NameList, distinguished_name
 
 MODES = ("off", "on", "require")
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca-cert.pem", "server-cert.pem", "server-key.pem"
-CLIENT_CERT, CLIENT_KEY, PSK_FILE = "client-cert.pem", "client-key.pem", "keys.psk"
+PSK_FILE = "keys.psk"
 # GnuTLS's NORMAL priority with PSK key exchanges added, as qemu's tls-creds-psk asks for
 # (crypto/tlssession.c); TLS 1.3 PSK uses the SHA-256 suites through the same callback.
 PSK_CIPHERS = "ECDHE-PSK:DHE-PSK:PSK"
@@ -73,37 +73,6 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
             ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as e:
         raise QnbdError(f"TLS credentials in '{cfg.creds}' cannot be loaded: {_why(e)}") from None
-    return ctx
-
-
-def client_context(creds: str, psk_username: str | None = None,
-                   verify_peer: bool = True) -> ssl.SSLContext:
-    """A client's context from qemu's client-endpoint credentials (qemu-nbd --list):
-    ca-cert.pem and optionally client-cert.pem/client-key.pem, or keys.psk."""
-    if psk_username is not None:
-        keys = read_psk_file(os.path.join(creds, PSK_FILE))
-        if psk_username not in keys:
-            raise QnbdError(f"Username '{psk_username}' not found in "
-                            f"'{os.path.join(creds, PSK_FILE)}'")
-        ctx = _psk_context_class()(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        ctx.set_ciphers(PSK_CIPHERS)
-        ctx.set_psk_client_callback(lambda hint: (psk_username, keys[psk_username]))
-        return ctx
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    path = lambda name: os.path.join(creds, name)  # noqa: E731
-    try:
-        if verify_peer:
-            ctx.load_verify_locations(cafile=path(CA_CERT))
-        else:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        if os.path.exists(path(CLIENT_CERT)):
-            ctx.load_cert_chain(path(CLIENT_CERT), path(CLIENT_KEY))
-    except (OSError, ssl.SSLError) as e:
-        raise QnbdError(f"TLS credentials in '{creds}' cannot be loaded: {_why(e)}") from None
     return ctx
 
 
