@@ -89,6 +89,9 @@ class Export:
         self.description = config.description
         self.device = device
         self.size = device.size
+        # NBD_INFO_BLOCK_SIZE's minimum: the device's request alignment (512 for a probed
+        # raw image, as qemu-nbd), else any byte.
+        self.min_block = getattr(device, "request_alignment", p.MIN_BLOCK_SIZE)
         self.read_only = config.read_only or device.read_only
         self.shared = config.shared
         self.clients = 0

@@ -59,8 +59,9 @@ def _open_qcow2(path, read_only, open_backing, **options):
     return Qcow2Image.open(path, read_only, open_backing=open_backing, **options)
 
 
-def _open_raw(path, read_only, open_backing, force_share=False, **_cache_options):
-    return RawDevice(path, read_only=read_only, force_share=force_share)
+def _open_raw(path, read_only, open_backing, force_share=False, probed=None,
+              **_cache_options):
+    return RawDevice(path, read_only=read_only, force_share=force_share, probed=probed)
 
 
 _REGISTRY = (
@@ -104,6 +105,15 @@ def probe(path: str) -> str:
             head = f.read(PROBE_BYTES)
     except OSError as e:
         raise ImageError(f"Could not open '{path}': {e.strerror}") from None
+    return _probe_head(path, head)
+
+
+def _still_raw(head: bytes) -> bool:
+    """Whether a first sector probes as raw (for writes to a probed raw image)."""
+    return not any(fmt.probe is not None and fmt.probe(head) for fmt in _REGISTRY)
+
+
+def _probe_head(path: str, head: bytes) -> str:
     for fmt in _REGISTRY:
         if fmt.probe is not None and fmt.probe(head):
             if not fmt.has_driver:
@@ -123,7 +133,10 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = True, *,
 
 
 def _open_one(path: str, fmt: str | None, read_only: bool, open_backing, **options):
-    return get(fmt or probe(path)).open(path, read_only, open_backing, **options)
+    name = fmt or probe(path)
+    if fmt is None and name == "raw":  # a probed raw image is guarded (block/raw.py)
+        options["probed"] = _still_raw
+    return get(name).open(path, read_only, open_backing, **options)
 
 
 def create_image(fmt: str, path: str, size: int | None, options: dict,

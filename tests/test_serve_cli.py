@@ -47,7 +47,7 @@ def sock_path():
 ])
 def test_refused_options_one_line(tmp_path, args, message):
     img = make_raw(tmp_path / "a.raw", MiB)
-    r = run_serve(*args, img) if args[0] != "--config" else run_serve(*args)
+    r = run_serve(*args, "-f", "raw", img) if args[0] != "--config" else run_serve(*args)
     assert r.returncode == 1
     assert r.stderr.strip() == f"qnbd serve: {message}", r.stderr
     assert "Traceback" not in r.stderr

@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import time
 
+import nbd
 import pytest
 
 import qnbd
@@ -68,14 +69,16 @@ class Running:
     def where(self) -> list[str]:
         return ["-k", self.sock] if self.sock else ["-b", "127.0.0.1", "-p", str(self.port)]
 
-    def stop(self):
+    def stop(self) -> str:
+        """Stop the server; its stderr."""
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
-            self.proc.communicate(timeout=10)
+            _, err = self.proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.communicate()
+            _, err = self.proc.communicate()
+        return err or ""
 
 
 @pytest.fixture
@@ -394,3 +397,45 @@ def test_bitmap_in_backing_file_as_qemu_nbd(servers, tmp_path, read_only):
         maps.append(json.loads(r.stdout))
     assert maps[0] == maps[1]
     assert any(e["type"] == 1 for e in maps[1])
+
+
+# --- raw images of any size; probed raw images ---
+
+@pytest.mark.parametrize("args", [["-f", "raw"], [], ["-r"]], ids=["raw", "probed", "probed-ro"])
+def test_unaligned_raw_as_qemu_nbd(servers, tmp_path, args):
+    """A 1000-byte file is a 1024-byte export whose tail reads zeros; a probed one has a
+    minimum block size of 512, and a warning when it is writable."""
+    seen = []
+    for program in ("qemu-nbd", "qnbd"):
+        img = tmp_path / f"{program}.raw"
+        img.write_bytes(os.urandom(1000))
+        running = servers(program, *args, img)
+        uri = f"nbd+unix:///?socket={running.sock}"
+        info = json.loads(run("nbdinfo", "--json", uri).stdout)["exports"][0]
+        block_map = run("nbdinfo", "--map", uri).stdout
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        assert h.pread(1024, 0) == img.read_bytes() + bytes(24)
+        h.shutdown()
+        write_block0 = run("qemu-io", "-f", "raw", "-c", "write -P 0 0 512", uri)
+        warned = "probing guessed raw" in running.stop()
+        seen.append((info["export-size"], info["block_size_minimum"], block_map, warned,
+                     write_block0.returncode))
+    assert seen[0] == seen[1]
+    assert seen[1][0] == 1024
+
+
+def test_probed_raw_keeps_probing_as_raw(servers, tmp_path):
+    """Writing a qcow2 magic into the first sector of a probed raw image is refused by
+    both (the image would open as qcow2 next time); with -f raw it is allowed."""
+    magic = tmp_path / "magic"
+    magic.write_bytes(b"QFI\xfb\0\0\0\3")
+    for args in ([], ["-f", "raw"]):
+        codes = []
+        for program in ("qemu-nbd", "qnbd"):
+            img = make_raw(tmp_path / f"{program}.raw", MiB)
+            running = servers(program, *args, img)
+            r = run("qemu-io", "-f", "raw", "-c", f"write -s {magic} 0 8",
+                    f"nbd+unix:///?socket={running.sock}")
+            codes.append("Operation not permitted" in r.stdout + r.stderr)
+        assert codes[0] == codes[1] == (not args)
