@@ -60,6 +60,7 @@ class ExportConfig:
     tls_only: bool = False
     offset: int = 0
     size: int | None = None
+    options: dict = field(default_factory=dict)  # the driver's, from --image-opts
 
     def validate(self) -> None:
         """One-line errors in qemu-nbd's words for the combinations it refuses."""
@@ -109,11 +110,11 @@ class Export:
         config.validate()
         if config.snapshot:
             base = open_image(config.image, config.format, read_only=True,
-                              backing_policy=config.backing)
+                              backing_policy=config.backing, **config.options)
             device = SnapshotOverlay(base)
         else:
             device = open_image(config.image, config.format, read_only=config.read_only,
-                                backing_policy=config.backing)
+                                backing_policy=config.backing, **config.options)
         try:
             if config.offset or config.size is not None:
                 device = Window(device, config.offset, config.size)

@@ -4,7 +4,8 @@
 reads them as a tree of nodes; qnbd opens a file in one format, so the options it takes
 are those of that shape (qemu's BlockdevOptions, qapi/block-core.json):
 
-    driver              qcow2 | raw | file (file: the file itself, as raw)
+    driver              qcow2 | raw | parallels | file (the file itself, as raw) |
+                        null-co (with size and read-zeroes: qnbd/block/null.py)
     file, file.filename the image file (file.driver must be `file`); `filename` with
                         driver=file
     read-only           on | off
@@ -17,10 +18,11 @@ Anything else is refused by name, in qemu's words, rather than ignored.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import QnbdError
 from .objects import parse_opts
+from .units import parse_size
 
 _IGNORED = {"node-name", "auto-read-only", "file.aio", "file.node-name", "cache.direct",
             "file.locking", "force-share", "file.auto-read-only"}
@@ -38,6 +40,7 @@ class ImageSpec:
     discard: str | None = None
     detect_zeroes: str | None = None
     unsafe: bool = False              # cache.no-flush=on: flushes are not passed down
+    options: dict = field(default_factory=dict)  # the driver's own (null-co: size, ...)
 
 
 def is_json(name: str) -> bool:
@@ -81,8 +84,10 @@ def _spec(text: str, opts: dict) -> ImageSpec:
     driver = opts.pop("driver", None)
     if driver is None:
         fail("Parameter 'driver' is missing")
-    if driver not in ("qcow2", "raw", "file"):
+    if driver not in ("qcow2", "raw", "parallels", "file", "null-co"):
         fail(f"Unknown driver '{driver}'" if driver else "Parameter 'driver' is missing")
+    if driver == "null-co":
+        return _null(opts, fail)
     if driver == "file":
         image = opts.pop("filename", None)
         fmt = "raw"
@@ -100,14 +105,7 @@ def _spec(text: str, opts: dict) -> ImageSpec:
         if key in opts:
             if driver != "raw":
                 fail(f"Block format '{driver}' does not support the option '{key}'")
-            value = opts.pop(key)
-            try:
-                number = int(value, 0) if isinstance(value, str) else int(value)
-            except (TypeError, ValueError):
-                fail(f"Parameter '{key}' expects a non-negative number below 2^64")
-            if number < 0:
-                fail(f"Parameter '{key}' expects a non-negative number below 2^64")
-            setattr(spec, key, number)
+            setattr(spec, key, _number(opts.pop(key), key, fail))
     if "read-only" in opts:
         spec.read_only = _flag(opts.pop("read-only"), "read-only", fail)
     if "cache.no-flush" in opts:
@@ -125,6 +123,29 @@ def _spec(text: str, opts: dict) -> ImageSpec:
         fail(f"Block format '{fmt if driver != 'file' else 'file'}' does not support "
              f"the option '{next(iter(opts))}'")
     return spec
+
+
+def _null(opts: dict, fail) -> ImageSpec:
+    spec = ImageSpec(image="null-co://", format="raw")
+    if "size" in opts:
+        spec.options["size"] = _number(opts.pop("size"), "size", fail)
+    if "read-zeroes" in opts:
+        spec.options["read_zeroes"] = _flag(opts.pop("read-zeroes"), "read-zeroes", fail)
+    for key in opts:
+        if key not in _IGNORED:
+            fail(f"Block protocol 'null-co' does not support the option '{key}'")
+    return spec
+
+
+def _number(value, key: str, fail) -> int:
+    """A size option: a number, or text with qemu's suffixes (qnbd/units.py)."""
+    try:
+        number = parse_size(value) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        number = -1
+    if number < 0:
+        fail(f"Parameter '{key}' expects a non-negative number below 2^64")
+    return number
 
 
 def _flag(value, key: str, fail) -> bool:

@@ -43,13 +43,13 @@ class BackingChain:
         return self.opener(path, fmt, read_only, below.open_backing, **options)
 
     def open_backing(self, image_path: str, name: str, fmt: str | None):
-        if ":" in name.split("/", 1)[0]:
-            raise ImageError(f"backing file '{printable(name)}' uses a protocol prefix, "
-                             "which is not supported")
-        path = resolve_backing(image_path, name)
-        real = os.path.realpath(path)
+        # A protocol (an NBD URI, ...) is opened by name, as qemu does; the opener refuses
+        # those it has no driver for. `same-dir` allows no protocol: it is no file there.
+        protocol = ":" in name.split("/", 1)[0]
+        path = name if protocol else resolve_backing(image_path, name)
+        real = path if protocol else os.path.realpath(path)
         if self.policy == "none" or self.policy == "same-dir" and \
-                os.path.dirname(real) != os.path.dirname(self.above[0]):
+                (protocol or os.path.dirname(real) != os.path.dirname(self.above[0])):
             raise ImageError(f"backing file '{printable(path)}' is not allowed by the "
                              f"backing policy '{self.policy}'")
         if real in self.above:

@@ -9,12 +9,11 @@ A raw image whose format was probed rather than given (qemu's bs->probed, block/
 is guarded as qemu guards it (docs/DESIGN.md rule 14): requests are aligned to 512 bytes
 (raw_refresh_limits: request_alignment 512, which an NBD server advertises as its minimum
 block size), a write may not make the first sector look like another format (the image
-would open as that format next time: raw_co_pwritev returns EPERM), and opening it
-writable warns in qemu's words.
+would open as that format next time: raw_co_pwritev returns EPERM); qnbd/formats.py warns
+in qemu's words when it opens one writable.
 """
 
 import errno
-import logging
 import os
 from collections.abc import Callable
 
@@ -23,7 +22,6 @@ from ..fileio import File, create_file, open_file
 from ..lock import lock_image
 from .base import HOLE, ZERO, Extent
 
-log = logging.getLogger("qnbd.block")
 _ZERO_CHUNK = bytes(1 << 20)
 SECTOR = 512  # qemu-img rounds the size of a new raw image up to whole sectors
 # qemu-img create -f raw -o keys: the size is the only one (qnbd/block/options.py)
@@ -75,12 +73,6 @@ class RawDevice:
             self.file.close()
             raise
         self.size = _sectors(self.file.size())
-        if probed and not read_only:
-            log.warning("WARNING: Image format was not specified for '%s' and probing "
-                        "guessed raw.\n         Automatically detecting the format is "
-                        "dangerous for raw images, write operations on block 0 will be "
-                        "restricted.\n         Specify the 'raw' format explicitly to "
-                        "remove the restrictions.", path)
 
     def read(self, offset: int, length: int) -> bytes:
         data = self.file.pread(length, offset)

@@ -179,6 +179,7 @@ def _cli_export(args) -> ExportConfig:
     block options with --image-opts) and the options around it."""
     image, fmt, read_only = args.image, args.format, bool(args.read_only)
     offset, size, discard, cache = args.offset or 0, None, args.discard, args.cache
+    options = {}
     if args.image_opts or image_opts.is_json(image):
         if args.image_opts and fmt:
             raise QnbdError("--image-opts and -f are mutually exclusive")
@@ -189,13 +190,14 @@ def _cli_export(args) -> ExportConfig:
         offset += spec.offset
         discard = discard or spec.discard
         cache = cache or ("unsafe" if spec.unsafe else None)
+        options = spec.options
     export = ExportConfig(
         image=image, name=args.export_name or "", format=fmt,
         description=args.description or "", read_only=read_only,
         discard=discard or "ignore", detect_zeroes=args.detect_zeroes or "off",
         cache=cache or "writeback", snapshot=bool(args.snapshot),
         shared=1 if args.shared is None else args.shared,
-        backing=args.backing_policy or "any", offset=offset, size=size,
+        backing=args.backing_policy or "any", offset=offset, size=size, options=options,
         # qemu-nbd prepends each -B to its list, so its contexts list the bitmaps
         # last given first; the same order here makes the two answer alike.
         bitmaps=(args.bitmap or [])[::-1], allocation_depth=bool(args.allocation_depth))
