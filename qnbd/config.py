@@ -6,7 +6,7 @@ The file format:
     [server]            persistent, pid_file
     [limits]            max_connections, handshake_timeout, idle_timeout, max_queued_bytes
     [tls]               creds = DIR, mode = "off"|"on"|"require", verify_peer,
-                        authz = [NAME, ...]   (see qnbd/nbd/tls.py)
+                        authz = [NAME, ...]   (see qnbd/nbd/authz.py)
     [[listen]]          unix = PATH | address = HOST, port = N   (any number of them)
     [[export]]          image, name, format, description, read_only, discard, backing, tls_only,
                         detect_zeroes, cache, snapshot, shared,
