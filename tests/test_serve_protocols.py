@@ -4,6 +4,7 @@ qnbd and compared as a client sees them; what qnbd cannot open fails at once in 
 
 import json
 import os
+import socket
 import subprocess
 
 import pytest
@@ -112,3 +113,16 @@ def test_unknown_protocols_fail_in_one_line(image):
     qemu, ours = both("-k", os.path.join(short_tmpdir(), "s"), image)
     assert qemu.returncode == ours.returncode == 1
     assert ours.stderr.count("\n") == 1 and "Traceback" not in ours.stderr
+
+
+def test_nbd_uri_that_never_answers_fails(monkeypatch):
+    """A server that accepts and says nothing fails the open after a deadline."""
+    from qnbd.block import nbd_client
+    from qnbd.errors import ImageError
+    monkeypatch.setattr(nbd_client, "CONNECT_TIMEOUT", 0.5)
+    path = os.path.join(short_tmpdir(), "mute.sock")
+    with socket.socket(socket.AF_UNIX) as mute:
+        mute.bind(path)
+        mute.listen()
+        with pytest.raises(ImageError, match="no NBD handshake within 0.5 s"):
+            nbd_client.NbdDevice(f"nbd+unix:///?socket={path}")

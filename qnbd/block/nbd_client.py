@@ -3,10 +3,13 @@ for an image or a backing file named by an NBD URI (nbd://host[:port]/export,
 nbd+unix:///export?socket=PATH, nbds://... with TLS; the URI syntax of
 https://github.com/NetworkBlockDevice/nbd/blob/master/doc/uri.md, which libnbd parses).
 
-Block status asks the server for base:allocation; a server without it is all data.
+Block status asks the server for base:allocation; a server without it is all data. A
+server that does not finish the handshake within CONNECT_TIMEOUT fails the open instead
+of hanging it.
 """
 
 import errno
+import time
 
 from ..errors import ImageError, IOFailure
 from .base import HOLE, Extent
@@ -14,6 +17,7 @@ from .base import HOLE, Extent
 SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+tcp", "nbds+tcp")
 # Largest request most servers take (qemu-nbd, nbdkit and qnbd: 32 MiB).
 _MAX_REQUEST = 32 << 20
+CONNECT_TIMEOUT = 30.0
 
 
 def _nbd():
@@ -34,12 +38,26 @@ class NbdDevice:
         self.h = nbd.NBD()
         self.h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
         try:
-            self.h.connect_uri(uri)
+            self._connect(uri)
             self.size = self.h.get_size()
             self.read_only = read_only or bool(self.h.is_read_only())
             self.has_status = bool(self.h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
         except nbd.Error as e:
             raise ImageError(f"Could not open '{uri}': {e.string}") from None
+
+    def _connect(self, uri: str) -> None:
+        """connect_uri, with a deadline: the asynchronous connect, polled until the
+        handshake is done."""
+        self.h.aio_connect_uri(uri)
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while not self.h.aio_is_ready():
+            if self.h.aio_is_dead() or self.h.aio_is_closed():
+                raise ImageError(f"Could not open '{uri}': the server ended the handshake")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ImageError(f"Could not open '{uri}': no NBD handshake within "
+                                 f"{CONNECT_TIMEOUT:g} s")
+            self.h.poll(int(left * 1000) + 1)
 
     def _call(self, what, *args):
         try:
