@@ -9,6 +9,8 @@ The bytes a protocol gives are raw data (qemu's raw format over that protocol); 
 protocol, or another format over one, fails at once with one line.
 """
 
+import os
+
 from .block.nbd_client import SCHEMES, NbdDevice
 from .block.null import DEFAULT_SIZE, NullDevice
 from .errors import ImageError
@@ -16,13 +18,14 @@ from .errors import ImageError
 SECTOR = 512
 
 
-def protocol_of(name: str) -> str | None:
-    head = name.split("/", 1)[0]
+def protocol_of(name) -> str | None:
+    head = os.fspath(name).split("/", 1)[0]
     return head.split(":", 1)[0] if ":" in head else None
 
 
-def file_path(name: str) -> str:
+def file_path(name) -> str:
     """file:PATH names PATH."""
+    name = os.fspath(name)
     return name[len("file:"):] if protocol_of(name) == "file" else name
 
 

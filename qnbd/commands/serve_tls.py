@@ -4,11 +4,13 @@ nbd_get_tls_creds), with qemu-nbd's messages:
 - --object defines credentials, authz lists and secrets (qnbd/objects.py);
 - --tls-creds ID names a credentials object, for the server side (endpoint=server) or,
   with -L, the client side (endpoint=client). qnbd also takes a directory (a value with
-  a "/"): X.509 files in qemu's layout, as before objects existed;
+  a "/", or an existing directory that is no object's id): X.509 files in qemu's layout;
 - --tls-authz ID names an authz object; any other value is one of qnbd's names
   (nbd/authz.py), and @FILE reads names a line;
 - --tls-hostname is for -L only: the name the server's certificate must carry.
 """
+
+import os
 
 from ..errors import QnbdError
 from ..nbd.tls import TlsConfig
@@ -32,7 +34,7 @@ def _without_creds(args) -> None:
 
 
 def _creds(objects: Objects, value: str, endpoint: str) -> TlsCreds:
-    if "/" in value and value not in objects.by_id:
+    if value not in objects.by_id and ("/" in value or os.path.isdir(value)):
         return TlsCreds("x509", value, endpoint)
     return objects.tls_creds(value, endpoint)
 
