@@ -14,6 +14,8 @@ import sys
 
 from qnbd import cli
 
+from peers import run
+
 
 def qnbd(*args) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
@@ -36,8 +38,6 @@ def qnbd_subprocess(*args, cwd=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd)
 
 
-def run(*cmd, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd)
 
 
 # qemu-img 8.0 and later also describe each image's protocol node (the `file` child: its
@@ -46,7 +46,7 @@ def run(*cmd, cwd=None) -> subprocess.CompletedProcess:
 # leave those parts out, whichever qemu is installed.
 
 def qemu_img_info(path, *extra, cwd=None):
-    p = run("qemu-img", "info", "--output=json", *extra, path, cwd=cwd)
+    p = run("qemu-img", "info", "--output=json", *extra, path, cwd=cwd, check=False)
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)
     for image in info if isinstance(info, list) else [info]:
@@ -69,4 +69,4 @@ def qemu_img_info_text(path, *extra, cwd=None) -> str:
 
 
 def qemu_img_check(path) -> subprocess.CompletedProcess:
-    return run("qemu-img", "check", path)
+    return run("qemu-img", "check", path, check=False)

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import ssl
 import subprocess
 
@@ -15,10 +16,15 @@ import pytest
 
 import qnbd
 from nbdserver import make_raw, serve_cmd, short_tmpdir
-from peers import as_qnbd, both, copy_image, run, servers  # noqa: F401
+from peers import as_qnbd, both, run
 from tlsutil import make_pki
 
 MiB = 1 << 20
+
+
+def copy_image(src, dst) -> str:
+    shutil.copyfile(src, dst)
+    return str(dst)
 
 
 # --- option errors: qemu-nbd's exit code and words ---
@@ -143,7 +149,7 @@ def x509(pki, who="server", ident="t0"):
 
 def connects(running, client_dir: str) -> bool:
     r = run("nbdinfo", "--size",
-            f"nbds://127.0.0.1:{running.port}/?tls-certificates={client_dir}")
+            f"nbds://127.0.0.1:{running.port}/?tls-certificates={client_dir}", check=False)
     return r.returncode == 0
 
 
@@ -217,11 +223,11 @@ def test_psk_as_qemu_nbd(servers, psk_dirs, tmp_path):
         for who in ("alice", "mallory"):
             uri = (f"nbds://alice@127.0.0.1:{running.port}/?tls-psk-file="
                    f"{psk_dirs[who]}/keys.psk")
-            seen.append(run("nbdinfo", "--size", uri).stdout.strip())
+            seen.append(run("nbdinfo", "--size", uri, check=False).stdout.strip())
         client = ["--object", f"tls-creds-psk,id=c0,dir={psk_dirs['alice']},endpoint=client,"
                   "username=alice"]
         info = run("qemu-img", "info", "--output=json", *client, "--image-opts",
-                   f"driver=nbd,host=127.0.0.1,port={running.port},tls-creds=c0")
+                   f"driver=nbd,host=127.0.0.1,port={running.port},tls-creds=c0", check=False)
         seen.append(info.returncode == 0 and json.loads(info.stdout)["virtual-size"])
         qemu, ours = listing(*running.where(), *client, "--tls-creds", "c0")
         assert ours == qemu
@@ -306,7 +312,6 @@ def test_bitmap_in_backing_file_as_qemu_nbd(servers, tmp_path, read_only):
         if not read_only:
             run("qemu-io", "-f", "raw", "-c", "write -P 3 2M 64k", uri)
         r = run("nbdinfo", "--map=qemu:dirty-bitmap:b0", "--json", uri)
-        assert r.returncode == 0, r.stderr
         maps.append(json.loads(r.stdout))
     assert maps[0] == maps[1]
     assert any(e["type"] == 1 for e in maps[1])
@@ -330,7 +335,7 @@ def test_unaligned_raw_as_qemu_nbd(servers, tmp_path, args):
         h.connect_uri(uri)
         assert h.pread(1024, 0) == img.read_bytes() + bytes(24)
         h.shutdown()
-        write_block0 = run("qemu-io", "-f", "raw", "-c", "write -P 0 0 512", uri)
+        write_block0 = run("qemu-io", "-f", "raw", "-c", "write -P 0 0 512", uri, check=False)
         warned = "probing guessed raw" in running.stop()
         seen.append((info["export-size"], info["block_size_minimum"], block_map, warned,
                      write_block0.returncode))
@@ -349,6 +354,6 @@ def test_probed_raw_keeps_probing_as_raw(servers, tmp_path):
             img = make_raw(tmp_path / f"{program}.raw", MiB)
             running = servers(program, *args, img)
             r = run("qemu-io", "-f", "raw", "-c", f"write -s {magic} 0 8",
-                    f"nbd+unix:///?socket={running.sock}")
+                    f"nbd+unix:///?socket={running.sock}", check=False)
             codes.append("Operation not permitted" in r.stdout + r.stderr)
         assert codes[0] == codes[1] == (not args)
