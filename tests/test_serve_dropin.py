@@ -160,6 +160,19 @@ def test_list_over_tls_as_qemu_nbd(servers, pki, tmp_path):
     assert ours == qemu and " export: 'tls'" in ours
 
 
+@pytest.mark.skipif(not hasattr(nbd.NBD, "set_tls_hostname"),
+                    reason="this libnbd has no nbd_set_tls_hostname")
+def test_list_tls_hostname_as_qemu_nbd(servers, pki, tmp_path):
+    """--tls-hostname: the name the server's certificate must carry (it names localhost)."""
+    img = make_raw(tmp_path / "a.raw", MiB)
+    running = servers("qnbd", "-f", "raw", *x509(pki), img, tcp=True)
+    for hostname, ok in (("localhost", True), ("elsewhere.example", False)):
+        qemu, ours = both("-L", *running.where(), *x509(pki, "alice", "c0"),
+                          "--tls-hostname", hostname)
+        assert (qemu.returncode, ours.returncode) == ((0, 0) if ok else (1, 1)), ours.stderr
+        assert ours.stdout == qemu.stdout or not ok
+
+
 @pytest.mark.parametrize("identity", ["O=Example,,CN=alice", "CN=alice,,O=Example"])
 def test_authz_simple_as_qemu_nbd(servers, pki, tmp_path, identity):
     """authz-simple matches the distinguished name as qemu (GnuTLS) prints it."""
@@ -172,6 +185,22 @@ def test_authz_simple_as_qemu_nbd(servers, pki, tmp_path, identity):
         answers.append([connects(running, pki[who]) for who in ("alice", "bob")])
     assert answers[0] == answers[1]
     assert answers[1] == [identity.startswith("O="), False]
+
+
+def test_encrypted_server_key_with_a_secret(servers, pki, tmp_path):
+    """tls-creds-x509's passwordid names the secret that decrypts server-key.pem."""
+    creds = tmp_path / "encrypted"
+    creds.mkdir()
+    for name in ("ca-cert.pem", "server-cert.pem"):
+        shutil.copy(os.path.join(pki["server"], name), creds)
+    run("openssl", "pkey", "-in", os.path.join(pki["server"], "server-key.pem"), "-aes256",
+        "-passout", "pass:s3cret", "-out", creds / "server-key.pem")
+    img = make_raw(tmp_path / "a.raw", MiB)
+    for program in ("qemu-nbd", "qnbd"):
+        running = servers(program, "-f", "raw", "--object", "secret,id=pw,data=s3cret",
+                          "--object", f"tls-creds-x509,id=t0,dir={creds},endpoint=server,"
+                          "passwordid=pw", "--tls-creds", "t0", img, tcp=True)
+        assert connects(running, pki["alice"]), program
 
 
 def test_authz_list_file_is_reread(servers, pki, tmp_path):

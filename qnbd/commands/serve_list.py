@@ -67,8 +67,8 @@ def _tls(h, creds, hostname):
         h.set_tls_certificates(creds.dir)
         h.set_tls_verify_peer(creds.verify_peer)
     if hostname is not None:
-        if not hasattr(h, "set_tls_hostname"):  # libnbd before 1.22
-            raise QnbdError("--tls-hostname needs libnbd 1.22 or later")
+        if not hasattr(h, "set_tls_hostname"):  # an older libnbd (1.14 has none)
+            raise QnbdError("--tls-hostname needs a libnbd with nbd_set_tls_hostname")
         h.set_tls_hostname(hostname)
 
 
