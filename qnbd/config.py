@@ -7,7 +7,7 @@ The file format:
     [limits]            max_connections, handshake_timeout, idle_timeout, max_queued_bytes,
                         max_queued_total, max_request
     [tls]               creds = DIR, mode = "off"|"on"|"require", verify_peer,
-                        authz = [NAME, ...]   (see qnbd/nbd/tls.py)
+                        authz = [NAME, ...]   (see qnbd/nbd/authz.py)
     [[listen]]          unix = PATH | address = HOST, port = N   (any number of them)
     [[export]]          image, name, format, description, read_only, discard, backing, tls_only,
                         detect_zeroes, cache, snapshot, shared,

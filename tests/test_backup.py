@@ -205,7 +205,8 @@ def test_unknown_bitmap_is_a_startup_error(tmp_path, fmt):
     qemu_img("create", "-q", "-f", fmt, img, str(SIZE))
     if fmt == "qcow2":
         qemu_img("bitmap", "--add", img, "other")
-    r = run_serve("-k", str(tmp_path / "s"), "-B", "nope", img)
+    # -f: a probed raw image would first warn about probing, as qemu-nbd does.
+    r = run_serve("-k", str(tmp_path / "s"), "-f", fmt, "-B", "nope", img)
     assert (r.returncode, r.stderr) == (1, "qnbd serve: Bitmap 'nope' is not found\n")
     if fmt == "qcow2":  # the failed start closed the image cleanly: no bitmap left in use
         assert in_use(img) == {"other": False}

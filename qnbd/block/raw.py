@@ -1,8 +1,21 @@
 """The raw format: files as block devices (exports of `-f raw`, raw backing files), and
-their creation and info as qemu-img does them."""
+their creation and info as qemu-img does them.
+
+Sizes are whole sectors, as in qemu's block layer (bdrv_getlength counts 512-byte
+sectors, rounding up): a 1000-byte file is a 1024-byte device whose tail reads zeros and
+grows the file when written.
+
+A raw image whose format was probed rather than given (qemu's bs->probed, block/raw-format.c)
+is guarded as qemu guards it (docs/DESIGN.md rule 14): requests are aligned to 512 bytes
+(raw_refresh_limits: request_alignment 512, which an NBD server advertises as its minimum
+block size), a write may not make the first sector look like another format (the image
+would open as that format next time: raw_co_pwritev returns EPERM); qnbd/formats.py warns
+in qemu's words when it opens one writable.
+"""
 
 import errno
 import os
+from collections.abc import Callable
 
 from ..errors import ImageError, IOFailure, NotFast
 from ..fileio import File, create_file, open_file
@@ -15,13 +28,17 @@ SECTOR = 512  # qemu-img rounds the size of a new raw image up to whole sectors
 CREATE_OPTIONS: dict = {}
 
 
+def _sectors(size: int) -> int:
+    return -(-size // SECTOR) * SECTOR
+
+
 def create_raw(path: str, size: int | None, **options) -> int:
     """Create (or truncate) `path` as an all-zero sparse file; returns its size."""
     if "backing_file" in options or "backing_fmt" in options:
         raise ImageError("Backing file not supported for file format 'raw'")
     if size is None:
         raise ImageError("Image creation needs a size parameter")
-    size = -(-size // SECTOR) * SECTOR
+    size = _sectors(size)
     f = create_file(path)
     try:
         f.truncate(size)
@@ -34,23 +51,28 @@ def create_raw(path: str, size: int | None, **options) -> int:
 
 def raw_info(path: str, file, st) -> dict:
     """qemu-img info of a raw file."""
-    return {"virtual-size": st.st_size, "filename": path, "format": "raw",
+    return {"virtual-size": _sectors(st.st_size), "filename": path, "format": "raw",
             "actual-size": st.st_blocks * 512, "dirty-flag": False}
 
 
 class RawDevice:
     supports_fast_zero = True
 
-    def __init__(self, path: str, read_only: bool = True, force_share: bool = False):
+    def __init__(self, path: str, read_only: bool = True, force_share: bool = False,
+                 probed: Callable[[bytes], bool] | None = None):
+        """probed: given when the format was probed; tells whether a first sector still
+        probes as raw."""
         self.path = path
         self.read_only = read_only
+        self.probed = probed
+        self.request_alignment = SECTOR if probed else 1
         self.file: File = open_file(path, writable=not read_only)
         try:
             lock_image(self.file, not read_only, force_share, metadata=False)  # rule 11
         except BaseException:
             self.file.close()
             raise
-        self.size = self.file.size()
+        self.size = _sectors(self.file.size())
 
     def read(self, offset: int, length: int) -> bytes:
         data = self.file.pread(length, offset)
@@ -60,6 +82,13 @@ class RawDevice:
 
     def write(self, offset: int, data, fua: bool = False) -> None:
         self._check_writable()
+        if self.probed and offset < SECTOR:
+            head = bytearray(self.read(0, SECTOR))
+            n = min(len(data), SECTOR - offset)
+            head[offset:offset + n] = bytes(data[:n])
+            if not self.probed(bytes(head)):
+                raise IOFailure("writing this would make the probed raw image look like "
+                                "another format", errno.EPERM)
         self.file.pwrite(data, offset)
         if fua:
             self.file.fsync()
