@@ -89,7 +89,7 @@ class Export:
         self.size = device.size
         # NBD_INFO_BLOCK_SIZE's minimum: the device's request alignment (512 for a probed
         # raw image, as qemu-nbd), else any byte.
-        self.min_block = getattr(device, "request_alignment", p.MIN_BLOCK_SIZE)
+        self.min_block = getattr(device, "request_alignment", 1)
         self.read_only = config.read_only or device.read_only
         self.shared = config.shared
         self.clients = 0
