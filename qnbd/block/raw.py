@@ -5,8 +5,8 @@ import errno
 import os
 
 from ..errors import ImageError, IOFailure, NotFast
-from ..fileio import File, create_file, open_file
-from ..lock import lock_image
+from ..fileio import File, open_file
+from ..lock import create_locked, lock_image
 from .base import HOLE, ZERO, Extent
 
 _ZERO_CHUNK = bytes(1 << 20)
@@ -22,7 +22,7 @@ def create_raw(path: str, size: int | None, **options) -> int:
     if size is None:
         raise ImageError("Image creation needs a size parameter")
     size = -(-size // SECTOR) * SECTOR
-    f = create_file(path)
+    f = create_locked(path)
     try:
         f.truncate(size)
     except OSError as e:
