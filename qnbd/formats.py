@@ -8,6 +8,7 @@ too, so that their container bytes are never served as raw unless `-f raw` is gi
 (docs/DESIGN.md rule 14: a client could otherwise rewrite the container's header).
 """
 
+import logging
 import os
 import struct
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from .qcow2 import header as qcow2_header
 from .qcow2 import info as qcow2_info
 from .qcow2.image import Qcow2Image
 
+log = logging.getLogger("qnbd")
 PROBE_BYTES = 512  # qemu's BLOCK_PROBE_BUF_SIZE
 _U32 = struct.Struct(">I")
 _U32_LE = struct.Struct("<I")
@@ -59,8 +61,10 @@ def _open_qcow2(path, read_only, open_backing, **options):
     return Qcow2Image.open(path, read_only, open_backing=open_backing, **options)
 
 
-def _open_raw(path, read_only, open_backing, force_share=False, **_cache_options):
-    return RawDevice(path, read_only=read_only, force_share=force_share)
+def _open_raw(path, read_only, open_backing, force_share=False, block0_guard=None,
+              **_cache_options):
+    return RawDevice(path, read_only=read_only, force_share=force_share,
+                     block0_guard=block0_guard)
 
 
 _REGISTRY = (
@@ -104,13 +108,23 @@ def probe(path: str) -> str:
             head = f.read(PROBE_BYTES)
     except OSError as e:
         raise ImageError(f"Could not open '{path}': {e.strerror}") from None
-    for fmt in _REGISTRY:
-        if fmt.probe is not None and fmt.probe(head):
-            if not fmt.has_driver:
-                raise ImageError(f"'{path}' is a {fmt.name} image, a format qnbd cannot "
-                                 "open (give -f raw to use its bytes as they are)")
-            return fmt.name
-    return "raw"
+    fmt = _probe_head(head)
+    if fmt is None:
+        return "raw"
+    if not fmt.has_driver:
+        raise ImageError(f"'{path}' is a {fmt.name} image, a format qnbd cannot "
+                         "open (give -f raw to use its bytes as they are)")
+    return fmt.name
+
+
+def _probe_head(head: bytes) -> Format | None:
+    """The format the first bytes of a file make it probe as; None: raw."""
+    return next((f for f in _REGISTRY if f.probe is not None and f.probe(head)), None)
+
+
+def _block0_guard(head: bytes) -> str | None:
+    fmt = _probe_head(head[:PROBE_BYTES])
+    return fmt.name if fmt else None
 
 
 def open_image(path: str, fmt: str | None = None, read_only: bool = True, *,
@@ -123,7 +137,18 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = True, *,
 
 
 def _open_one(path: str, fmt: str | None, read_only: bool, open_backing, **options):
-    return get(fmt or probe(path)).open(path, read_only, open_backing, **options)
+    if fmt is None:
+        fmt = probe(path)
+        if fmt == "raw" and not read_only:
+            # Rule 14, as qemu's raw driver when it was probed (block/raw-format.c,
+            # raw_open and raw_co_pwritev): a client could write a format header to block
+            # 0, and the next program to probe the file would trust it (a backing file
+            # naming any host file). Such writes are refused; `-f raw` lifts it.
+            log.warning("Image format was not specified for '%s' and probing guessed raw; "
+                        "write operations on block 0 will be restricted (give -f raw to "
+                        "remove the restrictions)", path)
+            options["block0_guard"] = _block0_guard
+    return get(fmt).open(path, read_only, open_backing, **options)
 
 
 def create_image(fmt: str, path: str, size: int | None, options: dict,

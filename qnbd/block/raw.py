@@ -41,9 +41,13 @@ def raw_info(path: str, file, st) -> dict:
 class RawDevice:
     supports_fast_zero = True
 
-    def __init__(self, path: str, read_only: bool = True, force_share: bool = False):
+    def __init__(self, path: str, read_only: bool = True, force_share: bool = False,
+                 block0_guard=None):
+        """`block0_guard(first sector) -> format name or None`: given for a probed raw
+        image, refuses writes after which the file would probe as another format."""
         self.path = path
         self.read_only = read_only
+        self.block0_guard = block0_guard
         self.file: File = open_file(path, writable=not read_only)
         try:
             lock_image(self.file, not read_only, force_share, metadata=False)  # rule 11
@@ -60,12 +64,14 @@ class RawDevice:
 
     def write(self, offset: int, data, fua: bool = False) -> None:
         self._check_writable()
+        self._check_block0(offset, data, len(data))
         self.file.pwrite(data, offset)
         if fua:
             self.file.fsync()
 
     def write_zeroes(self, offset, length, may_trim=False, fast=False, fua=False):
         self._check_writable()
+        self._check_block0(offset, None, length)
         if may_trim or fast:
             # Punching a hole zeroes without writing data; if the filesystem cannot,
             # a fast request must fail rather than write.
@@ -85,6 +91,7 @@ class RawDevice:
 
     def discard(self, offset, length, fua=False):
         self._check_writable()
+        self._check_block0(offset, None, length)
         self.file.punch_hole(offset, length)
         if fua:
             self.file.fsync()
@@ -119,3 +126,19 @@ class RawDevice:
     def _check_writable(self):
         if self.read_only:
             raise IOFailure("the device is read-only", errno.EPERM)
+
+    def _check_block0(self, offset: int, data, length: int) -> None:
+        """The first sector as it would be after writing `data` (None: zeros) at
+        `offset` must still probe as raw. qemu checks data writes only; zeroing can
+        make a sector probe too (a qcow version field 0x101 becoming 1), so it is
+        checked as well."""
+        if self.block0_guard is None or offset >= SECTOR or length <= 0:
+            return
+        head = bytearray(self.read(0, SECTOR))
+        n = min(length, SECTOR - offset)
+        head[offset:offset + n] = bytes(n) if data is None else memoryview(data)[:n]
+        fmt = self.block0_guard(bytes(head))
+        if fmt is not None:
+            raise IOFailure(f"write to block 0 of the probed raw image '{self.path}' "
+                            f"would make it probe as {fmt}; refused (serve it with -f raw "
+                            "to allow)", errno.EPERM)
