@@ -214,11 +214,15 @@ FIELD_CASES = [
     ("reftable-clusters-huge", dict(refcount_table_clusters=0xFFFFFFFF),
      "refcount_table_clusters"),
     ("reftable-clusters-past-eof", dict(refcount_table_clusters=100),
-     "refcount_table offset"),
+     "refcount_table (0x10000, 6553600 bytes) runs past the end of the file"),
     ("nb-snapshots-huge", dict(nb_snapshots=0xFFFFFFFF, snapshots_offset=0x10000),
      "nb_snapshots"),
     ("snapshots-past-eof", dict(nb_snapshots=1, snapshots_offset=0x10000000000),
      "snapshots offset 0x10000000000 is past the end of the file"),
+    # Issue 16: the offset is inside the file, the table is not; the error said the
+    # offset was past the end.
+    ("snapshots-table-past-eof", dict(nb_snapshots=60000, snapshots_offset=0x10000),
+     "snapshots (0x10000, 2400000 bytes) runs past the end of the file"),
     ("snapshots-unaligned", dict(nb_snapshots=1, snapshots_offset=0x10008), "snapshots"),
     ("crypt-aes", dict(crypt_method=1), "encrypted images are not supported"),
     ("crypt-luks", dict(crypt_method=2), "encrypted images are not supported"),

@@ -113,7 +113,8 @@ def read_directory(file, ext: bytes, disk_size: int, cluster_size: int,
     if offset % cluster_size:
         raise ImageError(f"bitmap directory offset 0x{offset:x} is not aligned to a cluster")
     if offset + size > file_size:
-        raise ImageError(f"bitmap directory offset 0x{offset:x} is past the end of the file")
+        raise ImageError(f"bitmap directory (0x{offset:x}, {size} bytes) runs past the end "
+                         f"of the file ({file_size} bytes)")
     raw = file.pread(size, offset)
     entries = []
     pos = 0
