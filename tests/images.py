@@ -50,6 +50,7 @@ class Shape:
     fmt: str = "qcow2"
     size: int = 12 * MiB
     extra_io: list = field(default_factory=list)
+    bitmaps: list = field(default_factory=list)  # persistent bitmaps qemu-img adds
 
     @property
     def v2(self):
@@ -102,6 +103,8 @@ class Shape:
                            capture_output=True)
         for c in self.extra_io:
             qemu_io(image, "qcow2", c)
+        for name in self.bitmaps:
+            qemu_img("bitmap", "--add", image, name)
         return image
 
 

@@ -1,4 +1,4 @@
-"""Probing, as qemu probes (DESIGN.md rule 14; issue 16.5 and 16.6): a probed raw image
+"""Probing, as qemu probes (docs/DESIGN.md rule 14; issue 16.5 and 16.6): a probed raw image
 refuses client writes that would make block 0 probe as another format, and containers
 qnbd has no driver for are never exported as raw unless `-f raw` is given."""
 
