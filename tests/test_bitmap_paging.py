@@ -15,7 +15,7 @@ import pytest
 import qnbd.fileio
 from qnbd.formats import open_image
 
-from crashsim import RecordingFile
+from crashsim import RecordingFile, crash_states
 from images import qemu_img, qemu_io
 from nbdserver import serve  # noqa: F401 (fixture)
 from qcow2util import EXT_BITMAPS, extension_locations
@@ -173,9 +173,9 @@ def test_adding_a_bitmap_too_large_is_refused_as_qemu_does(tmp_path):
 
 def test_power_cuts_while_storing_bitmaps(tmp_path, monkeypatch):
     """store() now keeps the data clusters of unchanged chunks and writes only changed
-    ones. A power cut at any write of the close leaves either the old directory (bitmaps
-    in_use: inconsistent, as rule 9 wants) or the new one with exactly the new bits, and
-    never a corruption qemu-img check reports."""
+    ones. A power cut anywhere in the close (every state crashsim enumerates) leaves
+    either the old directory (bitmaps in_use: inconsistent, as rule 9 wants) or the new
+    one with exactly the new bits, and never a corruption qemu-img check reports."""
     image = str(tmp_path / "b.qcow2")
     size = 64 << 20
     # 4 KiB clusters: a chunk of the granularity-512 bitmap covers 16 MiB, so the disk
@@ -185,18 +185,17 @@ def test_power_cuts_while_storing_bitmaps(tmp_path, monkeypatch):
     qemu_img("bitmap", "--add", "-g", "65536", image, "coarse")
     qemu_io(image, "qcow2", "write -P 1 0 4M", "write -P 2 40M 64k")
     session = [(1 << 20 | 512, 4096), (20 << 20, 8192)]
-    rng = random.Random(16)
-    cuts = []
+    intervals = []
     closing = False
 
-    def at_syscall(f):
+    def interval_closed(f):
         if closing and f.path == image:
-            cuts.extend(f.crash_image(rng) for _ in range(3))
+            intervals.append(f.interval(None))
 
     real_open = qnbd.fileio.open_file
     monkeypatch.setattr(qnbd.fileio, "open_file",
                         lambda path, writable: RecordingFile(real_open(path, writable),
-                                                             at_syscall))
+                                                             interval_closed))
     dev = open_image(image, "qcow2", read_only=False)
     for offset, length in session:
         dev.write(offset, b"s" * length)
@@ -205,6 +204,8 @@ def test_power_cuts_while_storing_bitmaps(tmp_path, monkeypatch):
     dev.close()
     closing = False
     monkeypatch.setattr(qnbd.fileio, "open_file", real_open)
+    rng = random.Random(16)
+    cuts = [content for iv in intervals for _what, content in crash_states(iv, rng)]
     assert len(cuts) >= 12
     ranges = [(0, 4 << 20), (40 << 20, 65536)] + session
     expected = {"fine": expected_dirty(ranges, 512, size),
