@@ -8,7 +8,6 @@ too, so that their container bytes are never served as raw unless `-f raw` is gi
 (docs/DESIGN.md rule 14: a client could otherwise rewrite the container's header).
 """
 
-import logging
 import os
 import struct
 from collections.abc import Callable
@@ -24,7 +23,6 @@ from .qcow2 import header as qcow2_header
 from .qcow2 import info as qcow2_info
 from .qcow2.image import Qcow2Image
 
-log = logging.getLogger("qnbd")
 PROBE_BYTES = 512  # qemu's BLOCK_PROBE_BUF_SIZE
 _U32 = struct.Struct(">I")
 _U32_LE = struct.Struct("<I")
@@ -141,12 +139,11 @@ def _open_one(path: str, fmt: str | None, read_only: bool, open_backing, **optio
         fmt = probe(path)
         if fmt == "raw" and not read_only:
             # Rule 14, as qemu's raw driver when it was probed (block/raw-format.c,
-            # raw_open and raw_co_pwritev): a client could write a format header to block
-            # 0, and the next program to probe the file would trust it (a backing file
-            # naming any host file). Such writes are refused; `-f raw` lifts it.
-            log.warning("Image format was not specified for '%s' and probing guessed raw; "
-                        "write operations on block 0 will be restricted (give -f raw to "
-                        "remove the restrictions)", path)
+            # raw_co_pwritev): a client could write a format header to block 0, and the
+            # next program to probe the file would trust it (a backing file naming any
+            # host file). Such writes are refused; `-f raw` lifts it. (qemu warns at open;
+            # the device warns at the first refusal, so that a startup error stays the
+            # only line a failed start prints.)
             options["block0_guard"] = _block0_guard
     return get(fmt).open(path, read_only, open_backing, **options)
 

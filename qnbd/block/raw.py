@@ -2,6 +2,7 @@
 their creation and info as qemu-img does them."""
 
 import errno
+import logging
 import os
 
 from ..errors import ImageError, IOFailure, NotFast
@@ -9,6 +10,7 @@ from ..fileio import File, open_file
 from ..lock import create_locked, lock_image
 from .base import HOLE, ZERO, Extent
 
+log = logging.getLogger("qnbd.raw")
 _ZERO_CHUNK = bytes(1 << 20)
 SECTOR = 512  # qemu-img rounds the size of a new raw image up to whole sectors
 # qemu-img create -f raw -o keys: the size is the only one (qnbd/block/options.py)
@@ -48,6 +50,7 @@ class RawDevice:
         self.path = path
         self.read_only = read_only
         self.block0_guard = block0_guard
+        self._warned = False
         self.file: File = open_file(path, writable=not read_only)
         try:
             lock_image(self.file, not read_only, force_share, metadata=False)  # rule 11
@@ -139,6 +142,10 @@ class RawDevice:
         head[offset:offset + n] = bytes(n) if data is None else memoryview(data)[:n]
         fmt = self.block0_guard(bytes(head))
         if fmt is not None:
-            raise IOFailure(f"write to block 0 of the probed raw image '{self.path}' "
-                            f"would make it probe as {fmt}; refused (serve it with -f raw "
-                            "to allow)", errno.EPERM)
+            why = (f"Image format was not specified for '{self.path}' and probing guessed "
+                   f"raw: a write that would make block 0 probe as {fmt} is refused "
+                   "(specify -f raw to remove the restriction)")
+            if not self._warned:
+                log.warning("%s", why)
+                self._warned = True
+            raise IOFailure(why, errno.EPERM)

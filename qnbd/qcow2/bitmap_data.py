@@ -24,11 +24,24 @@ import cachetools
 from .bitmap_format import (TABLE_ENTRY_ALL_ONES, TABLE_ENTRY_OFFSET_MASK, DirectoryEntry,
                             bitmap_bytes)
 
-ALL_CLEAR = 0  # a chunk with no bit set
-ALL_SET = 1  # a chunk with every bit set (tail bits past the disk's end aside)
 _NON_ZERO = re.compile(rb"[^\x00]")
 _NON_FF = re.compile(rb"[^\xff]")
-READ_CACHE_BYTES = 8 << 20
+READ_CACHE_BYTES = 8 << 20  # clean data clusters kept per image, for reads of the bits
+
+
+class _Uniform:
+    """A chunk whose bits are all equal: what table entries 0 and 1 mean (qcow2.rst
+    "Bitmap table"), and what a whole-chunk change makes, without a cluster in memory."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+ALL_CLEAR = _Uniform("ALL_CLEAR")
+ALL_SET = _Uniform("ALL_SET")  # tail bits past the disk's end aside
 
 
 class ChunkReader:
@@ -66,7 +79,7 @@ class DirtyBitmap:
         self.chunks = -(-bitmap_bytes(disk_size, entry.granularity) // cluster_size)
         self._reader = reader
         self._table = table
-        self._overlay: dict[int, bytearray | int] = {}
+        self._overlay: dict[int, bytearray | _Uniform] = {}
 
     @property
     def name(self) -> str:
@@ -108,8 +121,11 @@ class DirtyBitmap:
         self._overlay = {}
 
     def merge_from(self, other: "DirtyBitmap") -> None:
-        """Every range dirty in `other` becomes dirty here (granularities may differ)."""
-        if other.granularity == self.granularity and other.cluster_size == self.cluster_size:
+        """Every range dirty in `other` becomes dirty here (granularities may differ).
+        Between bitmaps of one geometry (same disk, granularity and cluster size: the
+        usual merge within an image), chunk by chunk, without walking runs."""
+        if (other.granularity, other.cluster_size, other.disk_size) == \
+                (self.granularity, self.cluster_size, self.disk_size):
             for idx in range(min(self.chunks, other.chunks)):
                 self._merge_chunk(idx, other.chunk(idx))
             return
