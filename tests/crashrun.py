@@ -106,16 +106,18 @@ def check_state(path: str, content: bytes, ctx: Context, what: str, scratch) -> 
     """Why this crash state is wrong, or None."""
     with open(path, "wb") as f:
         f.write(content)
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", path],
-                                     capture_output=True, text=True, check=True).stdout)
-    dirty = info.get("dirty-flag", False)
+    where = f"{what}, during {ctx.during}"
+    r = subprocess.run(["qemu-img", "info", "--output=json", path], capture_output=True,
+                       text=True)
+    if r.returncode:
+        return f"{where}: qemu-img info fails: {r.stderr.strip()}"
+    dirty = json.loads(r.stdout).get("dirty-flag", False)
     if dirty:
         # Rule 6: a dirty image opened read-write is checked and repaired first.
         open_image(path, "qcow2", read_only=False).close()
     r = subprocess.run(["qemu-img", "check", "--output=json", path], capture_output=True,
                        text=True)
     report = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
-    where = f"{what}, during {ctx.during}"
     if r.returncode not in (0, 3) or report.get("corruptions", 0):
         return f"{where}: qemu-img check rc {r.returncode}: {r.stdout}{r.stderr}"
     if dirty and r.returncode:

@@ -15,12 +15,11 @@ import pytest
 import qnbd.fileio
 from qnbd.formats import open_image
 
+from bitmaputil import expected_dirty, info_bitmaps, qemu_dirty_map
 from crashsim import RecordingFile, crash_states
-from images import qemu_img, qemu_io
-from nbdserver import serve  # noqa: F401 (fixture)
+from nbdserver import connect, status
+from peers import qemu_img, qemu_io
 from qcow2util import EXT_BITMAPS, extension_locations
-from test_backup import connect, status
-from test_bitmaps import expected_dirty, info_bitmaps, qemu_dirty_map
 
 TiB = 1 << 40
 GiB = 1 << 30
@@ -69,7 +68,7 @@ def test_opening_2tib_with_four_fine_bitmaps_is_cheap(big, mode, tmp_path):
     assert qemu_dirty_map(path, "b3") == dirty  # a read-write close stored them as found
 
 
-def test_served_bitmaps_track_writes_in_bounded_memory(big, tmp_path, serve):  # noqa: F811
+def test_served_bitmaps_track_writes_in_bounded_memory(big, tmp_path, serve):
     """`qnbd serve -B` on the 2 TiB image: a client's writes show in the dirty bitmap at
     once and, after the server stops, in what qemu reads from the stored bitmap; the
     server never holds the bitmaps in memory."""

@@ -8,8 +8,7 @@ import subprocess
 
 import nbd
 
-from images import qemu_img, qemu_io
-from nbdserver import serve  # noqa: F401 (fixture)
+from peers import qemu_img, qemu_io
 from qcow2util import read_field
 
 
@@ -28,7 +27,7 @@ def _damaged_compressed(path):
         f.write(struct.pack(">Q", (entry & ~offset_bits) | ((1 << 54) - 512)))
 
 
-def test_flush_after_overwriting_a_far_compressed_cluster(tmp_path, serve):  # noqa: F811
+def test_flush_after_overwriting_a_far_compressed_cluster(tmp_path, serve):
     path = str(tmp_path / "c.qcow2")
     _damaged_compressed(path)
     server = serve(path, "-f", "qcow2")

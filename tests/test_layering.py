@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_MODULE_LINES = 500
 

@@ -14,8 +14,7 @@ from qnbd.errors import ImageError
 from qnbd.lock import ImageInUse
 from qnbd.qcow2.check import check_image
 
-from images import qemu_img
-from nbdserver import serve  # noqa: F401 (fixture)
+from peers import qemu_img
 from qcow2util import sha256
 
 

@@ -7,11 +7,10 @@ import subprocess
 import nbd
 import pytest
 
-from images import qemu_img
-from nbdserver import make_raw, run_serve, serve  # noqa: F401 (fixture)
-from qcow2util import sha256
-
 from cli_util import qnbd_subprocess
+from nbdserver import make_raw, run_serve
+from peers import qemu_img
+from qcow2util import sha256
 
 
 def _client(server) -> nbd.NBD:

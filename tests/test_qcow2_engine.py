@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from qnbd.formats import open_image
 from qnbd.errors import NotFast
 
-from images import MiB, RAW, SHAPES, qemu_img
-from workload import Model, apply_ops, check_clean, converted, random_ops
+from peers import check_clean, qemu_img
+from images import MiB, RAW, SHAPES
+from workload import Model, apply_ops, converted, random_ops
 
 ALL_SHAPES = SHAPES + [RAW]
 
