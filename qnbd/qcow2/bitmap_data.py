@@ -198,16 +198,25 @@ class DirtyBitmap:
 
     def table_to_store(self, place) -> list[int]:
         """The bitmap table to store. A chunk unchanged since the base keeps its entry
-        (its data cluster is reused, never rewritten); a changed one gets
-        `place(cluster bytes)`, which returns its new entry."""
+        (its data cluster is reused, never rewritten). A changed chunk with every bit set
+        and none past the disk's end becomes entry 1 (qcow2.rst "Bitmap table": all
+        ones; a whole-disk zero of a 2 TiB disk would otherwise write 512 MiB of 0xff per
+        bitmap); any other gets `place(produce)`, which allocates its cluster and returns
+        the entry, `produce()` giving the bytes only when they are written (one chunk in
+        memory at a time)."""
+        last_full = self.nbits % self.chunk_bits == 0
         table = []
         for idx in range(self.chunks):
             if idx not in self._overlay and self._table is not None:
                 table.append(self._table[idx] if idx < len(self._table) else 0)
-            elif self.chunk(idx) is ALL_CLEAR:
+                continue
+            data = self.chunk(idx)
+            if data is ALL_CLEAR:
                 table.append(0)
+            elif data is ALL_SET and (idx < self.chunks - 1 or last_full):
+                table.append(TABLE_ENTRY_ALL_ONES)
             else:
-                table.append(place(self._chunk_bytes(idx)))
+                table.append(place(lambda idx=idx: self._chunk_bytes(idx)))
         return table
 
     def stored(self, table: array) -> None:

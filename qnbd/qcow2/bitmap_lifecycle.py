@@ -13,6 +13,7 @@ directory for release (rule 3: the header no longer names them).
 
 import logging
 from array import array
+from collections.abc import Callable
 from dataclasses import replace
 
 from ..block.storage import Barrier, Storage
@@ -183,7 +184,7 @@ class PersistentBitmaps:
         if not self._changed:
             return []
         cs = self.layout.cluster_size
-        writes: list[tuple[int, bytes]] = []
+        writes: list[tuple[int, Callable[[], bytes]]] = []  # (offset, what to write there)
         new_entries = []
         tables: dict[str, array] = {}
         for entry in self.entries:
@@ -191,7 +192,8 @@ class PersistentBitmaps:
             if bitmap is None:
                 new_entries.append(entry)  # inconsistent or unusable: kept untouched
                 continue
-            table = array("Q", bitmap.table_to_store(lambda c: self._place_data(c, writes)))
+            table = array("Q", bitmap.table_to_store(lambda chunk: self._place_chunk(chunk,
+                                                                                     writes)))
             tables[entry.name] = table
             table_offset = self._place(bm.encode_table(table), writes) if table else 0
             new_entries.append(replace(bitmap.entry, table_offset=table_offset,
@@ -209,7 +211,8 @@ class PersistentBitmaps:
         else:
             h.set_extension(hdr.EXT_BITMAPS, None)
             h.autoclear_features &= ~hdr.AUTOCLEAR_BITMAPS
-        for offset, data in writes:
+        for offset, produce in writes:
+            data = produce()
             self.storage.pwrite(data, offset)
             self.metadata.add_range(offset, len(data))
         self.refcounts.cache.flush(Barrier.BEFORE_HEADER)
@@ -251,17 +254,17 @@ class PersistentBitmaps:
         self._retrack()
         self._changed = False
 
-    def _place_data(self, chunk: bytes, writes: list) -> int:
-        """A bitmap data cluster, or 0 where all its bits are clear (qcow2.rst "Bitmap
-        table": an entry of 0 reads as all zeros)."""
-        if chunk.count(0) == len(chunk):
-            return 0
-        return self._place(chunk, writes)
+    def _place_chunk(self, produce: Callable[[], bytes], writes: list) -> int:
+        """Allocate a data cluster for a chunk whose bytes `produce()` gives at write time."""
+        offset = self.refcounts.allocate(1)
+        writes.append((offset, produce))
+        return offset
 
-    def _place(self, data, writes: list) -> int:
+    def _place(self, data: bytes, writes: list) -> int:
         """Allocate clusters for `data` (zero-padded) and queue its write."""
         cs = self.layout.cluster_size
         count = max(1, -(-len(data) // cs))
         offset = self.refcounts.allocate(count)
-        writes.append((offset, bytes(data) + bytes(count * cs - len(data))))
+        padded = data + bytes(count * cs - len(data))
+        writes.append((offset, lambda: padded))
         return offset
