@@ -154,7 +154,8 @@ def test_create_over_a_served_image_is_refused_and_leaves_it_intact(tmp_path, se
     h.flush()
     before = sha256(path)
     qemu_says = qemu("qemu-img", "create", "-f", fmt, path, "1M")
-    assert qemu_says.returncode == 1 and "Is another process using the image" in qemu_says.stderr
+    assert qemu_says.returncode == 1
+    assert "Is another process using the image" in qemu_says.stderr
     for create_fmt in ("qcow2", "raw"):
         r = subprocess.run([sys.executable, "-m", "qnbd.cli", "create", "-f", create_fmt,
                             path, "1M"], capture_output=True, text=True)

@@ -183,7 +183,8 @@ def read_table(file, entry: DirectoryEntry, cluster_size: int, file_size: int) -
     for e in table:
         offset = e & TABLE_ENTRY_OFFSET_MASK
         if e & TABLE_ENTRY_RESERVED or (offset and e & TABLE_ENTRY_ALL_ONES):
-            raise ImageError(f"bitmap '{printable(entry.name)}' table entry 0x{e:016x} is invalid")
+            raise ImageError(f"bitmap '{printable(entry.name)}' table entry 0x{e:016x} is "
+                             "invalid")
         if offset % cluster_size or offset + cluster_size > file_size:
             raise ImageError(f"bitmap '{printable(entry.name)}' data cluster 0x{offset:x} is "
                              "invalid")

@@ -6,9 +6,10 @@ a usable bitmap's data is paged on demand (bitmap_data.py). Read-write: set in_u
 (durable) before any write.
 While open: `mark` dirties the enabled (auto) bitmaps for every write, zero and discard.
 Clean close: `store` writes the chunks that changed to new clusters (unchanged chunks keep
-their clusters), new tables, then a new directory, then points the header at it (Barrier.BEFORE_HEADER: data, tables, directory and their
-refcounts durable first, rule 2), and only then hands back the old tables, data and
-directory for release (rule 3: the header no longer names them).
+their clusters), new tables, then a new directory, then points the header at it
+(Barrier.BEFORE_HEADER: data, tables, directory and their refcounts durable first, rule 2),
+and only then hands back the old tables, data and directory for release (rule 3: the
+header no longer names them).
 """
 
 import logging
@@ -19,8 +20,8 @@ from dataclasses import replace
 from ..block.storage import Barrier, Storage
 from ..errors import ImageError
 from . import bitmap_format as bm
-from .bitmap_data import ChunkReader, DirtyBitmap
 from . import header as hdr
+from .bitmap_data import ChunkReader, DirtyBitmap
 from .header_update import HeaderWriter
 from .layout import Layout
 from .metadata_map import MetadataMap
@@ -183,7 +184,6 @@ class PersistentBitmaps:
         rewritten, never released (the old tables and the new ones agree on them)."""
         if not self._changed:
             return []
-        cs = self.layout.cluster_size
         writes: list[tuple[int, Callable[[], bytes]]] = []  # (offset, what to write there)
         new_entries = []
         tables: dict[str, array] = {}
@@ -199,8 +199,8 @@ class PersistentBitmaps:
             new_entries.append(replace(bitmap.entry, table_offset=table_offset,
                                        table_size=len(table),
                                        flags=bitmap.entry.flags & ~bm.FLAG_IN_USE))
-        releases = self._old_clusters({e.name for e in new_entries if e.name not in self.loaded},
-                                      tables)
+        kept = {e.name for e in new_entries if e.name not in self.loaded}
+        releases = self._old_clusters(kept, tables)
         h = self.header
         if new_entries:
             directory = bm.encode_directory(new_entries)
