@@ -167,3 +167,20 @@ def test_create_over_a_served_image_is_refused_and_leaves_it_intact(tmp_path, se
     code, err = server.stop()
     assert code == 0, err
     assert qemu_img("info", "--output=json", path).stdout.count(f'"format": "{fmt}"') == 1
+
+
+@pytest.mark.parametrize("args", [["bitmap", "--add"], ["check", "-r", "all"]],
+                         ids=["bitmap", "check-r"])
+def test_other_writing_tools_refuse_a_served_image(tmp_path, serve, args):
+    """The other commands that write (qnbd bitmap, qnbd check -r) lock too."""
+    path = str(tmp_path / "served.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    server = serve(path, "-f", "qcow2")
+    before = sha256(path)
+    extra = ["b"] if args[0] == "bitmap" else []
+    r = subprocess.run([sys.executable, "-m", "qnbd.cli", *args, path, *extra],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "in use" in r.stderr, r.stderr
+    assert sha256(path) == before
+    code, err = server.stop()
+    assert code == 0, err
