@@ -24,6 +24,7 @@ resize, and nobody under qcow2 shares write or resize):
 import errno
 import os
 
+from . import fileio
 from .errors import ImageError
 from .fileio import File
 
@@ -59,7 +60,30 @@ def lock_image(file: File, writable: bool, force_share: bool = False,
                metadata: bool = True, data_child: bool = False) -> None:
     """Take QEMU's lock bytes on `file` for this kind of open, or raise ImageInUse.
     The locks live as long as the file stays open; on failure the caller closes it."""
-    held, unshared = permissions(writable, force_share, metadata, data_child)
+    _lock(file, *permissions(writable, force_share, metadata, data_child))
+
+
+def create_locked(path: str) -> File:
+    """Open `path` for a create that overwrites it, emptied only once locked as
+    `qemu-img create` locks it (block/file-posix.c raw_co_create: hold write and resize,
+    share everything but resize), so that an image in use is refused and left intact."""
+    file = fileio.create_file(path)
+    try:
+        try:
+            _lock(file, WRITE | RESIZE, RESIZE)
+        except ImageInUse as e:
+            raise ImageInUse(f"{e}; Is another process using the image [{path}]?") from None
+        file.truncate(0)
+    except OSError as e:
+        file.close()
+        raise ImageError(f"Could not create '{path}': {e.strerror}") from None
+    except BaseException:
+        file.close()
+        raise
+    return file
+
+
+def _lock(file: File, held: int, unshared: int) -> None:
     try:
         for i, perm in enumerate(PERMISSIONS):
             if held & perm:

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 
+import nbd
 import pytest
 
 SERVE = shlex.split(os.environ.get("QNBD_SERVE_CMD", "")) or [sys.executable, "-m", "qnbd.cli", "serve"]
@@ -109,6 +110,31 @@ def serve():
         server.proc.communicate()
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# --- libnbd helpers ---------------------------------------------------------------------
+
+def connect(uri: str, *contexts) -> nbd.NBD:
+    h = nbd.NBD()
+    for c in contexts:
+        h.add_meta_context(c)
+    h.connect_uri(uri)
+    return h
+
+
+def status(h: nbd.NBD, context: str, offset: int, length: int, flags: int = 0):
+    """The descriptors one BLOCK_STATUS request returns for `context`, with offsets."""
+    out = []
+
+    def cb(name, off, entries, err):
+        if name == context:
+            pos = off
+            for n, f in zip(entries[::2], entries[1::2]):
+                out.append((pos, n, f))
+                pos += n
+        return 0
+    h.block_status(length, offset, cb, flags)
+    return out
 
 
 # --- a raw client: bytes on the wire, for edge cases and for what libnbd will not send ---

@@ -19,7 +19,7 @@ import pytest
 
 from peers import check_clean, qemu_img, qemu_io, run
 from images import MiB
-from nbdserver import Server, run_serve, short_tmpdir, wait_for_socket
+from nbdserver import Server, connect, run_serve, short_tmpdir, status, wait_for_socket
 from bitmaputil import expected_dirty, info_bitmaps, qemu_dirty_map, qnbd
 
 SIZE = 16 * MiB
@@ -56,29 +56,6 @@ def qemu_nbd(*args):
 def stop_clean(server):
     code, err = server.stop()
     assert code == 0, err
-
-
-def connect(uri: str, *contexts) -> nbd.NBD:
-    h = nbd.NBD()
-    for c in contexts:
-        h.add_meta_context(c)
-    h.connect_uri(uri)
-    return h
-
-
-def status(h: nbd.NBD, context: str, offset: int, length: int, flags: int = 0):
-    """The descriptors one BLOCK_STATUS request returns for `context`, with offsets."""
-    out = []
-
-    def cb(name, off, entries, err):
-        if name == context:
-            pos = off
-            for n, f in zip(entries[::2], entries[1::2]):
-                out.append((pos, n, f))
-                pos += n
-        return 0
-    h.block_status(length, offset, cb, flags)
-    return out
 
 
 def full_map(h: nbd.NBD, context: str, size: int):

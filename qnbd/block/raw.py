@@ -18,8 +18,8 @@ import os
 from collections.abc import Callable
 
 from ..errors import ImageError, IOFailure, NotFast
-from ..fileio import File, create_file, open_file
-from ..lock import lock_image
+from ..fileio import File, open_file
+from ..lock import create_locked, lock_image
 from .base import HOLE, ZERO, Extent
 
 _ZERO_CHUNK = bytes(1 << 20)
@@ -39,7 +39,7 @@ def create_raw(path: str, size: int | None, **options) -> int:
     if size is None:
         raise ImageError("Image creation needs a size parameter")
     size = _sectors(size)
-    f = create_file(path)
+    f = create_locked(path)
     try:
         f.truncate(size)
     except OSError as e:
@@ -82,19 +82,14 @@ class RawDevice:
 
     def write(self, offset: int, data, fua: bool = False) -> None:
         self._check_writable()
-        if self.probed and offset < SECTOR:
-            head = bytearray(self.read(0, SECTOR))
-            n = min(len(data), SECTOR - offset)
-            head[offset:offset + n] = bytes(data[:n])
-            if not self.probed(bytes(head)):
-                raise IOFailure("writing this would make the probed raw image look like "
-                                "another format", errno.EPERM)
+        self._check_block0(offset, data, len(data))
         self.file.pwrite(data, offset)
         if fua:
             self.file.fsync()
 
     def write_zeroes(self, offset, length, may_trim=False, fast=False, fua=False):
         self._check_writable()
+        self._check_block0(offset, None, length)
         if may_trim or fast:
             # Punching a hole zeroes without writing data; if the filesystem cannot,
             # a fast request must fail rather than write.
@@ -114,6 +109,7 @@ class RawDevice:
 
     def discard(self, offset, length, fua=False):
         self._check_writable()
+        self._check_block0(offset, None, length)
         self.file.punch_hole(offset, length)
         if fua:
             self.file.fsync()
@@ -148,3 +144,19 @@ class RawDevice:
     def _check_writable(self):
         if self.read_only:
             raise IOFailure("the device is read-only", errno.EPERM)
+
+    def _check_block0(self, offset: int, data, length: int) -> None:
+        """The first sector as it would be after writing `data` (None: zeros) at
+        `offset` must still probe as raw (docs/DESIGN.md rule 14). qemu checks data
+        writes only; zeroing can make a sector probe too (a magic that ends in a zero
+        byte, "QED\\0"), so it is checked as well."""
+        if self.probed is None or offset >= SECTOR or length <= 0:
+            return
+        head = bytearray(self.read(0, SECTOR))
+        n = min(length, SECTOR - offset)
+        head[offset:offset + n] = bytes(n) if data is None else bytes(memoryview(data)[:n])
+        if not self.probed(bytes(head)):
+            raise IOFailure(f"Image format was not specified for '{self.path}' and probing "
+                            "guessed raw: a write that would make block 0 probe as another "
+                            "format is refused (specify -f raw to remove the restriction)",
+                            errno.EPERM)

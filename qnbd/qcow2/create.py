@@ -14,10 +14,10 @@ Spec: qemu docs/interop/qcow2.rst, "Header", "Host cluster management", "Cluster
 
 from array import array
 
-from .. import fileio
 from ..block.chain import resolve_backing
 from ..block.options import parse_bool, parse_int, parse_size_option, parse_text
 from ..errors import ImageError
+from ..lock import create_locked
 from . import header as hdr
 from .entries import encode_table
 from .refcount import SubByteBlock, WordBlock
@@ -188,7 +188,7 @@ def _backing_size(path: str, backing_file: str | None, backing_fmt: str | None,
 
 
 def _create_data_file(path: str, size: int) -> None:
-    f = fileio.create_file(path)
+    f = create_locked(path)
     try:
         f.truncate(size)
     except OSError as e:
@@ -213,7 +213,7 @@ def _write(path: str, h: hdr.Header) -> None:
     reftable = array("Q", ((first_block + b) * cs for b in range(blocks)))
     end = h.l1_table_offset + h.l1_size * 8 if h.l1_size else (first_block + blocks) * cs
 
-    f = fileio.create_file(path)
+    f = create_locked(path)
     try:
         f.pwrite(h.encode(), 0)
         f.pwrite(encode_table(reftable), h.refcount_table_offset)

@@ -351,8 +351,11 @@ def _check_features(h: Header) -> None:
 def _check_table(name: str, offset: int, length: int, cs: int, file_size: int) -> None:
     if offset % cs:
         raise ImageError(f"{name} offset 0x{offset:x} is not aligned to a cluster")
-    if offset + length > file_size:
+    if offset >= file_size:
         raise ImageError(f"{name} offset 0x{offset:x} is past the end of the file")
+    if offset + length > file_size:  # the offset is fine: say so (issue 16)
+        raise ImageError(f"{name} (0x{offset:x}, {length} bytes) runs past the end of the "
+                         f"file ({file_size} bytes)")
 
 
 def _check_layout(h: Header, file_size: int) -> None:

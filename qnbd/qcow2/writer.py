@@ -14,6 +14,7 @@ file and are not refcounted: nothing is allocated or released for them, and with
 alone stays the guest's disk.
 """
 
+import logging
 from array import array
 
 from ..block.storage import Storage
@@ -23,8 +24,10 @@ from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_
 from .layout import Layout
 from .mapping import Mapper
 from .metadata_map import MetadataMap
-from .refcount import Refcounts
+from .refcount import Refcounts, ReleaseRefused
 from .tables import ClusterTables
+
+log = logging.getLogger("qnbd.qcow2")
 
 # Released clusters wait for a flush (rule 3); past this many, writes flush by themselves
 # so that discarded space returns without waiting for the client.
@@ -68,7 +71,14 @@ class ClusterWriter:
         cb = self.layout.cluster_bits
         freed = []
         for offset, length in pending:
-            freed.extend(self.refcounts.release(offset, length))
+            try:
+                freed.extend(self.refcounts.release(offset, length))
+            except ReleaseRefused as e:
+                # As qemu's qcow2_free_clusters: one line, the range is leaked, the flush
+                # goes on (the reference is already gone from disk; nothing else depends
+                # on this refcount, and no metadata was written on its account).
+                log.error("%s: could not release host range 0x%x+%d: %s; leaked",
+                          self.data.path, offset, length, e)
         for cluster in sorted(freed):
             if cluster in self.metadata.clusters:
                 self.metadata.remove(cluster)
