@@ -3,6 +3,7 @@
 from .. import formats
 from ..block.options import parse_options, parse_size_option
 from ..errors import QnbdError
+from ..qed import create as qed_create
 from ..units import parse_size
 
 
@@ -12,11 +13,12 @@ def add_parser(subparsers):
         description="Create a new empty image. SIZE takes k, M, G, T, P or E suffixes "
                     "(powers of 1024). An existing FILE is overwritten.")
     p.add_argument("-f", dest="fmt", default="raw", metavar="FMT",
-                   help="image format: qcow2 or raw (default raw, as qemu-img)")
+                   help="image format: qcow2, qed or raw (default raw, as qemu-img)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="comma-separated format options: compat=0.10|1.1, cluster_size=N, "
                         "refcount_bits=N, lazy_refcounts=on|off, backing_file=F, "
-                        "backing_fmt=F, compression_type=zlib|zstd")
+                        "backing_fmt=F, compression_type=zlib|zstd; qed: cluster_size=N, "
+                        "table_size=N, backing_file=F, backing_fmt=F")
     p.add_argument("-b", dest="backing_file", metavar="BACKING", help="backing file")
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="backing file format")
     p.add_argument("-u", dest="unsafe", action="store_true",
@@ -48,6 +50,8 @@ def run(args) -> int:
 
 def _describe(fmt: str, size: int, options: dict) -> str:
     """qemu-img create's "Formatting" line: the format's options with their defaults."""
+    if fmt == "qed":
+        return qed_create.describe(size, options)
     if fmt != "qcow2":
         return f"fmt={fmt} size={size}"
     described = {"cluster_size": 65536, "compression_type": "zlib", "size": size,
