@@ -42,16 +42,18 @@ def run(args) -> int:
         kwargs["backing_file"] = args.backing_file
     if args.backing_fmt is not None:
         kwargs["backing_fmt"] = args.backing_fmt
-    size = formats.create_image(args.fmt, args.filename, kwargs.pop("size", None), kwargs,
+    requested = kwargs.pop("size", None)
+    size = formats.create_image(args.fmt, args.filename, requested, kwargs,
                                 open_backing_file=not args.unsafe)
-    _report(args, _describe(args.fmt, size, kwargs))
+    _report(args, _describe(args.fmt, size, kwargs, requested))
     return 0
 
 
-def _describe(fmt: str, size: int, options: dict) -> str:
-    """qemu-img create's "Formatting" line: the format's options with their defaults."""
+def _describe(fmt: str, size: int, options: dict, requested: int | None) -> str:
+    """qemu-img create's "Formatting" line: the format's options with their defaults
+    (qed: the size as given, before rounding up to sectors)."""
     if fmt == "qed":
-        return qed_create.describe(size, options)
+        return qed_create.describe(size if requested is None else requested, options)
     if fmt != "qcow2":
         return f"fmt={fmt} size={size}"
     described = {"cluster_size": 65536, "compression_type": "zlib", "size": size,

@@ -52,9 +52,12 @@ def create(path: str, size: int | None = None, *, cluster_size: int = DEFAULT_CL
     if size is None:
         raise ImageError("Image creation needs a size parameter")
     size = -(-size // hdr.SECTOR) * hdr.SECTOR
-    if size > hdr.max_image_size(cluster_size, table_size):
+    # qemu computes the limit in 64 bits and it wraps for large clusters (to 0 for
+    # 64 MiB ones): an image qemu would then refuse to open is refused here too.
+    limit = hdr.max_image_size(cluster_size, table_size) & (1 << 64) - 1
+    if size > limit:
         raise ImageError("QED image size must be a non-zero multiple of cluster size and "
-                         f"less than {hdr.max_image_size(cluster_size, table_size)} bytes")
+                         f"less than {limit} bytes")
     h = hdr.Header(cluster_size=cluster_size, table_size=table_size, header_size=1,
                    features=features, compat_features=0, autoclear_features=0,
                    l1_table_offset=cluster_size, image_size=size,
