@@ -6,11 +6,16 @@ Allocation is append-only (as QEMU's qed_alloc_clusters): QED has no refcounts, 
 cluster is in use exactly when a table points to it, and new clusters are taken from the
 end of the file. Nothing is ever freed while the image is open.
 
-Ordering (docs/DESIGN.md rule 12): the L2 cache comes after the image's own data writes
-(copy-on-write data before the entry that maps it: QEMU flushes there too, qed.c
-qed_aio_write_cow), and L1 entries are written only once the L2 tables they point to are
-durable, so a table that a crash left half written is never reachable from the L1 table.
-Consistency across a crash is NEED_CHECK's job (image.py); this order keeps the data.
+Ordering (docs/DESIGN.md rule 12). Consistency across a crash is NEED_CHECK's job
+(image.py): every table change happens while it is durably set, so no barrier is
+needed between a new L2 table and the L1 entry naming it (a table a crash left unwritten
+reads as zeros, all unallocated, or lies past the end of the file and is dropped by the
+check; either way only unflushed writes are lost). One order does keep flushed data: with
+a backing file, the data of a new cluster (copy-on-write from the backing file around
+the bytes written) is durable before the L2 entry that maps it. Otherwise a crash could
+leave the entry pointing to a cluster that reads zeros where the backing file's data had
+shown through before; QEMU flushes there for the same reason (qed.c, qed_aio_write_cow).
+Without a backing file such a cluster reads zeros either way.
 """
 
 import sys
@@ -71,8 +76,10 @@ class Tables:
         for entry in self.l1:
             if entry and table_offset_valid(h, entry, self.end):
                 self._add_table(entry)
-        self.l2_cache = TableCache("qed-l2", storage, self._load_l2, encode_table,
-                                   l2_capacity, barrier=Barrier.BEFORE_L2, data=(storage,))
+        self.l2_cache = TableCache(
+            "qed-l2", storage, self._load_l2, encode_table, l2_capacity,
+            barrier=Barrier.BEFORE_L2 if h.backing_file is not None else None,
+            data=(storage,))
 
     def _add_table(self, offset: int) -> None:
         first = offset // self.header.cluster_size
@@ -125,11 +132,10 @@ class Tables:
         return bool(self._l1_dirty) or self.l2_cache.has_dirty()
 
     def write_dirty(self) -> None:
-        """Dirty L2 tables (after the data they map), then dirty L1 entries once the
-        tables are durable."""
+        """Dirty L2 tables (after the data they map, with a backing file), then dirty L1
+        entries (no barrier between: see the module's docstring)."""
         self.l2_cache.write_dirty()
         if self._l1_dirty:
-            self.l2_cache.flush(Barrier.BEFORE_L1)
             base = self.header.l1_table_offset
             for i in sorted(self._l1_dirty):
                 self.storage.pwrite(encode_table(self.l1[i:i + 1]), base + 8 * i)
