@@ -184,7 +184,7 @@ def repair(storage: Storage, path: str) -> hdr.Header:
         raise ImageError(f"'{path}' needs a check and could not be repaired "
                          f"({result.corruptions} corruptions, {result.check_errors} errors "
                          "remain)")
-    log.warning("%s: checked an image not closed cleanly: %d corruptions and %d leaked "
-                "clusters fixed, %d leaked clusters left", path, result.corruptions_fixed,
+    log.warning("%s: repaired an image left with NEED_CHECK set: %d corruptions and %d "
+                "leaked clusters fixed, %d leaked clusters left", path, result.corruptions_fixed,
                 result.leaks_fixed, result.leaks)
     return hdr.read(storage, path)
