@@ -109,7 +109,7 @@ class Export:
             return cls(config, device)
         except BaseException:
             # Close what was opened: a read-write open has already set in_use on the
-            # image's bitmaps, and only a clean close clears it (DESIGN.md rule 9).
+            # image's bitmaps, and only a clean close clears it (docs/DESIGN.md rule 9).
             device.close()
             raise
 

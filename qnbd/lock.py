@@ -1,4 +1,4 @@
-"""Image locks that QEMU understands (DESIGN.md rule 11), so that qnbd and
+"""Image locks that QEMU understands (docs/DESIGN.md rule 11), so that qnbd and
 qemu-img/qemu-io/qemu-nbd never both write one image.
 
 QEMU's scheme (block/file-posix.c, raw_apply_lock_bytes / raw_check_lock_bytes): each

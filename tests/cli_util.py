@@ -14,6 +14,8 @@ import sys
 
 from qnbd import cli
 
+from peers import run
+
 
 def qnbd(*args) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
@@ -36,15 +38,13 @@ def qnbd_subprocess(*args, cwd=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd)
 
 
-def run(*cmd, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd)
 
 
 def qemu_img_info(path, *extra, cwd=None):
-    p = run("qemu-img", "info", "--output=json", *extra, path, cwd=cwd)
+    p = run("qemu-img", "info", "--output=json", *extra, path, cwd=cwd, check=False)
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)
 
 
 def qemu_img_check(path) -> subprocess.CompletedProcess:
-    return run("qemu-img", "check", path)
+    return run("qemu-img", "check", path, check=False)

@@ -9,22 +9,15 @@ import random
 import subprocess
 from dataclasses import dataclass, field
 
+from peers import qemu_img, qemu_io
+
 MiB = 1 << 20
 
 
-def run(*cmd, **kw):
-    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True, **kw)
 
 
-def qemu_img(*args):
-    return run("qemu-img", *args)
 
 
-def qemu_io(image, fmt, *commands):
-    args = []
-    for c in commands:
-        args += ["-c", c]
-    return run("qemu-io", "-f", fmt, *args, image)
 
 
 def scatter_raw(path, size, seed, density=0.3, unit=48 * 1024):
@@ -50,6 +43,7 @@ class Shape:
     fmt: str = "qcow2"
     size: int = 12 * MiB
     extra_io: list = field(default_factory=list)
+    bitmaps: list = field(default_factory=list)  # persistent bitmaps qemu-img adds
 
     @property
     def v2(self):
@@ -102,6 +96,8 @@ class Shape:
                            capture_output=True)
         for c in self.extra_io:
             qemu_io(image, "qcow2", c)
+        for name in self.bitmaps:
+            qemu_img("bitmap", "--add", image, name)
         return image
 
 

@@ -7,7 +7,8 @@ Everything works on files with plain `struct`, never through the engine under te
 import hashlib
 import json
 import struct
-import subprocess
+
+from peers import qemu_img
 
 # name -> (offset, struct code), qcow2.rst "Header" (bytes 0-103) and "Additional fields".
 HEADER_FIELDS = {
@@ -45,13 +46,8 @@ EXT_BACKING_FORMAT = 0xE2792ACA
 COPIED = 1 << 63
 
 
-def qemu_img(*args: str) -> str:
-    return subprocess.run(["qemu-img", *args], check=True, capture_output=True,
-                          text=True).stdout
 
 
-def qemu_io(path: str, command: str) -> None:
-    subprocess.run(["qemu-io", "-c", command, path], check=True, capture_output=True)
 
 
 def read_field(path, name: str) -> int:
@@ -128,7 +124,7 @@ def feature_entry(kind: int, bit: int, name: str) -> bytes:
 
 
 def qemu_info(path) -> dict:
-    return json.loads(qemu_img("info", "--output=json", "-U", str(path)))
+    return json.loads(qemu_img("info", "--output=json", "-U", str(path)).stdout)
 
 
 def qemu_says_corrupt(path) -> bool:

@@ -17,9 +17,10 @@ import tempfile
 import nbd
 import pytest
 
-from images import MiB, qemu_img, qemu_io, run
-from nbdserver import Server, run_serve, serve, short_tmpdir, wait_for_socket  # noqa: F401
-from test_bitmaps import check_clean, expected_dirty, info_bitmaps, qemu_dirty_map, qnbd
+from peers import check_clean, qemu_img, qemu_io, run
+from images import MiB
+from nbdserver import Server, run_serve, short_tmpdir, wait_for_socket
+from bitmaputil import expected_dirty, info_bitmaps, qemu_dirty_map, qnbd
 
 SIZE = 16 * MiB
 

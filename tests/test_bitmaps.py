@@ -1,72 +1,20 @@
 """Persistent dirty bitmaps: what qnbd stores must mean the same to qemu (qemu-nbd -B,
 qemu-img info/check), and `qnbd bitmap` must do what `qemu-img bitmap` does."""
 
-import json
-import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
 from qnbd.formats import open_image
 from qnbd.errors import ImageError
 
-from images import MiB, qemu_img, qemu_io
-
-SIZE = 64 * MiB
-
-
-def info_bitmaps(image, force=False):
-    args = ["info", "--output=json"] + (["-U"] if force else []) + [image]
-    data = json.loads(qemu_img(*args).stdout)
-    return data.get("format-specific", {}).get("data", {}).get("bitmaps", [])
-
-
-def check_clean(image):
-    r = subprocess.run(["qemu-img", "check", image], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
-def qemu_dirty_map(image, name):
-    """The dirty extents qemu itself reads from the stored bitmap (qemu-nbd -B)."""
-    d = tempfile.mkdtemp(dir="/tmp")
-    sock = os.path.join(d, "s")
-    try:
-        subprocess.run(["qemu-nbd", "--fork", "-r", "-f", "qcow2", "-B", name, "-k", sock,
-                        image], check=True, capture_output=True)
-        out = subprocess.run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}",
-                              f"nbd+unix:///?socket={sock}"],
-                             check=True, capture_output=True, text=True).stdout
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-    return [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] & 1]
-
-
-def expected_dirty(ranges, granularity, size=SIZE):
-    """Dirty extents, merged, for ranges marked at `granularity`."""
-    bits = set()
-    for off, n in ranges:
-        bits.update(range(off // granularity, (off + n - 1) // granularity + 1))
-    out = []
-    for b in sorted(bits):
-        start, end = b * granularity, min(size, (b + 1) * granularity)
-        if out and out[-1][0] + out[-1][1] == start:
-            out[-1] = (out[-1][0], out[-1][1] + end - start)
-        else:
-            out.append((start, end - start))
-    return out
-
-
-def qnbd(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "qnbd.cli", *args], capture_output=True,
-                       text=True)
-    if check:
-        assert r.returncode == 0, r.stderr
-    return r
+from images import MiB
+from bitmaputil import SIZE, expected_dirty, info_bitmaps, qemu_dirty_map, qnbd
+from peers import check_clean, qemu_img, qemu_io
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from qnbd.block.check_result import FIX_ALL, FIX_LEAKS
 from qnbd.commands.check import to_json
 from qnbd.qcow2.check import check_image
 
-from images import MiB, SHAPES, qemu_img, qemu_io
-from qcow2util import (COPIED, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, patch_fields, patch_u64,
-                       read_field, read_u64)
+from peers import qemu_img, qemu_io
+from images import MiB, SHAPES
+from qcow2util import COPIED, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, patch_fields, patch_u64, read_field, read_u64
 
 L2_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 

@@ -6,11 +6,12 @@ import struct
 
 import pytest
 
-from cli_util import qemu_img_info, qnbd, qnbd_ok, qnbd_subprocess, run
+from cli_util import qemu_img_info, qnbd, qnbd_ok, qnbd_subprocess
+from peers import run
 
 
 def _qemu_img(*args, cwd=None):
-    p = run("qemu-img", *args, cwd=cwd)
+    p = run("qemu-img", *args, cwd=cwd, check=False)
     assert p.returncode == 0, p.stderr
     return p.stdout
 
@@ -49,7 +50,7 @@ def _make(tmp_path, name):
             "zstd": "compression_type=zstd", "small": "cluster_size=512,refcount_bits=1",
             "big": "cluster_size=2M,refcount_bits=64"}[name]
     q("create", "-q", "-f", "qcow2", *(["-o", opts] if opts else []), "i.qcow2", "1G")
-    run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 300k", tmp_path / "i.qcow2")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 300k", tmp_path / "i.qcow2", check=False)
     return "i.qcow2"
 
 

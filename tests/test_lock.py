@@ -12,7 +12,8 @@ from qnbd.errors import ImageError
 from qnbd.lock import ImageInUse
 from qnbd.qcow2.check import check_image
 
-from images import qemu_img
+from peers import qemu_img
+
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fuzz import targets
-from nbdserver import RawClient, make_raw, meta_payload, serve  # noqa: F401
+from nbdserver import RawClient, make_raw, meta_payload
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
 from qnbd.nbd.handshake import Close, Handshake, Ready, Send

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fuzz import targets
-from nbdserver import RawClient, make_raw, serve  # noqa: F401
+from nbdserver import RawClient, make_raw
 from qnbd.config import ServerConfig
 from qnbd.errors import IOFailure, NotFast
 from qnbd.export import Export, ExportConfig

@@ -26,10 +26,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from qnbd.errors import IOFailure, QnbdError
 from qnbd.formats import open_image
 
-from qcow2util import (COPIED, EXT_BITMAPS, bitmap_locations, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT,
-                       INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, feature_entry,
-                       patch_bytes, patch_fields, patch_u64, qemu_img, qemu_info, qemu_io,
-                       qemu_says_corrupt, read_extensions, read_field, read_u64, truncate, write_extensions)
+from peers import qemu_img, qemu_io
+from qcow2util import COPIED, EXT_BITMAPS, bitmap_locations, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, feature_entry, patch_bytes, patch_fields, patch_u64, qemu_info, qemu_says_corrupt, read_extensions, read_field, read_u64, truncate, write_extensions
 
 SIZE = 4 << 20
 READ_CHUNK = 1 << 20
@@ -44,11 +42,11 @@ def bases(tmp_path_factory):
     qemu_img("create", "-f", "qcow2", str(d / "v3.qcow2"), str(SIZE))
     qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", str(d / "v2.qcow2"), str(SIZE))
     qemu_img("create", "-f", "qcow2", str(d / "data.qcow2"), str(SIZE))
-    qemu_io(str(d / "data.qcow2"), "write -P 1 0 1M")
+    qemu_io(str(d / "data.qcow2"), "qcow2", "write -P 1 0 1M")
     qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", str(d / "data2.qcow2"), str(SIZE))
-    qemu_io(str(d / "data2.qcow2"), "write -P 1 0 1M")
+    qemu_io(str(d / "data2.qcow2"), "qcow2", "write -P 1 0 1M")
     qemu_img("create", "-f", "qcow2", str(d / "base.qcow2"), str(SIZE))
-    qemu_io(str(d / "base.qcow2"), "write -P 2 0 2M")
+    qemu_io(str(d / "base.qcow2"), "qcow2", "write -P 2 0 2M")
     qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
              str(d / "overlay.qcow2"))
     return d
@@ -731,7 +729,7 @@ def bitmap_base(bases):
     qemu_img("create", "-f", "qcow2", str(path), str(SIZE))
     qemu_img("bitmap", "--add", str(path), "b0")
     qemu_img("bitmap", "--add", "-g", "4096", str(path), "b1")
-    qemu_io(str(path), "write -P 1 0 1M")
+    qemu_io(str(path), "qcow2", "write -P 1 0 1M")
     return path.read_bytes(), bitmap_locations(path)
 
 

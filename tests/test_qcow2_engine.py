@@ -12,22 +12,11 @@ from hypothesis import strategies as st
 from qnbd.formats import open_image
 from qnbd.errors import NotFast
 
-from images import MiB, RAW, SHAPES, qemu_img
+from peers import check_clean, qemu_img
+from images import MiB, RAW, SHAPES
+from workload import Model, apply_ops, converted, random_ops
 
 ALL_SHAPES = SHAPES + [RAW]
-
-
-def converted(image, fmt, directory):
-    out = os.path.join(str(directory), "expected.raw")
-    qemu_img("convert", "-U", "-f", fmt, "-O", "raw", image, out)  # -U: the test holds it open
-    with open(out, "rb") as f:
-        return f.read()
-
-
-def check_clean(image):
-    r = subprocess.run(["qemu-img", "check", image], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "No errors were found" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("shape", ALL_SHAPES, ids=lambda s: s.name)
@@ -66,61 +55,6 @@ def test_block_status_matches_data(shape, tmp_path):
         assert pos == dev.size
     finally:
         dev.close()
-
-
-class Model:
-    """The expected content of an image, as plain bytes, under the BlockDevice contract."""
-
-    def __init__(self, content: bytes, cluster_size: int, discard_keeps: bool):
-        self.data = bytearray(content)
-        self.cs = cluster_size
-        self.discard_keeps = discard_keeps  # v2 with backing: discard is a no-op
-
-    def write(self, off, buf):
-        self.data[off:off + len(buf)] = buf
-
-    def zero(self, off, n):
-        self.data[off:off + n] = bytes(n)
-
-    def discard(self, off, n):
-        if self.discard_keeps:
-            return
-        start = -(-off // self.cs) * self.cs
-        end = (off + n) // self.cs * self.cs
-        if off + n == len(self.data):
-            end = off + n
-        if start < end:
-            self.zero(start, end - start)
-
-
-def random_ops(rng, size, count):
-    ops = []
-    for _ in range(count):
-        kind = rng.choice(["write", "write", "write", "zero", "zero_trim", "discard", "flush"])
-        off = rng.randrange(0, size)
-        # Sizes from a few bytes to several clusters; some aligned, some not.
-        n = rng.choice([1, 511, 4096, 65536, 65537, 200000, rng.randrange(1, 600000)])
-        if rng.random() < 0.3:
-            off = off // 65536 * 65536
-        n = max(1, min(n, size - off))
-        ops.append((kind, off, n, rng.randrange(1, 256)))
-    return ops
-
-
-def apply_ops(dev, model, ops):
-    for kind, off, n, pattern in ops:
-        if kind == "write":
-            buf = bytes([pattern]) * n
-            dev.write(off, buf, fua=pattern % 17 == 0)
-            model.write(off, buf)
-        elif kind in ("zero", "zero_trim"):
-            dev.write_zeroes(off, n, may_trim=kind == "zero_trim")
-            model.zero(off, n)
-        elif kind == "discard":
-            dev.discard(off, n)
-            model.discard(off, n)
-        else:
-            dev.flush()
 
 
 def run_workload(shape, tmp_path, ops, reopen_every=None):

@@ -13,15 +13,12 @@ import time
 import nbd
 import pytest
 
-from nbdserver import (Server, make_raw, run_serve, serve, serve_cmd,  # noqa: F401
-                       short_tmpdir, wait_for_socket)
+from peers import run
+from nbdserver import Server, make_raw, run_serve, serve_cmd, short_tmpdir, wait_for_socket
 
 MiB = 1 << 20
 
 
-def run(*cmd, **kw):
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, check=True,
-                          timeout=60, **kw)
 
 
 def qcow2(path, size="64M"):

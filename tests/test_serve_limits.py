@@ -13,7 +13,7 @@ import types
 import nbd
 import pytest
 
-from nbdserver import RawClient, Server, make_raw, serve, short_tmpdir, wait_for_socket  # noqa: F401
+from nbdserver import RawClient, Server, make_raw, short_tmpdir, wait_for_socket
 from qnbd.config import ServerConfig
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p

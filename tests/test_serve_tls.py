@@ -14,7 +14,7 @@ import time
 import nbd
 import pytest
 
-from nbdserver import RawClient, Server, make_raw, run_serve, serve, short_tmpdir, wait_for_socket  # noqa: F401
+from nbdserver import RawClient, Server, make_raw, run_serve, short_tmpdir, wait_for_socket
 from tlsutil import make_pki
 
 MiB = 1 << 20

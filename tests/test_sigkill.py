@@ -19,8 +19,8 @@ import pytest
 from qnbd.formats import open_image
 from qnbd.errors import ImageError
 
-from images import MiB, qemu_img
-from nbdserver import serve  # noqa: F401 -- fixture
+from peers import qemu_img
+from images import MiB
 
 SIZE = 32 * MiB
 SECTOR = 512

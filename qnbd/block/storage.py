@@ -10,7 +10,7 @@ enumeration of crash states fail: a barrier nobody can show to be needed is not 
 
 `sync(barrier)` issues the fsync only when this storage has unsynced writes; since no
 engine module writes to a file except through its Storage, the answer cannot be wrong
-(the flag the engine used to keep by hand was, see docs/DESIGN.md "History").
+(the flag the first engine kept by hand was, see docs/DESIGN.md "Durability").
 """
 
 import enum
@@ -20,13 +20,12 @@ from ..fileio import File
 
 class Barrier(enum.Enum):
     """Every fsync an engine issues, by the ordering rule it serves (docs/DESIGN.md,
-    "Barriers" lists which rule of the format each one keeps)."""
+    "Durability" lists which rule of the format each one keeps)."""
 
     BEFORE_L2 = "refcounts and data durable before the L2 tables that point to them"
     BEFORE_L1 = "L2 tables durable before the L1 entries that point to them"
     BEFORE_RELEASE = "dropped references durable before the refcounts are decreased"
     NEW_REFBLOCK = "a new refcount block durable before the table entry naming it"
-    REFTABLE_ENTRY = "a refcount table entry durable before its block is used"
     BEFORE_HEADER = "new tables durable before the header points to them"
     HEADER = "a header change durable before anything that relies on it"
     BITMAPS_IN_USE = "bitmaps marked in use durably before the first write (rule 9)"

@@ -3,7 +3,7 @@ and graceful shutdown. The only NBD module that touches sockets, clocks or signa
 protocol itself lives in handshake.py and transmission.py.
 
 Requests are executed inline, in order, inside `data_received`: the engines are synchronous
-by design (see DESIGN.md), so the complete requests of one read are handled and their
+by design (see docs/DESIGN.md), so the complete requests of one read are handled and their
 replies go out in one `writelines`. Replies therefore leave in request order, which the
 protocol allows (it also allows any other order).
 

@@ -1,1 +1,1 @@
-"""The qcow2 engine: usable on its own, synchronous and single-threaded (see DESIGN.md)."""
+"""The qcow2 engine: usable on its own, synchronous and single-threaded (see docs/DESIGN.md)."""

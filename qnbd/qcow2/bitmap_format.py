@@ -6,7 +6,7 @@ points to a bitmap table whose entries point to data clusters (or are 0: all zer
 0 with bit 0 set: all ones). Bit n of the data covers guest bytes [n*g, (n+1)*g), bits
 are numbered from the least significant bit of each byte.
 
-In memory: one `DirtyBitmap` (a bytearray of bits) per usable entry. DESIGN.md rule 9
+In memory: one `DirtyBitmap` (a bytearray of bits) per usable entry. docs/DESIGN.md rule 9
 gives the life cycle: in_use set on disk at read-write open, every write/zero/discard
 marks the `auto` bitmaps, clean close stores them and clears in_use. An entry found in_use
 at open is inconsistent: kept on disk untouched, never loaded or exported, only removable.

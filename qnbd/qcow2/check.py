@@ -8,7 +8,7 @@ them per host cluster. Compressed data counts one reference on every host cluste
 byte range touches. Then computed and stored refcounts are compared: stored lower than
 computed is a corruption (the cluster could be reused while in use), higher is a leak
 (only wasted space). Last, the COPIED flag of the active L1/L2 entries must say "refcount
-is exactly 1" (DESIGN.md rule 5).
+is exactly 1" (docs/DESIGN.md rule 5).
 
 The flow, counts and messages follow QEMU's block/qcow2-refcount.c
 (qcow2_check_refcounts, calculate_refcounts, compare_refcounts, check_oflag_copied) so

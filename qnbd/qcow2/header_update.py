@@ -1,7 +1,7 @@
 """In-place updates of a qcow2 header: feature bits, the refcount table's location, and
 the whole header cluster (extensions, backing name).
 
-Every update is a barrier (docs/DESIGN.md, "Barriers"): the header is what everything
+Every update is a barrier (docs/DESIGN.md, "Durability"): the header is what everything
 else hangs from, so a change to it is durable before anything relies on it (the dirty
 bit before the first deferred refcount, rule 6; the corrupt bit, rule 7; a new refcount
 table before the old one is freed; a new bitmap directory before the old is released).

@@ -1,6 +1,6 @@
 """Which host clusters hold metadata, to stop data writes from landing on them.
 
-DESIGN.md rule 8 (QEMU's "overlap checks", qcow2.rst does not spell it out): a data write
+docs/DESIGN.md rule 8 (QEMU's "overlap checks", qcow2.rst does not spell it out): a data write
 whose host range overlaps the header, L1 table, L2 tables, refcount table or blocks,
 snapshot table or L1 tables, or the bitmap directory means the refcounts or mappings are
 inconsistent. The write is refused and the image marked corrupt (rule 7).
