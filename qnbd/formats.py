@@ -43,6 +43,9 @@ class Format:
     create_options: dict | None = None  # -o key -> (argument, parser), qnbd/block/options.py
     info: Callable | None = None  # info(path, file, stat) -> qemu-img info's dict
     check: Callable | None = None  # check(path, fix, force_share, progress) -> CheckResult
+    # describe(size, options) -> qemu-img create's "fmt=... size=..." words, where the
+    # format's differ from the generic ones (the CLI prints them)
+    describe: Callable | None = None
 
     @property
     def has_driver(self) -> bool:
@@ -75,7 +78,7 @@ _REGISTRY = (
     Format("qcow2", _qcow_version(lambda v: v >= 2), _open_qcow2, qcow2_create.create,
            qcow2_create.CREATE_OPTIONS, qcow2_info.image_info, qcow2_check.check_image),
     Format("qed", _magic(b"QED\0"), _open_qed, qed_create.create, qed_create.CREATE_OPTIONS,
-           qed_info.image_info, qed_check.check_image),
+           qed_info.image_info, qed_check.check_image, qed_create.describe),
     Format("raw", None, _open_raw, create_raw, RAW_CREATE_OPTIONS, raw_info),
     # Known to qemu, no driver here: recognised so they are never exported as raw.
     Format("qcow", _qcow_version(lambda v: v == 1)),

@@ -61,9 +61,11 @@ def record_workload(shape: Shape, directory, ops, monkeypatch):
 
 
 def record_driven(shape: Shape, directory, monkeypatch, drive):
-    """drive(dev, do) runs the workload, calling do(op) for each operation."""
+    """drive(dev, do) runs the workload, calling do(op) for each operation. The shape
+    says its format (`fmt`: qcow2 shapes of images.py, QED shapes of qedimages.py)."""
     image = shape.build(directory)
-    start = converted(image, "qcow2", directory)
+    fmt = shape.fmt
+    start = converted(image, fmt, directory)
     state = {"flushed": bytes(start), "touched": bytearray(len(start) // SECTOR + 1),
              "op": "open"}
     intervals = []
@@ -77,8 +79,9 @@ def record_driven(shape: Shape, directory, monkeypatch, drive):
     monkeypatch.setattr(qnbd.fileio, "open_file",
                         lambda path, writable: RecordingFile(real_open(path, writable),
                                                              closed))
-    dev = open_image(image, "qcow2", read_only=False)
-    model = Model(start, dev.cluster_size, discard_keeps=shape.v2 and shape.backing is not None)
+    dev = open_image(image, fmt, read_only=False)
+    model = Model(start, dev.cluster_size,
+                  discard_keeps=getattr(shape, "v2", False) and shape.backing is not None)
     done = []
 
     def do(op):
@@ -102,27 +105,49 @@ def record_driven(shape: Shape, directory, monkeypatch, drive):
     return image, intervals
 
 
-def check_state(path: str, content: bytes, ctx: Context, what: str, scratch) -> str | None:
-    """Why this crash state is wrong, or None."""
-    with open(path, "wb") as f:
-        f.write(content)
-    where = f"{what}, during {ctx.during}"
+def _needs_repair(path: str, fmt: str) -> bool | str:
+    """Whether the format says the image may be inconsistent and must be checked before
+    it is written: qcow2's dirty bit (rule 6), QED's NEED_CHECK (rule 12); a string says
+    why that cannot be told."""
+    if fmt == "qed":
+        with open(path, "rb") as f:
+            return bool(f.read(24)[16] & 0x02)  # qed_spec.txt "Header": features
     r = subprocess.run(["qemu-img", "info", "--output=json", path], capture_output=True,
                        text=True)
     if r.returncode:
-        return f"{where}: qemu-img info fails: {r.stderr.strip()}"
-    dirty = json.loads(r.stdout).get("dirty-flag", False)
-    if dirty:
-        # Rule 6: a dirty image opened read-write is checked and repaired first.
-        open_image(path, "qcow2", read_only=False).close()
-    r = subprocess.run(["qemu-img", "check", "--output=json", path], capture_output=True,
-                       text=True)
+        return f"qemu-img info fails: {r.stderr.strip()}"
+    return json.loads(r.stdout).get("dirty-flag", False)
+
+
+def check_state(path: str, content: bytes, ctx: Context, what: str, scratch,
+                fmt: str = "qcow2") -> str | None:
+    """Why this crash state is wrong, or None. qcow2: no corruption (leaks allowed); a
+    dirty image is repaired by our read-write open and must then be clean. QED: without
+    NEED_CHECK nothing at all may be wrong (NEED_CHECK is what covers leaks); with it,
+    our read-write open repairs the image and clears the bit (leaks left in the middle
+    of the file are allowed: QED cannot reuse them)."""
+    with open(path, "wb") as f:
+        f.write(content)
+    where = f"{what}, during {ctx.during}"
+    repair = _needs_repair(path, fmt)
+    if isinstance(repair, str):
+        return f"{where}: {repair}"
+    if repair:
+        open_image(path, fmt, read_only=False).close()
+        if fmt == "qed" and _needs_repair(path, fmt):
+            return f"{where}: NEED_CHECK still set after the repair"
+    r = subprocess.run(["qemu-img", "check", "-f", fmt, "--output=json", path],
+                       capture_output=True, text=True)
     report = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
     if r.returncode not in (0, 3) or report.get("corruptions", 0):
         return f"{where}: qemu-img check rc {r.returncode}: {r.stdout}{r.stderr}"
-    if dirty and r.returncode:
-        return f"{where}: the repaired image still has leaks: {r.stdout}"
-    data = converted(path, "qcow2", scratch)
+    # qcow2: leaks are harmless but a repair removes them; QED: only NEED_CHECK may
+    # cover them, and a repair cannot give back those in the middle of the file.
+    leaks_allowed = repair if fmt == "qed" else not repair
+    if r.returncode and not leaks_allowed:
+        return f"{where}: leaks ({'NEED_CHECK clear' if fmt == 'qed' else 'repaired'}): " \
+            f"{r.stdout}"
+    data = converted(path, fmt, scratch)
     if len(data) != len(ctx.flushed):
         return f"{where}: size {len(data)} instead of {len(ctx.flushed)}"
     for sector, touched in enumerate(ctx.touched):
@@ -132,7 +157,8 @@ def check_state(path: str, content: bytes, ctx: Context, what: str, scratch) -> 
     return None
 
 
-def enumerate_crashes(image: str, intervals, seed: int, scratch) -> tuple[int, list[str]]:
+def enumerate_crashes(image: str, intervals, seed: int, scratch,
+                      fmt: str = "qcow2") -> tuple[int, list[str]]:
     """Check every crash state of every interval, two at a time (qemu-img runs in
     subprocesses); returns how many states were checked and the failures."""
     rng = random.Random(seed)
@@ -145,8 +171,8 @@ def enumerate_crashes(image: str, intervals, seed: int, scratch) -> tuple[int, l
         worker = os.path.join(str(scratch), f"w{slot}")
         os.makedirs(worker, exist_ok=True)
         # Beside the image, so that a relative backing file name resolves.
-        state = os.path.join(os.path.dirname(image), f"state{slot}.qcow2")
-        return check_state(state, content, ctx, what, worker)
+        state = os.path.join(os.path.dirname(image), f"state{slot}.{fmt}")
+        return check_state(state, content, ctx, what, worker, fmt)
 
     # One file per worker slot: states in flight at once never share files.
     with ThreadPoolExecutor(2) as pool:

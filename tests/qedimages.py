@@ -7,7 +7,8 @@ import random
 import struct
 from dataclasses import dataclass
 
-from images import MiB, qemu_img, qemu_io, scatter_raw
+from images import MiB, scatter_raw
+from peers import qemu_img, qemu_io
 
 FEATURES_AT = 16  # qed_spec.txt "Header": magic, cluster_size, table_size, header_size
 AUTOCLEAR_AT = 32
@@ -20,8 +21,10 @@ class QedShape:
     options: str = ""
     backing: str | None = None  # None, "raw", "qed" or "qcow2"
     size: int = 12 * MiB
+    fmt: str = "qed"
 
     def build(self, directory, seed=1):
+        """Create the image (and its backing file); returns its path."""
         d = str(directory)
         image = os.path.join(d, f"{self.name}.qed")
         args = ["create", "-q", "-f", "qed", *(["-o", self.options] if self.options else [])]

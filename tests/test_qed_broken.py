@@ -17,7 +17,7 @@ from qnbd.formats import open_image
 from qnbd.qed import header as hdr
 
 from cli_util import qnbd_subprocess
-from images import qemu_img, qemu_io
+from peers import qemu_img, qemu_io
 
 CS = 4096
 SIZE = 16 << 20  # four L2 tables of 4 MiB

@@ -1,156 +1,106 @@
-"""Power cuts at random points of random workloads on QED images (docs/DESIGN.md rule 12).
+"""Power cuts on QED images, enumerated (docs/DESIGN.md rule 12, "Proving crash safety").
 
-After every cut: an image without NEED_CHECK is consistent (qemu-img check finds
-nothing, not even a leak); an image with NEED_CHECK is repaired by opening it read-write
-(no corruption left, NEED_CHECK cleared); and every sector no operation touched since the
-last completed flush reads back as it was at that flush. Written against
-crashsim.RecordingFile, in its own file so that the enumerating simulator can take it
-over.
+The enumeration of tests/crashrun.py over QED shapes: for every crash state of every
+interval between two fsyncs, an image without NEED_CHECK is consistent (qemu-img check
+finds nothing, not even a leak); an image with NEED_CHECK is repaired by our read-write
+open (no corruption left, NEED_CHECK cleared); every sector not written since the last
+completed flush reads as it was then. And each QED barrier is needed: with it removed,
+some crash state fails.
 """
 
-import json
-import os
 import random
-import subprocess
 
 import pytest
 
 import qnbd.fileio
-from qnbd.formats import open_image
-from qnbd.qed.header import F_NEED_CHECK
+from qnbd.block.storage import Barrier, Storage
 
-from crashsim import SECTOR, RecordingFile
-from qedimages import FEATURES_AT, SHAPES
-from test_qcow2_engine import Model, apply_ops, converted, random_ops
+from crashrun import crash_ops, enumerate_crashes, record_driven, record_workload
+from qedimages import QedShape
 
-CRASH_SHAPES = [s for s in SHAPES if s.name in ("qed", "qed-c4k", "qed-raw")]
-
-
-def run_with_cuts(shape, tmp_path, seed, ops_count, cuts_wanted, monkeypatch, chance=0.1):
-    rng = random.Random(seed)
-    image = shape.build(tmp_path, seed=seed)
-    start = converted(image, "qed", tmp_path)
-    state = {"flushed": bytes(start), "touched": bytearray(len(start) // SECTOR + 1),
-             "op": None}
-    cuts = []
-
-    def maybe_cut(f: RecordingFile):
-        if f.path == image and len(cuts) < cuts_wanted and rng.random() < chance:
-            cuts.append((f.crash_image(rng), state["flushed"], bytes(state["touched"]),
-                         f"{state['op']} with {len(f.unsynced)} unsynced writes"))
-
-    real_open = qnbd.fileio.open_file
-    monkeypatch.setattr(qnbd.fileio, "open_file",
-                        lambda path, writable: RecordingFile(real_open(path, writable),
-                                                             maybe_cut))
-    dev = open_image(image, "qed", read_only=False)
-    model = Model(start, dev.cluster_size, discard_keeps=False)
-    try:
-        for i, op in enumerate(random_ops(rng, len(start), ops_count)):
-            kind, off, n, pattern = op
-            state["op"] = f"op {i} {op}"
-            if kind != "flush":
-                first, last = off // SECTOR, (off + n - 1) // SECTOR
-                state["touched"][first:last + 1] = b"\1" * (last - first + 1)
-            apply_ops(dev, model, [op])
-            if kind == "flush" or (kind == "write" and pattern % 17 == 0):  # FUA
-                state["flushed"] = bytes(model.data)
-                state["touched"] = bytearray(len(start) // SECTOR + 1)
-    finally:
-        dev.close()
-        monkeypatch.setattr(qnbd.fileio, "open_file", real_open)
-    return image, cuts
+MiB = 1 << 20
+SHAPES = [
+    QedShape("qed-c4k", "cluster_size=4096,table_size=2", size=8 * MiB),
+    QedShape("qed-raw", "cluster_size=4096", backing="raw", size=8 * MiB),
+    QedShape("qed-qed", backing="qed", size=8 * MiB),
+]
 
 
-def qemu_check(path):
-    r = subprocess.run(["qemu-img", "check", "-f", "qed", "--output=json", path],
-                       capture_output=True, text=True)
-    return r.returncode, json.loads(r.stdout) if r.stdout.startswith("{") else {}, r
+def run_enumeration(shape, tmp_path, seed, count, monkeypatch) -> int:
+    ops = crash_ops(random.Random(seed), shape.size, count)
+    image, intervals = record_workload(shape, tmp_path, ops, monkeypatch)
+    checked, failures = enumerate_crashes(image, intervals, seed, tmp_path, "qed")
+    assert not failures, f"{len(failures)} of {checked} crash states fail:\n" + \
+        "\n".join(failures[:5])
+    return checked
 
 
-def check_cut(image, cut, index, tmp_path):
-    content_bytes, flushed, touched, during = cut
-    path = os.path.join(os.path.dirname(image), f"cut{index}.qed")
-    with open(path, "wb") as f:
-        f.write(content_bytes)
-    what = f"cut {index} during {during}"
-    if not content_bytes[FEATURES_AT] & F_NEED_CHECK:
-        rc, _, r = qemu_check(path)
-        assert rc == 0, f"{what}: inconsistent without NEED_CHECK: {r.stdout} {r.stderr}"
-    else:
-        open_image(path, "qed", read_only=False).close()  # checks and repairs first
-        with open(path, "rb") as f:
-            assert not f.read(FEATURES_AT + 1)[FEATURES_AT] & F_NEED_CHECK, what
-        rc, report, r = qemu_check(path)
-        assert rc in (0, 3) and report.get("corruptions", 0) == 0, \
-            f"{what}: not repaired: {r.stdout} {r.stderr}"
-    content = converted(path, "qed", tmp_path)
-    assert len(content) == len(flushed)
-    for sector, t in enumerate(touched):
-        lo = sector * SECTOR
-        if not t and content[lo:lo + SECTOR] != flushed[lo:lo + SECTOR]:
-            pytest.fail(f"{what}: flushed data lost at offset {lo}")
-    os.unlink(path)
-
-
-@pytest.mark.parametrize("shape", CRASH_SHAPES, ids=lambda s: s.name)
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_power_cuts(shape, seed, tmp_path, monkeypatch):
-    image, cuts = run_with_cuts(shape, tmp_path, seed, 80, 6, monkeypatch)
-    assert len(cuts) >= 5, f"only {len(cuts)} cuts: the workload made too few writes"
-    for i, cut in enumerate(cuts):
-        check_cut(image, cut, i, tmp_path)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_enumerated_power_cuts(shape, tmp_path, monkeypatch):
+    checked = run_enumeration(shape, tmp_path, 1, 8, monkeypatch)
+    assert checked >= 20, f"only {checked} crash states: the workload wrote too little"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", CRASH_SHAPES, ids=lambda s: s.name)
-@pytest.mark.parametrize("seed", range(10, 20))
-def test_power_cuts_long(shape, seed, tmp_path, monkeypatch):
-    image, cuts = run_with_cuts(shape, tmp_path, seed, 400, 15, monkeypatch, chance=0.05)
-    assert len(cuts) == 15
-    for i, cut in enumerate(cuts):
-        check_cut(image, cut, i, tmp_path)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+@pytest.mark.parametrize("seed", range(10, 14))
+def test_enumerated_power_cuts_long(shape, seed, tmp_path, monkeypatch):
+    checked = run_enumeration(shape, tmp_path, seed, 40, monkeypatch)
+    print(f"\n{shape.name} seed {seed}: {checked} crash states")
+    assert checked >= 300, f"only {checked} crash states"
 
 
-def test_copy_on_write_data_durable_before_its_l2_entry(tmp_path, monkeypatch):
-    """Barrier.BEFORE_L2: a partial write to an unallocated cluster over a backing file
-    copies the backing data around it; every crash state of the flush that publishes it
-    still reads the backing data in the untouched sectors (flushed content)."""
-    base = str(tmp_path / "b.raw")
-    with open(base, "wb") as f:
-        f.write(b"\x11" * (1 << 20))
-    image = str(tmp_path / "t.qed")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qed", "-b", "b.raw", "-F", "raw",
-                    image, "2M"], check=True)
-    states = []
-    rng = random.Random(5)
+def cow_into_a_table_on_disk(dev, do):
+    """Partial writes into clusters where backing data shows through, mapped by an L2
+    table already on disk, then a flush: the copy-on-write data must be durable before
+    the table points to it. (Without the barrier the flush's interval is [data...,
+    table]: the states that show the loss keep the table and a later cluster but not an
+    earlier one, which extends the file over a hole. Random subsets find them; twelve
+    clusters make that near certain.)"""
+    cs = dev.cluster_size
+    do(("write", 0, 512, 3))
+    do(("flush", 0, 0, 0))  # the image has one L2 table (4 KiB clusters: 8 MiB a table)
+    chosen = [c for c in range(1, dev.size // cs)
+              if all(e.depth == 2 for e in dev.block_status(c * cs, cs)[:1])
+              and dev.block_status(c * cs, cs)[0].length >= cs
+              and any(dev.read(c * cs, 512))][:12]
+    assert len(chosen) == 12, "the shape has too little backing data showing through"
+    for c in chosen:
+        do(("write", c * cs + 1024, 512, 5))
+    do(("flush", 0, 0, 0))
 
-    def cut(f: RecordingFile):
-        if f.path == image and f.unsynced:
-            states.extend(f.crash_image(rng) for _ in range(16))
 
-    real_open = qnbd.fileio.open_file
-    monkeypatch.setattr(qnbd.fileio, "open_file",
-                        lambda path, writable: RecordingFile(real_open(path, writable), cut))
-    dev = open_image(image, "qed", read_only=False)
-    try:
-        dev.write(0, b"a" * SECTOR, fua=True)  # the L2 table exists and is durable
-        states.clear()
-        dev.write(65536 + SECTOR, b"b" * SECTOR)  # cluster 1: copy-on-write
-        dev.flush()
-    finally:
-        dev.close()
-        monkeypatch.setattr(qnbd.fileio, "open_file", real_open)
-    assert len(states) >= 32
-    for i, state in enumerate(states):
-        path = str(tmp_path / f"s{i}.qed")
-        with open(path, "wb") as f:
-            f.write(state)
-        dev = open_image(path, "qed", read_only=False)
-        try:
-            cluster = bytes(dev.read(65536, 65536))
-        finally:
-            dev.close()
-        assert cluster[:SECTOR] == b"\x11" * SECTOR, f"state {i}: backing data lost"
-        assert cluster[2 * SECTOR:] == b"\x11" * (65536 - 2 * SECTOR), f"state {i}"
-        os.unlink(path)
+# barrier -> (shape, workload) whose enumeration fails without it
+EXPOSED_BY = {
+    Barrier.NEED_CHECK: ("qed-c4k", None),
+    Barrier.BEFORE_L2: ("qed-raw", cow_into_a_table_on_disk),
+}
+
+
+@pytest.mark.parametrize("barrier", list(EXPOSED_BY), ids=lambda b: b.name)
+def test_removing_a_qed_barrier_breaks_some_crash_state(barrier, tmp_path, monkeypatch):
+    shape_name, drive = EXPOSED_BY[barrier]
+    shape = next(s for s in SHAPES if s.name == shape_name)
+    real_sync = Storage.sync
+
+    def sync(self, why):
+        if why is not barrier:
+            real_sync(self, why)
+
+    with monkeypatch.context() as m:
+        m.setattr(Storage, "sync", sync)
+        m.setattr(qnbd.fileio.File, "punch_hole", lambda self, offset, length: False)
+        if drive is None:
+            ops = crash_ops(random.Random(1), shape.size, 8)
+            image, intervals = record_workload(shape, tmp_path, ops, m)
+        else:
+            image, intervals = record_driven(shape, tmp_path, m, drive)
+    checked, failures = enumerate_crashes(image, intervals, 1, tmp_path, "qed")
+    assert failures, f"without {barrier.name}, none of {checked} crash states failed"
+
+
+def test_cow_workload_passes_with_every_barrier(tmp_path, monkeypatch):
+    shape = SHAPES[1]
+    image, intervals = record_driven(shape, tmp_path, monkeypatch, cow_into_a_table_on_disk)
+    checked, failures = enumerate_crashes(image, intervals, 1, tmp_path, "qed")
+    assert checked >= 10 and not failures, failures[:3]

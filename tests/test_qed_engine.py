@@ -16,9 +16,10 @@ from qnbd.errors import ImageError, NotFast
 from qnbd.formats import open_image
 from qnbd.qed import header as hdr
 
-from images import MiB, qemu_img, qemu_io
+from images import MiB
+from peers import qemu_img, qemu_io
 from qedimages import AUTOCLEAR_AT, COMPAT_AT, FEATURES_AT, SHAPES, get_u64, set_u64
-from test_qcow2_engine import Model, apply_ops, converted, random_ops
+from workload import Model, apply_ops, converted, random_ops
 
 
 def check(image, *extra):

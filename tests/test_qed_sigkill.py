@@ -16,13 +16,15 @@ import time
 
 import pytest
 
-from images import qemu_img
-from nbdserver import serve  # noqa: F401 -- fixture
+from images import MiB
+from nbdload import SECTOR, write_load
+from peers import qemu_img
 from qedimages import FEATURES_AT, get_u64
-from test_sigkill import SECTOR, SIZE, write_load
-from test_qcow2_engine import converted
+from workload import converted
 
 from qnbd.qed.header import F_NEED_CHECK
+
+SIZE = 32 * MiB
 
 
 def _fresh(tmp_path, backing):
@@ -41,7 +43,7 @@ def _fresh(tmp_path, backing):
 
 
 @pytest.mark.parametrize("backing", [False, True], ids=["plain", "raw-backing"])
-def test_sigkill_under_write_load(serve, tmp_path, backing):  # noqa: F811
+def test_sigkill_under_write_load(serve, tmp_path, backing):
     """Each round starts from a new image, so that the load keeps allocating and kills
     land both with and without NEED_CHECK set (at least 4 rounds, more until one kill
     found NEED_CHECK set, at most 16)."""
@@ -55,7 +57,7 @@ def test_sigkill_under_write_load(serve, tmp_path, backing):  # noqa: F811
                  "touched": bytearray(SIZE // SECTOR)}
         server = serve(image, "-f", "qed")
         stop = threading.Event()
-        t = threading.Thread(target=write_load, args=(server.uri, rng, state, stop))
+        t = threading.Thread(target=write_load, args=(server.uri, rng, state, stop, SIZE))
         t.start()
         time.sleep(rng.uniform(0.2, 0.8))
         server.proc.send_signal(signal.SIGKILL)

@@ -3,7 +3,6 @@
 from .. import formats
 from ..block.options import parse_options, parse_size_option
 from ..errors import QnbdError
-from ..qed import create as qed_create
 from ..units import parse_size
 
 
@@ -45,15 +44,15 @@ def run(args) -> int:
     requested = kwargs.pop("size", None)
     size = formats.create_image(args.fmt, args.filename, requested, kwargs,
                                 open_backing_file=not args.unsafe)
-    _report(args, _describe(args.fmt, size, kwargs, requested))
+    _report(args, _describe(driver, args.fmt, size, kwargs, requested))
     return 0
 
 
-def _describe(fmt: str, size: int, options: dict, requested: int | None) -> str:
+def _describe(driver, fmt: str, size: int, options: dict, requested: int | None) -> str:
     """qemu-img create's "Formatting" line: the format's options with their defaults
-    (qed: the size as given, before rounding up to sectors)."""
-    if fmt == "qed":
-        return qed_create.describe(size if requested is None else requested, options)
+    (a format's own `describe` gets the size as given, before rounding)."""
+    if driver.describe is not None:
+        return driver.describe(size if requested is None else requested, options)
     if fmt != "qcow2":
         return f"fmt={fmt} size={size}"
     described = {"cluster_size": 65536, "compression_type": "zlib", "size": size,
