@@ -1,13 +1,18 @@
 """`qnbd info|create|check|serve` on QED images, against qemu-img, qemu-io and libnbd:
 same JSON and text, same bytes, same counts and exit codes; served images read as
-qemu reads them and stay clean after writes; QEMU's locks keep qemu out."""
+qemu reads them and stay clean after writes; QEMU's locks keep writers apart both ways."""
 
 import json
 import os
 import shutil
+import subprocess
+import time
 
 import nbd
 import pytest
+
+from qnbd.formats import open_image
+from qnbd.lock import ImageInUse
 
 from cli_util import qemu_img_info, qnbd, qnbd_ok, qnbd_subprocess
 from images import MiB
@@ -30,6 +35,17 @@ def test_info_matches_qemu_img(shape, tmp_path, monkeypatch):
     assert (json.loads(qnbd_ok("info", "--output=json", "--backing-chain", image))
             == qemu_img_info(image, "--backing-chain"))
     assert (tmp_path / image).read_bytes() == before
+
+
+def test_info_of_need_check_image_matches_qemu_img(tmp_path, monkeypatch):
+    """NEED_CHECK is not qemu's dirty flag (qed.c leaves is_dirty unset); info reads
+    the header only and repairs nothing."""
+    image = os.path.basename(SHAPES[0].build(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    _poke(image, 16, 2)
+    ours = json.loads(qnbd_ok("info", "--output=json", image))
+    assert ours == qemu_img_info(image) and ours["dirty-flag"] is False
+    assert open(image, "rb").read()[16] == 2
 
 
 CREATE_CASES = [
@@ -190,3 +206,37 @@ def test_serve_format_option_and_nbdinfo(tmp_path, serve):
     assert "data" in out and "hole,zero" in out
     r = qnbd_subprocess("serve", "-f", "qcow2", "-k", str(tmp_path / "x.sock"), image)
     assert r.returncode == 1 and "Traceback" not in r.stderr
+
+
+def _hold_with_qemu_io(path, read_only):
+    """qemu-io keeps the image open (and locked) while its stdin does."""
+    p = subprocess.Popen(["qemu-io", "-f", "qed", *(["-r"] if read_only else []), path],
+                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    ino = os.stat(path).st_ino
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open("/proc/locks") as f:
+            if any(f":{ino} " in line and "OFDLCK" in line for line in f):
+                return p
+        time.sleep(0.02)
+    p.kill()
+    raise AssertionError("qemu-io took no lock")
+
+
+@pytest.mark.parametrize("qemu_writes", [True, False], ids=["qemu-writer", "qemu-reader"])
+def test_qemu_locks(tmp_path, qemu_writes):
+    image = SHAPES[0].build(tmp_path)
+    holder = _hold_with_qemu_io(image, read_only=not qemu_writes)
+    try:
+        with pytest.raises(ImageInUse):
+            open_image(image, "qed", read_only=False)
+        if qemu_writes:
+            with pytest.raises(ImageInUse):
+                open_image(image, "qed", read_only=True)
+        else:
+            open_image(image, "qed", read_only=True).close()  # readers share
+        open_image(image, "qed", read_only=True, force_share=True).close()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -11,6 +11,8 @@ import shutil
 import subprocess
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qnbd.errors import ImageError, NotFast
 from qnbd.formats import open_image
@@ -279,3 +281,16 @@ def test_memory_bounded_by_cache(tmp_path):
     from qnbd.qed.check import check_image
     result = check_image(image)
     assert result.exit_code == 0 and result.allocated_clusters == 64
+
+
+_op = st.tuples(st.sampled_from(["write", "zero", "zero_trim", "discard", "flush"]),
+                st.integers(0, 12 * MiB - 1), st.integers(1, 300000), st.integers(1, 255))
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2]], ids=lambda s: s.name)
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_op, max_size=25))
+def test_hypothesis_workload(shape, ops, tmp_path_factory):
+    ops = [(k, o, min(n, shape.size - o), p) for k, o, n, p in ops if o < shape.size]
+    run_workload(shape, tmp_path_factory.mktemp(shape.name), ops, reopen_every=len(ops) or 1)
