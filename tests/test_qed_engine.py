@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qnbd.errors import ImageError, NotFast
+from qnbd.errors import ImageError, IOFailure, NotFast
 from qnbd.formats import open_image
 from qnbd.qed import header as hdr
 
@@ -294,3 +294,30 @@ _op = st.tuples(st.sampled_from(["write", "zero", "zero_trim", "discard", "flush
 def test_hypothesis_workload(shape, ops, tmp_path_factory):
     ops = [(k, o, min(n, shape.size - o), p) for k, o, n, p in ops if o < shape.size]
     run_workload(shape, tmp_path_factory.mktemp(shape.name), ops, reopen_every=len(ops) or 1)
+
+
+def test_failed_fsync_stops_the_image_and_keeps_need_check(tmp_path, monkeypatch):
+    """After an fsync error no later flush may clear NEED_CHECK over writes the kernel
+    may have dropped: the image refuses writes and flushes; the next open repairs."""
+    image = _empty(tmp_path)
+    dev = open_image(image, "qed", read_only=False)
+    try:
+        dev.write(0, b"a" * 4096)
+        real_fsync = dev.storage.file.fsync
+
+        def failing():
+            raise OSError(5, "Input/output error")
+        monkeypatch.setattr(dev.storage.file, "fsync", failing)
+        with pytest.raises(IOFailure, match="I/O error"):
+            dev.flush()
+        monkeypatch.setattr(dev.storage.file, "fsync", real_fsync)
+        with pytest.raises(IOFailure):
+            dev.write(65536, b"b")
+        with pytest.raises(IOFailure):
+            dev.flush()
+    finally:
+        dev.close()
+    assert need_check(image)
+    open_image(image, "qed", read_only=False).close()
+    assert not need_check(image)
+    check_clean(image)

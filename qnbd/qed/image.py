@@ -78,7 +78,7 @@ class QedImage:
         self._closed = False
         self._failed = False
         self.tables = Tables(storage, h, max(2, l2_cache_bytes // h.table_bytes))
-        self.mapper = Mapper(self.tables, h.image_size)
+        self.mapper = Mapper(self.tables)
         self.writer = Writer(self.tables, self.mapper, self._before_metadata)
 
     # -- NEED_CHECK (rule 12) ----------------------------------------------------------
@@ -130,15 +130,15 @@ class QedImage:
             hdr.clear_autoclear(self.storage, h)
 
     def _guarded(self, op, *args) -> None:
-        """An I/O error in the middle of an update may leave the in-memory tables ahead
-        of the file: the image takes no more writes and NEED_CHECK is not cleared, so the
-        next read-write open checks it. (Refusals such as NotFast or a damaged entry
-        come before anything changes and do not count.)"""
+        """An I/O error in the middle of an update or a flush may leave the in-memory
+        tables ahead of the file: the image takes no more writes and NEED_CHECK is not
+        cleared, so the next read-write open checks it. (Refusals such as NotFast or a
+        damaged entry come before anything changes and do not count.)"""
         try:
             op(*args)
         except OSError as e:
             self._failed = True
-            raise IOFailure(f"write failed: {e.strerror}", e.errno or errno.EIO) from None
+            raise IOFailure(f"I/O error: {e.strerror}", e.errno or errno.EIO) from None
 
     def _after_update(self, fua: bool) -> None:
         if fua:
@@ -154,6 +154,12 @@ class QedImage:
             return
         if self._failed:
             raise IOFailure("an earlier write failed part-way; metadata is not written back")
+        self._guarded(self._flush)
+
+    def _flush(self) -> None:
+        # A failed fsync may have dropped writes it was to make durable (Linux marks
+        # the pages clean): _guarded then stops the image, so that no later flush
+        # clears NEED_CHECK over them.
         self.tables.write_dirty()
         self.storage.sync(Barrier.FLUSH)
         h = self.header

@@ -19,10 +19,9 @@ MAX_STATUS_TABLES = 64
 
 
 class Mapper:
-    def __init__(self, tables: Tables, size: int):
+    def __init__(self, tables: Tables):
         self.tables = tables
         self.geometry = tables.geometry
-        self.size = size
         self.data = tables.storage
         self.backing = None  # set by the image once its chain is open
 

@@ -128,9 +128,6 @@ class Tables:
 
     # -- write-back --------------------------------------------------------------------
 
-    def has_dirty(self) -> bool:
-        return bool(self._l1_dirty) or self.l2_cache.has_dirty()
-
     def write_dirty(self) -> None:
         """Dirty L2 tables (after the data they map, with a backing file), then dirty L1
         entries (no barrier between: see the module's docstring)."""
