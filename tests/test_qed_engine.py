@@ -321,3 +321,25 @@ def test_failed_fsync_stops_the_image_and_keeps_need_check(tmp_path, monkeypatch
     open_image(image, "qed", read_only=False).close()
     assert not need_check(image)
     check_clean(image)
+
+
+def test_image_size_not_a_cluster_multiple(tmp_path):
+    """The last cluster is partly outside the image: a discard or zeroing that reaches
+    the end takes it whole (as the workload model and qcow2 do)."""
+    base = str(tmp_path / "b.raw")
+    with open(base, "wb") as f:
+        f.write(b"\x33" * 200000)
+    image = str(tmp_path / "t.qed")
+    qemu_img("create", "-q", "-f", "qed", "-b", "b.raw", "-F", "raw", image, "200000")
+    dev = open_image(image, "qed", read_only=False)
+    try:
+        assert dev.size == 200192
+        model = Model(converted(image, "qed", tmp_path), dev.cluster_size, False)
+        ops = [("write", 199000, 1192, 7), ("discard", 131072, 200192 - 131072, 0),
+               ("write", 70000, 5, 9), ("zero", 65536, 200192 - 65536, 0)]
+        apply_ops(dev, model, ops)
+        assert bytes(dev.read(0, dev.size)) == model.data
+    finally:
+        dev.close()
+    check_clean(image)
+    assert converted(image, "qed", tmp_path) == bytes(model.data)

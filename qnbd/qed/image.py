@@ -79,7 +79,7 @@ class QedImage:
         self._failed = False
         self.tables = Tables(storage, h, max(2, l2_cache_bytes // h.table_bytes))
         self.mapper = Mapper(self.tables)
-        self.writer = Writer(self.tables, self.mapper, self._before_metadata)
+        self.writer = Writer(self.tables, self.mapper, h.image_size, self._before_metadata)
 
     # -- NEED_CHECK (rule 12) ----------------------------------------------------------
 

@@ -21,8 +21,9 @@ from .tables import UNALLOCATED, ZERO, Tables
 
 
 class Writer:
-    def __init__(self, tables: Tables, mapper: Mapper, before_metadata):
+    def __init__(self, tables: Tables, mapper: Mapper, size: int, before_metadata):
         self.tables = tables
+        self.size = size
         self.mapper = mapper
         self.storage = tables.storage
         self.geometry = tables.geometry
@@ -98,12 +99,20 @@ class Writer:
 
     # -- zeroes and discard ------------------------------------------------------------
 
-    def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
+    def _whole(self, offset: int, length: int) -> tuple[int, int]:
+        """The whole clusters of a range; a range that ends at the end of the image
+        takes its last cluster whole (the rest of it is not part of the image)."""
         cs = self.geometry.cluster_size
-        start = min(offset + length, offset + -offset % cs)
-        end = max(start, (offset + length) - (offset + length) % cs)
-        partial = [(o, n) for o, n in ((offset, start - offset), (end, offset + length - end))
-                   if n and not self._reads_zero(o, n)]
+        stop = offset + length
+        start = min(stop, offset + -offset % cs)
+        end = stop + -stop % cs if stop == self.size else stop - stop % cs
+        return start, max(start, end)
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
+        start, end = self._whole(offset, length)
+        stop = offset + length
+        partial = [(o, n) for o, n in ((offset, start - offset), (end, stop - end))
+                   if n > 0 and not self._reads_zero(o, n)]
         if fast and partial:
             raise NotFast()
         self.zero_clusters(start, end - start, may_trim, fast)
@@ -112,9 +121,7 @@ class Writer:
 
     def discard(self, offset: int, length: int) -> None:
         """Whole clusters read as zeros afterwards; partial ones are left as they are."""
-        cs = self.geometry.cluster_size
-        start = offset + -offset % cs
-        end = (offset + length) - (offset + length) % cs
+        start, end = self._whole(offset, length)
         if end > start:
             self.zero_clusters(start, end - start, may_trim=True, fast=False)
 
