@@ -8,9 +8,12 @@ metadata that was not ours), and the rest of the image stays usable.
 """
 
 import hashlib
+import signal
 import struct
+from contextlib import contextmanager
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from qnbd.errors import IOFailure, QnbdError
 from qnbd.formats import open_image
@@ -213,4 +216,85 @@ def test_unfixable_need_check_image_refused_read_write(image):
     assert open_error(image, True) is None  # read-only: no check, readable
     error = open_error(image, False)
     assert "could not be repaired" in str(error) and "\n" not in str(error)
+    assert digest(image) == before
+
+
+@contextmanager
+def time_limit(seconds):
+    def expired(_signum, _frame):
+        raise AssertionError(f"took longer than {seconds} s (a hang?)")
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _session(path, read_only):
+    """Open, read everything, (read-write) write a little, close: the QnbdError
+    raised or None; anything else fails the test."""
+    dev = None
+    try:
+        dev = open_image(path, "qed", read_only=read_only)
+        for off in range(0, min(dev.size, 64 << 20), 1 << 20):
+            try:
+                dev.read(off, min(1 << 20, dev.size - off))
+            except IOFailure:
+                pass  # a damaged table fails the requests that meet it
+        if not read_only:
+            for off in (0, dev.size // 2, max(0, dev.size - 4096)):
+                try:
+                    dev.write(off, b"w" * min(4096, dev.size - off))
+                except IOFailure:
+                    pass
+    except QnbdError as e:
+        return e
+    finally:
+        if dev is not None:
+            dev.close()
+    return None
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.sampled_from(["header", "l1", "l2"]),
+                                st.integers(0, 4095), st.integers(0, 255)),
+                      min_size=1, max_size=6))
+def test_random_damage(image, tmp_path_factory, edits):
+    """Random bytes anywhere in the header, the L1 table or an L2 table: one-line
+    errors or working requests, never another exception or a hang; a read-only
+    session and a refused open leave the file as it was."""
+    path = str(tmp_path_factory.mktemp("fuzz") / "f.qed")
+    with open(image, "rb") as f:
+        original = f.read()
+    l2 = int.from_bytes(original[L1:L1 + 8], "little")
+    content = bytearray(original)
+    for where, at, value in edits:
+        base = {"header": 0, "l1": L1, "l2": l2}[where]
+        content[base + (at % 64 if where == "header" else at)] = value
+    for read_only in (True, False):
+        with open(path, "wb") as f:
+            f.write(content)
+        with time_limit(20):
+            error = _session(path, read_only)
+        if error is not None:
+            assert str(error).isprintable(), repr(str(error))
+        with open(path, "rb") as f:
+            after = f.read()
+        if read_only or error is not None:
+            assert after == bytes(content), f"changed after {error}"
+
+
+def test_need_check_image_with_fixable_and_unfixable_damage_left_as_is(image):
+    """A table past the end of the file could be dropped, but a cluster referenced
+    twice cannot be fixed: the read-write open refuses before writing anything."""
+    l2 = l2_offset(image)
+    poke(image, l2 + 8 * 5, peek_u64(image, l2).to_bytes(8, "little"))
+    poke(image, L1 + 8 * 3, (1 << 40).to_bytes(8, "little"))
+    patch(image, features=hdr.F_NEED_CHECK)
+    before = digest(image)
+    error = open_error(image, False)
+    assert "could not be repaired" in str(error)
     assert digest(image) == before

@@ -18,7 +18,7 @@ Memory is one bit per cluster of the file's real size, never what a header claim
 """
 
 from .. import fileio
-from ..block.check_result import FIX_LEAKS, CheckResult, NoProgress, Progress
+from ..block.check_result import FIX_ALL, FIX_LEAKS, CheckResult, NoProgress, Progress
 from ..block.storage import Barrier, Storage
 from ..lock import lock_image
 from . import header as hdr
@@ -49,6 +49,18 @@ def check_storage(storage: Storage, filename: str, fix: int = 0,
     return result
 
 
+def repair_storage(storage: Storage, filename: str) -> CheckResult:
+    """The repair of a read-write open (qed_spec.txt, "Consistency checking"): only when
+    everything found can be fixed is anything written. A cluster referenced twice cannot
+    be (which reference is right?), so such an image is left as it is and the result
+    says so (its corruptions)."""
+    dry = _Check(storage, filename, NoProgress())
+    result = dry.run(0)
+    if dry.duplicates or result.check_errors:
+        return result
+    return check_storage(storage, filename, FIX_ALL)
+
+
 class _Check:
     def __init__(self, storage: Storage, filename: str, progress: Progress):
         self.storage = storage
@@ -58,6 +70,7 @@ class _Check:
         self.end = size - size % h.cluster_size
         self.nclusters = self.end // h.cluster_size
         self.used = bytearray((self.nclusters + 7) // 8)
+        self.duplicates = 0  # clusters referenced twice: corruptions no repair fixes
         self.result = CheckResult(filename=filename, format="qed")
 
     def _mark(self, offset: int, n: int) -> bool:
@@ -70,6 +83,7 @@ class _Check:
                 duplicates += 1
             self.used[c >> 3] |= bit
         self.result.corruptions += duplicates
+        self.duplicates += duplicates
         return duplicates == 0
 
     def _invalid(self, fix: int) -> None:

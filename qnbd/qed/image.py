@@ -21,12 +21,11 @@ import errno
 import logging
 
 from .. import fileio
-from ..block.check_result import FIX_ALL
 from ..block.storage import Barrier, Storage
 from ..errors import ImageError, IOFailure
 from ..lock import lock_image
 from . import header as hdr
-from .check import check_storage
+from .check import repair_storage
 from .mapping import Mapper
 from .tables import Tables
 from .writer import Writer
@@ -184,8 +183,9 @@ def repair(storage: Storage, path: str) -> hdr.Header:
     """qed_spec.txt, "Consistency checking": an image with NEED_CHECK set may have been
     left inconsistent by a crash; before it is written again it is checked and repaired
     (tables past the end of the file dropped, leaked clusters at the end cut off) and,
-    when nothing is left but leaks, NEED_CHECK is cleared."""
-    result = check_storage(storage, path, FIX_ALL)
+    when nothing is left but leaks, NEED_CHECK is cleared. An image with damage no
+    repair can fix is refused and left as it is."""
+    result = repair_storage(storage, path)
     if result.check_errors or result.corruptions:
         raise ImageError(f"'{path}' needs a check and could not be repaired "
                          f"({result.corruptions} corruptions, {result.check_errors} errors "
