@@ -123,8 +123,9 @@ class _Check:
             self.storage.pwrite(encode_table(l1), h.l1_table_offset)
         if r.check_errors:
             return r  # leaks are counted only after a complete walk
-        r.leaks = sum(1 for c in range(h.header_size, self.nclusters)
-                      if not self.used[c >> 3] & (1 << (c & 7)))
+        # Offsets below the header never count as references (cluster_offset_valid),
+        # so every set bit is a referenced cluster after the header.
+        r.leaks = self.nclusters - h.header_size - int.from_bytes(self.used, "little").bit_count()
         if fix & FIX_LEAKS and r.leaks:
             self._cut_leaked_tail()
         if fix and not (r.corruptions or r.check_errors) and h.need_check:
