@@ -11,7 +11,10 @@ from dataclasses import dataclass
 import qnbd.fileio
 from qnbd.formats import open_image
 
+from bitmaputil import qemu_dirty_map
 from crashsim import SECTOR, RecordingFile, crash_states
+from peers import run
+from qcow2util import INCOMPAT_DIRTY, patch_bytes, patch_fields, read_field, read_u64
 from images import MiB, Shape
 from workload import Model, apply_ops, converted
 
@@ -36,6 +39,7 @@ class Context:
     flushed: bytes  # the guest content at the last completed flush
     touched: bytes  # one byte per sector: written since that flush
     during: str  # the operation under way, for failure messages
+    start: bytes = b""  # the guest content when the image was opened
 
 
 def crash_ops(rng: random.Random, size: int, count: int) -> list:
@@ -63,8 +67,14 @@ def record_workload(shape: Shape, directory, ops, monkeypatch):
 def record_driven(shape: Shape, directory, monkeypatch, drive):
     """drive(dev, do) runs the workload, calling do(op) for each operation. The shape
     says its format (`fmt`: qcow2 shapes of images.py, QED shapes of qedimages.py)."""
-    image = shape.build(directory)
-    fmt = shape.fmt
+    return record_on(shape.build(directory), directory, monkeypatch, drive,
+                     discard_keeps=getattr(shape, "v2", False) and shape.backing is not None,
+                     fmt=shape.fmt)
+
+
+def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False,
+              fmt: str = "qcow2"):
+    """record_driven on an image already made (opening it may itself write: a repair)."""
     start = converted(image, fmt, directory)
     state = {"flushed": bytes(start), "touched": bytearray(len(start) // SECTOR + 1),
              "op": "open"}
@@ -73,15 +83,14 @@ def record_driven(shape: Shape, directory, monkeypatch, drive):
     def closed(f: RecordingFile):
         if f.path == image:
             intervals.append(f.interval(Context(state["flushed"], bytes(state["touched"]),
-                                                state["op"])))
+                                                state["op"], start)))
 
     real_open = qnbd.fileio.open_file
     monkeypatch.setattr(qnbd.fileio, "open_file",
                         lambda path, writable: RecordingFile(real_open(path, writable),
                                                              closed))
     dev = open_image(image, fmt, read_only=False)
-    model = Model(start, dev.cluster_size,
-                  discard_keeps=getattr(shape, "v2", False) and shape.backing is not None)
+    model = Model(start, dev.cluster_size, discard_keeps=discard_keeps)
     done = []
 
     def do(op):
@@ -105,44 +114,36 @@ def record_driven(shape: Shape, directory, monkeypatch, drive):
     return image, intervals
 
 
-def _needs_repair(path: str, fmt: str) -> bool | str:
-    """Whether the format says the image may be inconsistent and must be checked before
-    it is written: qcow2's dirty bit (rule 6), QED's NEED_CHECK (rule 12); a string says
-    why that cannot be told."""
-    if fmt == "qed":
-        with open(path, "rb") as f:
-            return bool(f.read(24)[16] & 0x02)  # qed_spec.txt "Header": features
-    r = subprocess.run(["qemu-img", "info", "--output=json", path], capture_output=True,
-                       text=True)
-    if r.returncode:
-        return f"qemu-img info fails: {r.stderr.strip()}"
-    return json.loads(r.stdout).get("dirty-flag", False)
+def _need_check(path: str) -> bool:
+    with open(path, "rb") as f:
+        return bool(f.read(24)[16] & 0x02)  # qed_spec.txt "Header": features, NEED_CHECK
 
 
 def check_state(path: str, content: bytes, ctx: Context, what: str, scratch,
                 fmt: str = "qcow2") -> str | None:
     """Why this crash state is wrong, or None. qcow2: no corruption (leaks allowed); a
-    dirty image is repaired by our read-write open and must then be clean. QED: without
-    NEED_CHECK nothing at all may be wrong (NEED_CHECK is what covers leaks); with it,
-    our read-write open repairs the image and clears the bit (leaks left in the middle
-    of the file are allowed: QED cannot reuse them)."""
+    dirty image is repaired by our read-write open and must then be clean (rule 6).
+    QED (rule 12): without NEED_CHECK nothing at all may be wrong, not even a leak; with
+    it, our read-write open repairs the image and clears the bit (leaks in the middle of
+    the file may stay: QED cannot reuse them)."""
     with open(path, "wb") as f:
         f.write(content)
     where = f"{what}, during {ctx.during}"
-    repair = _needs_repair(path, fmt)
-    if isinstance(repair, str):
-        return f"{where}: {repair}"
+    r = subprocess.run(["qemu-img", "info", "-f", fmt, "--output=json", path],
+                       capture_output=True, text=True)
+    if r.returncode:
+        return f"{where}: qemu-img info fails: {r.stderr.strip()}"
+    info = json.loads(r.stdout)
+    repair = _need_check(path) if fmt == "qed" else info.get("dirty-flag", False)
     if repair:
         open_image(path, fmt, read_only=False).close()
-        if fmt == "qed" and _needs_repair(path, fmt):
+        if fmt == "qed" and _need_check(path):
             return f"{where}: NEED_CHECK still set after the repair"
     r = subprocess.run(["qemu-img", "check", "-f", fmt, "--output=json", path],
                        capture_output=True, text=True)
     report = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
     if r.returncode not in (0, 3) or report.get("corruptions", 0):
         return f"{where}: qemu-img check rc {r.returncode}: {r.stdout}{r.stderr}"
-    # qcow2: leaks are harmless but a repair removes them; QED: only NEED_CHECK may
-    # cover them, and a repair cannot give back those in the middle of the file.
     leaks_allowed = repair if fmt == "qed" else not repair
     if r.returncode and not leaks_allowed:
         return f"{where}: leaks ({'NEED_CHECK clear' if fmt == 'qed' else 'repaired'}): " \
@@ -154,6 +155,24 @@ def check_state(path: str, content: bytes, ctx: Context, what: str, scratch,
         lo = sector * SECTOR
         if not touched and data[lo:lo + SECTOR] != ctx.flushed[lo:lo + SECTOR]:
             return f"{where}: flushed data lost at offset {lo}"
+    return _check_bitmaps(path, info, data, ctx.start, where)
+
+
+def _check_bitmaps(path: str, info: dict, data: bytes, start: bytes, where: str):
+    """Rule 9: a bitmap stored as consistent (not in use) covers every change made
+    since the image was opened (its bits were all clear then: the shapes add empty,
+    enabled bitmaps). The dirty bits are read by qemu itself (qemu-nbd -B)."""
+    bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+    changed = [i for i in range(0, len(data), SECTOR)
+               if data[i:i + SECTOR] != start[i:i + SECTOR]]
+    for bitmap in bitmaps:
+        if "in-use" in bitmap["flags"] or not changed:
+            continue
+        dirty = qemu_dirty_map(path, bitmap["name"])
+        missed = [i for i in changed if not any(o <= i < o + n for o, n in dirty)]
+        if missed:
+            return (f"{where}: bitmap '{bitmap['name']}' is stored as consistent but "
+                    f"misses the change at offset {missed[0]}")
     return None
 
 
@@ -181,3 +200,101 @@ def enumerate_crashes(image: str, intervals, seed: int, scratch,
             failures += [f for f in pool.map(check, range(start, min(start + 2, len(jobs))))
                          if f]
     return len(jobs), failures
+
+
+# -- scenarios aimed at one ordering rule each -----------------------------------------
+
+L1_OFFSET = 0x00FFFFFFFFFFFE00  # qcow2.rst: bits 9-55 of L1 and L2 entries
+
+def issue10_scenario(directory, monkeypatch):
+    """The corruption of the engine issue: 512 B clusters, 64-bit refcounts, a raw
+    backing file. A data cluster is written into an L2 table already on disk, then
+    write-zeroes over a range with no L2 table needs a new table whose allocation needs
+    a new refcount block, then a flush: the data cluster's refcount must be durable
+    before the old L2 table is rewritten to point to it."""
+    shape = SHAPES[0]
+    cs = 512
+    table_span = cs * (cs // 8)  # guest bytes one L2 table maps
+
+    def drive(dev, do):
+        do(("write", 0, cs, 3))
+        do(("flush", 0, 0, 0))  # the L2 table of guest offset 0 is on disk
+        rc = dev.refcounts
+        # Fill the free clusters of the allocated regions, one data cluster at a time
+        # into that same table, until the next allocation opens a new region.
+        guest = cs
+        while True:
+            nxt = rc._next_free(rc.free_hint)
+            region = nxt // rc.per_block
+            if nxt % rc.per_block == 0 and not (region < len(rc.table) and rc.table[region]):
+                break
+            do(("write", guest, cs, 5))
+            guest += cs
+        assert guest < table_span, "the regions did not fill within one table"
+        do(("zero", 3 * table_span, table_span, 0))  # a new L2 table, a new refblock
+        do(("flush", 0, 0, 0))
+
+    return record_driven(shape, directory, monkeypatch, drive)
+
+
+def reftable_growth_scenario(directory, monkeypatch):
+    """512 B clusters with 64-bit refcounts: one refcount table cluster covers 2 MiB of
+    file, so writing 3 MiB moves the table (new table, header switch, old one freed)."""
+    shape = Shape("c512-r64", "cluster_size=512,refcount_bits=64", size=4 * MiB)
+
+    def drive(dev, do):
+        for off in range(0, 3 * MiB, 256 * 1024):
+            do(("write", off, 256 * 1024, 7))
+        do(("flush", 0, 0, 0))
+
+    return record_driven(shape, directory, monkeypatch, drive)
+
+
+def repair_on_open_scenario(directory, monkeypatch):
+    """A lazy-refcounts image left dirty by qemu (killed after a flush: its refcounts
+    lag behind its L2 tables) is repaired when opened read-write; power cuts during the
+    repair leave an image that is consistent or still dirty (and repaired next time)."""
+    image = str(directory / "dirty.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", image,
+        str(4 * MiB))
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M",
+                        "-c", "write -P 2 2M 512k", "-c", "flush", "-c", "sigraise 9", image],
+                       capture_output=True)
+    assert r.returncode != 0  # killed, as intended
+    return record_on(image, directory, monkeypatch, lambda dev, do: None)
+
+
+def repair_raises_refcount_scenario(directory, monkeypatch):
+    """A dirty image whose refcount is too low but not zero (a cluster shared with an
+    internal snapshot, refcount 1 where it is referenced twice): the repair raises it
+    in place, and only then clears the dirty bit (Barrier.REPAIR between them)."""
+    image = str(directory / "shared.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", image,
+        str(4 * MiB))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 256k", image)
+    run("qemu-img", "snapshot", "-c", "s1", image)
+    l1 = read_u64(image, read_field(image, "l1_table_offset")) & L1_OFFSET
+    data = read_u64(image, l1) & L1_OFFSET  # the first data cluster, now shared
+    cluster_bits = read_field(image, "cluster_bits")
+    reftable = read_field(image, "refcount_table_offset")
+    per_block = (1 << cluster_bits) * 8 // 16
+    cluster = data >> cluster_bits
+    block = read_u64(image, reftable + 8 * (cluster // per_block))
+    patch_bytes(image, block + 2 * (cluster % per_block), (1).to_bytes(2, "big"))
+    patch_fields(image, incompatible_features=read_field(image, "incompatible_features")
+                 | INCOMPAT_DIRTY)
+    return record_on(image, directory, monkeypatch, lambda dev, do: None)
+
+
+def random_scenario(shape_name: str, seed: int, count: int):
+    shape = next(s for s in SHAPES if s.name == shape_name)
+    return lambda directory, monkeypatch: record_workload(
+        shape, directory, crash_ops(random.Random(seed), shape.size, count), monkeypatch)
+
+
+SCENARIOS = {
+    "issue-10": issue10_scenario,
+    "reftable-growth": reftable_growth_scenario,
+    "repair-on-open": repair_on_open_scenario,
+    "repair-raises-refcount": repair_raises_refcount_scenario,
+}

@@ -1,35 +1,39 @@
 """Every barrier is needed (docs/DESIGN.md, "Proving crash safety"): with any one named
 fsync removed, the enumeration of crash states finds a broken image.
 
-The file system is made unable to punch holes (as some are: fileio falls back to leaving
-the data), so freed clusters keep their old bytes and a reused one shows what a missing
-barrier let through. Each barrier is paired with the shape and workload seed whose
-enumeration exposes it.
+The file system is made unable to punch holes (as some are: fileio then leaves the
+data), so freed clusters keep their old bytes and a reused one shows what a missing
+barrier let through. Each barrier is paired with the workload whose enumeration exposes
+it (tests/crashrun.py).
 """
-
-import random
 
 import pytest
 
 import qnbd.fileio
 from qnbd.block.storage import Barrier, Storage
 
-import crashrun as support
+from crashrun import SCENARIOS, enumerate_crashes, random_scenario
 
-# barrier -> (shape, seed) whose enumeration fails without it
 EXPOSED_BY = {
-    Barrier.BEFORE_L2: ("c512-r64-raw", 1),
-    Barrier.BEFORE_L1: ("c512-r64-raw", 1),
-    Barrier.BEFORE_RELEASE: ("c4k-r1", 1),
-    Barrier.NEW_REFBLOCK: ("c512-r64-raw", 1),
+    Barrier.BEFORE_L2: SCENARIOS["issue-10"],
+    Barrier.BEFORE_L1: random_scenario("c512-r64-raw", 1, 25),
+    Barrier.BEFORE_RELEASE: random_scenario("c4k-r1", 1, 25),
+    Barrier.NEW_REFBLOCK: random_scenario("c512-r64-raw", 1, 25),
+    Barrier.BEFORE_HEADER: random_scenario("bitmaps", 1, 25),
+    Barrier.HEADER: SCENARIOS["reftable-growth"],
+    Barrier.BITMAPS_IN_USE: random_scenario("bitmaps", 1, 25),
+    Barrier.FLUSH: random_scenario("c512-r64-raw", 1, 25),
+    Barrier.REPAIR: SCENARIOS["repair-raises-refcount"],
 }
+
+
+def test_every_barrier_has_a_workload_that_needs_it():
+    assert set(EXPOSED_BY) == set(Barrier)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("barrier", list(EXPOSED_BY), ids=lambda b: b.name)
 def test_removing_a_barrier_breaks_some_crash_state(barrier, tmp_path, monkeypatch):
-    shape_name, seed = EXPOSED_BY[barrier]
-    shape = next(s for s in support.SHAPES if s.name == shape_name)
     real_sync = Storage.sync
 
     def sync(self, why):
@@ -39,7 +43,7 @@ def test_removing_a_barrier_breaks_some_crash_state(barrier, tmp_path, monkeypat
     with monkeypatch.context() as m:
         m.setattr(Storage, "sync", sync)
         m.setattr(qnbd.fileio.File, "punch_hole", lambda self, offset, length: False)
-        ops = support.crash_ops(random.Random(seed), shape.size, 25)
-        image, intervals = support.record_workload(shape, tmp_path, ops, m)
-    checked, failures = support.enumerate_crashes(image, intervals, seed, tmp_path)
+        image, intervals = EXPOSED_BY[barrier](tmp_path, m)
+    checked, failures = enumerate_crashes(image, intervals, 1, tmp_path)
     assert failures, f"without {barrier.name}, none of {checked} crash states failed"
+    print(f"\nwithout {barrier.name}: {len(failures)} of {checked} states fail, e.g. {failures[0][:300]}")
