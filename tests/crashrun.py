@@ -9,13 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import qnbd.fileio
-from qnbd.formats import open_image
+from qnbd.formats import open_image, probe
 
 from bitmaputil import qemu_dirty_map
 from crashsim import SECTOR, RecordingFile, crash_states
 from peers import run
 from qcow2util import INCOMPAT_DIRTY, patch_bytes, patch_fields, read_field, read_u64
 from images import MiB, Shape
+from qedimages import QedShape
 from workload import Model, apply_ops, converted
 
 # The shapes the engine issue asks for: small refcount regions (512 B clusters, 64-bit
@@ -32,6 +33,12 @@ SHAPES = [
     Shape("bitmaps", "cluster_size=4096", size=4 * MiB, bitmaps=["b0", "b1"]),
 ]
 SHAPE_IDS = [s.name for s in SHAPES]
+# QED (rule 12): small clusters and several L2 tables; raw and QED backing files.
+QED_SHAPES = [
+    QedShape("qed-c4k", "cluster_size=4096,table_size=2", size=8 * MiB),
+    QedShape("qed-raw", "cluster_size=4096", backing="raw", size=8 * MiB),
+    QedShape("qed-qed", backing="qed", size=8 * MiB),
+]
 
 
 @dataclass
@@ -64,17 +71,16 @@ def record_workload(shape: Shape, directory, ops, monkeypatch):
                          lambda dev, do: [do(op) for op in ops])
 
 
-def record_driven(shape: Shape, directory, monkeypatch, drive):
-    """drive(dev, do) runs the workload, calling do(op) for each operation. The shape
-    says its format (`fmt`: qcow2 shapes of images.py, QED shapes of qedimages.py)."""
+def record_driven(shape, directory, monkeypatch, drive):
+    """drive(dev, do) runs the workload, calling do(op) for each operation (qcow2
+    shapes of images.py, QED shapes of qedimages.py)."""
     return record_on(shape.build(directory), directory, monkeypatch, drive,
-                     discard_keeps=getattr(shape, "v2", False) and shape.backing is not None,
-                     fmt=shape.fmt)
+                     discard_keeps=getattr(shape, "v2", False) and shape.backing is not None)
 
 
-def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False,
-              fmt: str = "qcow2"):
+def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False):
     """record_driven on an image already made (opening it may itself write: a repair)."""
+    fmt = probe(image)
     start = converted(image, fmt, directory)
     state = {"flushed": bytes(start), "touched": bytearray(len(start) // SECTOR + 1),
              "op": "open"}
@@ -176,11 +182,11 @@ def _check_bitmaps(path: str, info: dict, data: bytes, start: bytes, where: str)
     return None
 
 
-def enumerate_crashes(image: str, intervals, seed: int, scratch,
-                      fmt: str = "qcow2") -> tuple[int, list[str]]:
+def enumerate_crashes(image: str, intervals, seed: int, scratch) -> tuple[int, list[str]]:
     """Check every crash state of every interval, two at a time (qemu-img runs in
     subprocesses); returns how many states were checked and the failures."""
     rng = random.Random(seed)
+    fmt = probe(image)
     jobs = [(what, content, iv.context) for iv in intervals
             for what, content in crash_states(iv, rng)]
 
@@ -287,7 +293,7 @@ def repair_raises_refcount_scenario(directory, monkeypatch):
 
 
 def random_scenario(shape_name: str, seed: int, count: int):
-    shape = next(s for s in SHAPES if s.name == shape_name)
+    shape = next(s for s in SHAPES + QED_SHAPES if s.name == shape_name)
     return lambda directory, monkeypatch: record_workload(
         shape, directory, crash_ops(random.Random(seed), shape.size, count), monkeypatch)
 

@@ -5,7 +5,7 @@ interval between two fsyncs, an image without NEED_CHECK is consistent (qemu-img
 finds nothing, not even a leak); an image with NEED_CHECK is repaired by our read-write
 open (no corruption left, NEED_CHECK cleared); every sector not written since the last
 completed flush reads as it was then. And each QED barrier is needed: with it removed,
-some crash state fails.
+some crash state fails (NEED_CHECK: in test_crash_mutation.py with the other barriers).
 """
 
 import random
@@ -15,21 +15,14 @@ import pytest
 import qnbd.fileio
 from qnbd.block.storage import Barrier, Storage
 
+from crashrun import QED_SHAPES as SHAPES
 from crashrun import crash_ops, enumerate_crashes, record_driven, record_workload
-from qedimages import QedShape
-
-MiB = 1 << 20
-SHAPES = [
-    QedShape("qed-c4k", "cluster_size=4096,table_size=2", size=8 * MiB),
-    QedShape("qed-raw", "cluster_size=4096", backing="raw", size=8 * MiB),
-    QedShape("qed-qed", backing="qed", size=8 * MiB),
-]
 
 
 def run_enumeration(shape, tmp_path, seed, count, monkeypatch) -> int:
     ops = crash_ops(random.Random(seed), shape.size, count)
     image, intervals = record_workload(shape, tmp_path, ops, monkeypatch)
-    checked, failures = enumerate_crashes(image, intervals, seed, tmp_path, "qed")
+    checked, failures = enumerate_crashes(image, intervals, seed, tmp_path)
     assert not failures, f"{len(failures)} of {checked} crash states fail:\n" + \
         "\n".join(failures[:5])
     return checked
@@ -72,37 +65,26 @@ def cow_into_a_table_on_disk(dev, do):
     do(("flush", 0, 0, 0))
 
 
-# barrier -> (shape, workload) whose enumeration fails without it
-EXPOSED_BY = {
-    Barrier.NEED_CHECK: ("qed-c4k", None),
-    Barrier.BEFORE_L2: ("qed-raw", cow_into_a_table_on_disk),
-}
-
-
-@pytest.mark.parametrize("barrier", list(EXPOSED_BY), ids=lambda b: b.name)
-def test_removing_a_qed_barrier_breaks_some_crash_state(barrier, tmp_path, monkeypatch):
-    shape_name, drive = EXPOSED_BY[barrier]
-    shape = next(s for s in SHAPES if s.name == shape_name)
+def test_removing_the_copy_on_write_barrier_breaks_some_crash_state(tmp_path, monkeypatch):
+    """Barrier.BEFORE_L2 as QED uses it (with a backing file only); the mutation test
+    of test_crash_mutation.py shows NEED_CHECK needed."""
+    shape = next(s for s in SHAPES if s.name == "qed-raw")
     real_sync = Storage.sync
 
     def sync(self, why):
-        if why is not barrier:
+        if why is not Barrier.BEFORE_L2:
             real_sync(self, why)
 
     with monkeypatch.context() as m:
         m.setattr(Storage, "sync", sync)
         m.setattr(qnbd.fileio.File, "punch_hole", lambda self, offset, length: False)
-        if drive is None:
-            ops = crash_ops(random.Random(1), shape.size, 8)
-            image, intervals = record_workload(shape, tmp_path, ops, m)
-        else:
-            image, intervals = record_driven(shape, tmp_path, m, drive)
-    checked, failures = enumerate_crashes(image, intervals, 1, tmp_path, "qed")
-    assert failures, f"without {barrier.name}, none of {checked} crash states failed"
+        image, intervals = record_driven(shape, tmp_path, m, cow_into_a_table_on_disk)
+    checked, failures = enumerate_crashes(image, intervals, 1, tmp_path)
+    assert failures, f"without BEFORE_L2, none of {checked} crash states failed"
 
 
 def test_cow_workload_passes_with_every_barrier(tmp_path, monkeypatch):
     shape = SHAPES[1]
     image, intervals = record_driven(shape, tmp_path, monkeypatch, cow_into_a_table_on_disk)
-    checked, failures = enumerate_crashes(image, intervals, 1, tmp_path, "qed")
+    checked, failures = enumerate_crashes(image, intervals, 1, tmp_path)
     assert checked >= 10 and not failures, failures[:3]
