@@ -24,6 +24,10 @@ from .qcow2 import create as qcow2_create
 from .qcow2 import header as qcow2_header
 from .qcow2 import info as qcow2_info
 from .qcow2.image import Qcow2Image
+from .qed import check as qed_check
+from .qed import create as qed_create
+from .qed import info as qed_info
+from .qed.image import QedImage
 
 log = logging.getLogger("qnbd.formats")
 PROBE_BYTES = 512  # qemu's BLOCK_PROBE_BUF_SIZE
@@ -42,6 +46,9 @@ class Format:
     create_options: dict | None = None  # -o key -> (argument, parser), qnbd/block/options.py
     info: Callable | None = None  # info(path, file, stat) -> qemu-img info's dict
     check: Callable | None = None  # check(path, fix, force_share, progress) -> CheckResult
+    # describe(size, options) -> qemu-img create's "fmt=... size=..." words, where the
+    # format's differ from the generic ones (the CLI prints them)
+    describe: Callable | None = None
 
     @property
     def has_driver(self) -> bool:
@@ -62,6 +69,10 @@ def _open_qcow2(path, read_only, open_backing, **options):
     return Qcow2Image.open(path, read_only, open_backing=open_backing, **options)
 
 
+def _open_qed(path, read_only, open_backing, data_file_path=None, **options):
+    return QedImage.open(path, read_only, open_backing=open_backing, **options)
+
+
 def _open_raw(path, read_only, open_backing, force_share=False, probed=None,
               **_cache_options):
     return RawDevice(path, read_only=read_only, force_share=force_share, probed=probed)
@@ -74,10 +85,11 @@ def _open_parallels(path, read_only, open_backing, force_share=False, **_cache_o
 _REGISTRY = (
     Format("qcow2", _qcow_version(lambda v: v >= 2), _open_qcow2, qcow2_create.create,
            qcow2_create.CREATE_OPTIONS, qcow2_info.image_info, qcow2_check.check_image),
+    Format("qed", _magic(b"QED\0"), _open_qed, qed_create.create, qed_create.CREATE_OPTIONS,
+           qed_info.image_info, qed_check.check_image, qed_create.describe),
     Format("raw", None, _open_raw, create_raw, RAW_CREATE_OPTIONS, raw_info),
     # Known to qemu, no driver here: recognised so they are never exported as raw.
     Format("qcow", _qcow_version(lambda v: v == 1)),
-    Format("qed", _magic(b"QED\0")),
     Format("vmdk", lambda head: head[:4] in (b"KDMV", b"COWD")
            or head.startswith(b"# Disk DescriptorFile")),
     Format("vdi", lambda head: len(head) >= 0x44
@@ -134,7 +146,8 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = True, *,
                backing_policy: str = "any", max_backing_depth: int = MAX_BACKING_DEPTH,
                **options):
     """Open `path` as `fmt` (probed when None) with its backing chain. Options go to the
-    format's driver (qcow2: l2_cache_bytes, refcount_cache_bytes; all: force_share)."""
+    format's driver (qcow2: l2_cache_bytes, refcount_cache_bytes; qed: l2_cache_bytes;
+    all: force_share)."""
     chain = BackingChain(_open_one, backing_policy, max_backing_depth)
     return chain.open(path, fmt, read_only, **options)
 

@@ -9,13 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import qnbd.fileio
-from qnbd.formats import open_image
+from qnbd.formats import open_image, probe
 
 from bitmaputil import qemu_dirty_map
 from crashsim import SECTOR, Recorder, crash_states
 from peers import run
 from qcow2util import INCOMPAT_DIRTY, patch_bytes, patch_fields, read_field, read_u64
 from images import MiB, Shape
+from qedimages import QedShape
 from workload import Model, apply_ops, converted
 
 # The shapes the engine issue asks for: small refcount regions (512 B clusters, 64-bit
@@ -32,6 +33,12 @@ SHAPES = [
     Shape("bitmaps", "cluster_size=4096", size=4 * MiB, bitmaps=["b0", "b1"]),
 ]
 SHAPE_IDS = [s.name for s in SHAPES]
+# QED (rule 12): small clusters and several L2 tables; raw and QED backing files.
+QED_SHAPES = [
+    QedShape("qed-c4k", "cluster_size=4096,table_size=2", size=8 * MiB),
+    QedShape("qed-raw", "cluster_size=4096", backing="raw", size=8 * MiB),
+    QedShape("qed-qed", backing="qed", size=8 * MiB),
+]
 
 
 @dataclass
@@ -64,15 +71,17 @@ def record_workload(shape: Shape, directory, ops, monkeypatch):
                          lambda dev, do: [do(op) for op in ops])
 
 
-def record_driven(shape: Shape, directory, monkeypatch, drive):
-    """drive(dev, do) runs the workload, calling do(op) for each operation."""
+def record_driven(shape, directory, monkeypatch, drive):
+    """drive(dev, do) runs the workload, calling do(op) for each operation (qcow2
+    shapes of images.py, QED shapes of qedimages.py)."""
     return record_on(shape.build(directory), directory, monkeypatch, drive,
-                     discard_keeps=shape.v2 and shape.backing is not None)
+                     discard_keeps=getattr(shape, "v2", False) and shape.backing is not None)
 
 
 def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False):
     """record_driven on an image already made (opening it may itself write: a repair)."""
-    start = converted(image, "qcow2", directory)
+    fmt = probe(image)
+    start = converted(image, fmt, directory)
     state = {"flushed": bytes(start), "touched": bytearray(len(start) // SECTOR + 1),
              "op": "open"}
     intervals = []
@@ -88,7 +97,7 @@ def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False):
     monkeypatch.setattr(qnbd.fileio, "open_file",
                         lambda path, writable: recorder.wrap(real_open(path, writable))
                         if writable else real_open(path, writable))
-    dev = open_image(image, "qcow2", read_only=False)
+    dev = open_image(image, fmt, read_only=False)
     model = Model(start, dev.cluster_size, discard_keeps=discard_keeps)
     done = []
 
@@ -113,34 +122,47 @@ def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False):
     return image, intervals
 
 
-def check_state(slot: str, image: str, contents: dict, ctx: Context, what: str):
+def _need_check(path: str) -> bool:
+    with open(path, "rb") as f:
+        return bool(f.read(24)[16] & 0x02)  # qed_spec.txt "Header": features, NEED_CHECK
+
+
+def check_state(slot: str, image: str, contents: dict, ctx: Context, what: str,
+                fmt: str = "qcow2"):
     """Why this crash state is wrong, or None. The state's files are written into the
     directory `slot` under their own names, beside links to the image's other files
     (backing files), and every tool runs there: qemu opens a relative data file name
-    from its working directory."""
+    from its working directory. qcow2: no corruption (leaks allowed); a dirty image is
+    repaired by our read-write open and must then be clean (rule 6). QED (rule 12):
+    without NEED_CHECK nothing at all may be wrong, not even a leak; with it, our
+    read-write open repairs the image and clears the bit (leaks in the middle of the
+    file may stay: QED cannot reuse them)."""
     for path, content in contents.items():
         with open(os.path.join(slot, os.path.basename(path)), "wb") as f:
             f.write(content)
     path = os.path.join(slot, os.path.basename(image))
     where = f"{what}, during {ctx.during}"
-    r = subprocess.run(["qemu-img", "info", "--output=json", path], capture_output=True,
-                       text=True, cwd=slot)
+    r = subprocess.run(["qemu-img", "info", "-f", fmt, "--output=json", path],
+                       capture_output=True, text=True, cwd=slot)
     if r.returncode:
         return f"{where}: qemu-img info fails: {r.stderr.strip()}"
     info = json.loads(r.stdout)
-    dirty = info.get("dirty-flag", False)
-    if dirty:
-        # Rule 6: a dirty image opened read-write is checked and repaired first.
-        open_image(path, "qcow2", read_only=False).close()
-    r = subprocess.run(["qemu-img", "check", "--output=json", path], capture_output=True,
-                       text=True, cwd=slot)
+    repair = _need_check(path) if fmt == "qed" else info.get("dirty-flag", False)
+    if repair:
+        open_image(path, fmt, read_only=False).close()
+        if fmt == "qed" and _need_check(path):
+            return f"{where}: NEED_CHECK still set after the repair"
+    r = subprocess.run(["qemu-img", "check", "-f", fmt, "--output=json", path],
+                       capture_output=True, text=True, cwd=slot)
     report = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
     if r.returncode not in (0, 3) or report.get("corruptions", 0):
         return f"{where}: qemu-img check rc {r.returncode}: {r.stdout}{r.stderr}"
-    if dirty and r.returncode:
-        return f"{where}: the repaired image still has leaks: {r.stdout}"
+    leaks_allowed = repair if fmt == "qed" else not repair
+    if r.returncode and not leaks_allowed:
+        return f"{where}: leaks ({'NEED_CHECK clear' if fmt == 'qed' else 'repaired'}): " \
+            f"{r.stdout}"
     out = os.path.join(slot, "content.raw")
-    run("qemu-img", "convert", "-U", "-O", "raw", path, out, cwd=slot)
+    run("qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", path, out, cwd=slot)
     with open(out, "rb") as f:
         data = f.read()
     if len(data) != len(ctx.flushed):
@@ -174,6 +196,7 @@ def enumerate_crashes(image: str, intervals, seed: int, scratch) -> tuple[int, l
     """Check every crash state of every interval, two at a time (qemu-img runs in
     subprocesses); returns how many states were checked and the failures."""
     rng = random.Random(seed)
+    fmt = probe(image)
     jobs = [(what, contents, iv.context) for iv in intervals
             for what, contents in crash_states(iv, rng)]
     directory = os.path.dirname(image)
@@ -191,7 +214,7 @@ def enumerate_crashes(image: str, intervals, seed: int, scratch) -> tuple[int, l
 
     def check(job_index):
         what, contents, ctx = jobs[job_index]
-        return check_state(slots[job_index % 2], image, contents, ctx, what)
+        return check_state(slots[job_index % 2], image, contents, ctx, what, fmt)
 
     with ThreadPoolExecutor(2) as pool:
         failures = []
@@ -321,7 +344,7 @@ def data_file_reuse_scenario(directory, monkeypatch):
 
 
 def random_scenario(shape_name: str, seed: int, count: int):
-    shape = next(s for s in SHAPES if s.name == shape_name)
+    shape = next(s for s in SHAPES + QED_SHAPES if s.name == shape_name)
     return lambda directory, monkeypatch: record_workload(
         shape, directory, crash_ops(random.Random(seed), shape.size, count), monkeypatch)
 

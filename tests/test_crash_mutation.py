@@ -25,6 +25,7 @@ EXPOSED_BY = [
     (Barrier.BITMAPS_IN_USE, random_scenario("bitmaps", 1, 25)),
     (Barrier.FLUSH, random_scenario("c512-r64-raw", 1, 25)),
     (Barrier.REPAIR, "repair-raises-refcount"),
+    (Barrier.NEED_CHECK, random_scenario("qed-c4k", 1, 8)),  # QED, rule 12
 ]
 
 

@@ -9,6 +9,7 @@ zeros). Reads, block status and copy-on-write all start from the same runs.
 """
 
 from ..block.base import HOLE, ZERO as ZERO_FLAG, Extent
+from ..block.extents import append_extent, backing_extents
 from ..block.storage import Storage
 from ..errors import IOFailure
 from .compression import decompress
@@ -186,34 +187,18 @@ class Mapper:
         extents: list[Extent] = []
         for guest, n, kind, _value in self.map(offset, length):
             if kind == UNALLOCATED and self.backing is not None:
-                for e in self._backing_extents(guest, n):
-                    _append_extent(extents, e)
+                for e in backing_extents(self.backing, guest, n):
+                    append_extent(extents, e)
             elif kind == UNALLOCATED:
-                _append_extent(extents, Extent(n, HOLE | ZERO_FLAG, 0))
+                append_extent(extents, Extent(n, HOLE | ZERO_FLAG, 0))
             elif kind == ZERO:
-                _append_extent(extents, Extent(n, HOLE | ZERO_FLAG, 1))
+                append_extent(extents, Extent(n, HOLE | ZERO_FLAG, 1))
             else:
-                _append_extent(extents, Extent(n, 0, 1))
+                append_extent(extents, Extent(n, 0, 1))
         return extents
 
     def reads_zero(self, offset: int, length: int) -> bool:
         return all(e.flags & ZERO_FLAG for e in self.extents(offset, length))
-
-    def _backing_extents(self, offset: int, length: int):
-        end = offset + length
-        covered = min(end, self.backing.size)
-        while offset < covered:
-            extents = self.backing.block_status(offset, covered - offset)
-            if not extents:
-                break
-            for e in extents:
-                n = min(e.length, covered - offset)
-                yield Extent(n, e.flags, e.depth + 1 if e.depth else 0)
-                offset += n
-                if offset >= covered:
-                    break
-        if end > offset:
-            yield Extent(end - offset, HOLE | ZERO_FLAG, 0)
 
 
 def _append_run(runs: list, pos: int, n: int, kind: int, value: int) -> None:
@@ -224,10 +209,3 @@ def _append_run(runs: list, pos: int, n: int, kind: int, value: int) -> None:
             last[1] += n
             return
     runs.append([pos, n, kind, value])
-
-
-def _append_extent(extents: list, e: Extent) -> None:
-    if extents and extents[-1].flags == e.flags and extents[-1].depth == e.depth:
-        extents[-1] = Extent(extents[-1].length + e.length, e.flags, e.depth)
-    else:
-        extents.append(e)
