@@ -13,7 +13,6 @@ import functools
 import os
 
 from .errors import ImageError
-from .lock import lock_image
 
 # linux/falloc.h
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -152,22 +151,11 @@ def open_file(path: str, writable: bool) -> File:
 
 
 def create_file(path: str) -> File:
-    """Create `path` (or truncate an existing file to nothing), open for writing, as
-    qemu-img create does; errors become one-line ImageErrors. An existing file is
-    truncated only once its lock bytes are taken (as qemu's raw_co_create): an image
-    another user has open, or the source of a convert, is refused, not destroyed."""
+    """Create `path` or open the existing file, for writing, never truncated here: an
+    image is emptied only once locked (lock.create_locked); errors become one-line
+    ImageErrors."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise ImageError(f"Could not create '{path}': {e.strerror}") from None
-    f = File(path, fd, writable=True)
-    try:
-        lock_image(f, writable=True)
-        f.truncate(0)
-    except OSError as e:
-        f.close()
-        raise ImageError(f"Could not create '{path}': {e.strerror}") from None
-    except BaseException:
-        f.close()
-        raise
-    return f
+    return File(path, fd, writable=True)
