@@ -2,6 +2,11 @@
 """qnbd against qemu-nbd on identical qcow2 images in /dev/shm, with fio's nbd engine.
 
     ./dev bench [--rounds N] [--runtime SECONDS] [--jobs a,b,...] [--skip-extras]
+                [--disk-dir DIR]
+
+The cold-disk job reads a fully allocated 2 GiB image kept on the disk (--disk-dir, not
+tmpfs) with the page cache dropped before each run, and also measures the device's own
+limit: fio with io_uring on the image file under the same conditions (buffered, cold).
 
 Each round runs every job once against each server, alternating which goes first, and
 prints per-job IOPS/bandwidth for both and the median ratio qnbd/qemu-nbd. Then: peak RSS
@@ -28,9 +33,11 @@ JOBS = {
     "randread-4k": (["--rw=randread", "--bs=4k", "--iodepth=16"], "full"),
     "randwrite-4k-alloc": (["--rw=randwrite", "--bs=4k", "--iodepth=16"], "empty"),
     "seqwrite-1M-alloc": (["--rw=write", "--bs=1M", "--iodepth=4"], "empty"),
+    "cold-randread-4k": (["--rw=randread", "--bs=4k", "--iodepth=16"], "disk"),
 }
 TARGETS = {"randread-4k": 2.0, "seqread-1M": 2.0, "randwrite-4k-alloc": 1.5,
-           "seqwrite-1M-alloc": 2.0}
+           "seqwrite-1M-alloc": 2.0, "cold-randread-4k": 2.0}
+DISK_IMAGE_SIZE = "2G"
 
 
 def sh(*cmd, **kw):
@@ -96,6 +103,36 @@ def make_images(work):
     return full
 
 
+def make_disk_image(disk_dir):
+    """A fully allocated qcow2 image on the disk, for the cold-disk job."""
+    path = os.path.join(disk_dir, "cold.qcow2")
+    raw = os.path.join(disk_dir, "cold.raw")
+    with open(raw, "wb") as f:
+        chunk = os.urandom(16 * MiB)
+        for i in range(128):
+            # Distinct content per chunk (no dedup anywhere below us), cheaply.
+            f.write(i.to_bytes(8, "little") + chunk[8:])
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path)
+    os.unlink(raw)
+    return path
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def fio_file(path, options, runtime):
+    """The device's limit: fio with io_uring straight on the image file, cold."""
+    drop_caches()
+    out = sh("fio", "--name=device", "--ioengine=io_uring", f"--filename={path}",
+             "--direct=0", "--time_based", f"--runtime={runtime}", "--ramp_time=1",
+             "--output-format=json", *options).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    return job["read"]["iops"], job["read"]["bw_bytes"] / MiB
+
+
 def fresh_empty(work, name):
     path = os.path.join(work, name)
     if os.path.exists(path):
@@ -104,14 +141,19 @@ def fresh_empty(work, name):
     return path
 
 
-def run_job(kind, job, work, full_image, runtime):
+def run_job(kind, job, work, images, runtime):
     options, image_kind = JOBS[job]
-    image = full_image if image_kind == "full" else fresh_empty(work, f"empty-{kind}.qcow2")
+    if image_kind == "empty":
+        image = fresh_empty(work, f"empty-{kind}.qcow2")
+    else:
+        image = images[image_kind]
     sock = os.path.join(work, f"{kind}.sock")
     server = Server(kind, image, sock)
     try:
         # Random jobs read/write the whole image; sequential ones stay inside it.
-        size = "512M" if image_kind == "full" else "4G"
+        size = {"full": "512M", "empty": "4G", "disk": DISK_IMAGE_SIZE}[image_kind]
+        if image_kind == "disk":
+            drop_caches()   # after the server's open: its metadata reads are cold too
         return fio(server.uri, options, runtime, size)
     finally:
         server.stop()
@@ -164,20 +206,29 @@ def main():
     ap.add_argument("--runtime", type=int, default=8, help="seconds per fio run")
     ap.add_argument("--jobs", default=",".join(JOBS))
     ap.add_argument("--skip-extras", action="store_true")
+    ap.add_argument("--disk-dir", default="/var/tmp",
+                    help="where the cold-disk job's image lives (a disk, not tmpfs)")
     args = ap.parse_args()
     jobs = args.jobs.split(",")
     for job in jobs:
         if job not in JOBS:
             raise SystemExit(f"unknown job {job}; known: {', '.join(JOBS)}")
     work = tempfile.mkdtemp(prefix="qnbd-bench-", dir="/dev/shm")
+    disk_work = None
     try:
-        full = make_images(work)
+        images = {"full": make_images(work)}
+        if any(JOBS[job][1] == "disk" for job in jobs):
+            disk_work = tempfile.mkdtemp(prefix="qnbd-bench-", dir=args.disk_dir)
+            images["disk"] = make_disk_image(disk_work)
         results = {job: {"qnbd": [], "qemu-nbd": []} for job in jobs}
+        device = []
         for r in range(args.rounds):
             order = ("qnbd", "qemu-nbd") if r % 2 == 0 else ("qemu-nbd", "qnbd")
             for job in jobs:
                 for kind in order:
-                    results[job][kind].append(run_job(kind, job, work, full, args.runtime))
+                    results[job][kind].append(run_job(kind, job, work, images, args.runtime))
+                if JOBS[job][1] == "disk":
+                    device.append(fio_file(images["disk"], JOBS[job][0], args.runtime))
         print(f"{'job':22} {'qnbd IOPS':>11} {'qemu-nbd IOPS':>14} {'qnbd MiB/s':>11} "
               f"{'qemu MiB/s':>11} {'ratio':>6} {'target':>7}")
         for job in jobs:
@@ -190,10 +241,22 @@ def main():
                   f"{statistics.median(x[1] for x in q):11.1f} "
                   f"{statistics.median(x[1] for x in m):11.1f} {ratio:6.2f} "
                   f"{TARGETS.get(job, 0):6.1f}x")
+            print(f"{'':22} qnbd rounds {' '.join(f'{x[0]:.0f}' for x in q)}; "
+                  f"qemu-nbd rounds {' '.join(f'{x[0]:.0f}' for x in m)}; "
+                  f"ratios {' '.join(f'{x:.2f}' for x in ratios)}")
+            if JOBS[job][1] == "disk" and device:
+                dev = statistics.median(x[0] for x in device)
+                share = statistics.median(a[0] / b[0] for a, b in zip(q, device))
+                print(f"{'  fio io_uring on file':22} {dev:11.0f} IOPS (rounds "
+                      f"{' '.join(f'{x[0]:.0f}' for x in device)}); qnbd = {share:.0%} "
+                      f"of it (target 60%), qemu-nbd = "
+                      f"{statistics.median(a[0] / b[0] for a, b in zip(m, device)):.0%}")
         if not args.skip_extras:
             print(json.dumps(extras(work), indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if disk_work:
+            shutil.rmtree(disk_work, ignore_errors=True)
 
 
 if __name__ == "__main__":
