@@ -33,6 +33,7 @@ that into wire flags, and offering metadata contexts, is the NBD layer's job (qn
 from dataclasses import dataclass, field
 
 from .block.base import read_parts
+from .block.plan import read_plan
 from .block.chain import BACKING_POLICIES
 from .block.overlay import SnapshotOverlay
 from .block.window import Window
@@ -146,6 +147,9 @@ class Export:
 
     def read_parts(self, offset: int, length: int):
         return read_parts(self.device, offset, length)
+
+    def read_plan(self, offset: int, length: int):
+        return read_plan(self.device, offset, length)
 
     def write(self, offset: int, data: bytes, fua: bool) -> None:
         # detect-zeroes: ordinary data fails at its first byte, so it costs nothing (the

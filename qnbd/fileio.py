@@ -23,6 +23,8 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 # image locks are OFD locks (block/file-posix.c, "locking=auto").
 F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+# preadv2 flag: fail with EAGAIN instead of waiting for the disk (Linux 4.14+).
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 class _Flock(ctypes.Structure):
@@ -39,6 +41,8 @@ class File:
         self.path = path
         self.fd = fd
         self.writable = writable
+        # Whether preadv2(RWF_NOWAIT) works here (read_cached turns it off if not).
+        self.nowait = _RWF_NOWAIT != 0
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -68,6 +72,32 @@ class File:
                 break
             total += n
         return total
+
+    def read_cached(self, view: memoryview, offset: int) -> tuple[int, bool]:
+        """Fill `view` from the page cache without waiting for the disk (preadv2 with
+        RWF_NOWAIT; docs/DESIGN.md, "I/O model"): (bytes read, complete). Incomplete
+        means the rest would block: finish it with preadinto(view[got:], offset + got),
+        in a worker thread. Complete and short means end of file. Where the file system
+        cannot tell (EOPNOTSUPP, EINVAL, or no RWF_NOWAIT at all) the read is done here,
+        blocking, as before, and every later one too."""
+        total = 0
+        size = len(view)
+        while total < size and self.nowait:
+            try:
+                n = os.preadv(self.fd, [view[total:]], offset + total, _RWF_NOWAIT)
+            except BlockingIOError:
+                return total, False
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                self.nowait = False
+                break
+            if n == 0:
+                return total, True
+            total += n
+        if total < size:
+            total += self.preadinto(view[total:], offset + total)
+        return total, True
 
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data)

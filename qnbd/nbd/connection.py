@@ -15,14 +15,19 @@ TLS upgrade, transmission). It only moves bytes between the socket and the sans-
 - idle_timeout (optional): a client that sends nothing and takes no replies is dropped.
 
 Requests run inline on the loop (the engines are synchronous by design, see
-docs/DESIGN.md), so replies leave in request order, which the protocol allows.
+docs/DESIGN.md), in request order. The data of a READ may not: the HostReads of its
+reply are performed by the server's ReadPool (reads.py), inline on a page-cache hit, else
+in a worker thread, and that reply is written when they complete (NBD lets replies leave
+in any order; docs/DESIGN.md "I/O model"). Close waits for such replies.
 """
 
 import asyncio
+import functools
 import logging
 import socket
 import ssl
 
+from ..block.plan import HostRead
 from . import tls
 from .handshake import Close, Handshake, Ready, Send, StartTLS
 from .requests import ProtocolError
@@ -53,6 +58,7 @@ class Connection(asyncio.Protocol):
         self.scheduled = False               # a _process call is queued for the next turn
         self.active_at = 0.0                 # last time the client sent or took data
         self.idle_timer = None
+        self.pending = 0                     # replies whose reads are in the pool
 
     # --- asyncio callbacks ---
 
@@ -150,6 +156,11 @@ class Connection(asyncio.Protocol):
         session.export.clients += 1
         log.info("%s: serving export %r", self.peer, session.export.name)
         self.tx = Transmission(session, self.server.config.max_request, self.peer)
+        reads = getattr(self.server, "reads", None)
+        if reads is not None:
+            self.tx.plans = True
+            export = session.export
+            self.tx.may_mutate = lambda: reads.may_mutate(export, self._resume)
         idle = self.server.config.idle_timeout
         if idle:
             self.active_at = self.server.loop.time()
@@ -213,14 +224,25 @@ class Connection(asyncio.Protocol):
         turn_end = tx.work + TURN_BYTES
         out = []
         made = 0
+        planned = False
         try:
             for _ in range(TURN_REQUESTS):
                 pieces = next_output()
                 if pieces is None:
                     break
-                out += pieces
                 for piece in pieces:
                     made += len(piece)
+                    if piece.__class__ is HostRead:
+                        planned = True
+                if not planned:
+                    out += pieces
+                else:
+                    planned = False
+                    done = functools.partial(self._deliver, tx.planned, pieces)
+                    if self.server.reads.fill(pieces, tx.export, done):
+                        out += pieces
+                    else:
+                        self.pending += 1
                 if made >= budget or tx.work >= turn_end:
                     break
             else:
@@ -235,11 +257,31 @@ class Connection(asyncio.Protocol):
             # More work may be waiting: let the other connections have this turn first.
             self.scheduled = True
             self.server.loop.call_soon(self._process)
-        elif tx.finished and not self.closing:
+        elif tx.finished and not self.closing and not self.pending:
             # NBD_CMD_DISC: every earlier request has been answered above; close once
             # their replies are written.
             self.close()
         self._set_reading(not self.blocked and tx.backlog < INPUT_HIGH)
+
+    def _deliver(self, req, pieces: list, error) -> None:
+        """A reply whose reads were in the pool: its bytes are in place (or failed)."""
+        self.pending -= 1
+        if self.lost:
+            return
+        if error is not None:
+            pieces = self.tx.read_failed(req, error)
+        self.transport.writelines(pieces)   # may call pause_writing
+        if self.closing:
+            if not self.pending:
+                self.transport.close()
+        elif self.tx.finished and not self.pending:
+            self.close()
+
+    def _resume(self):
+        """The reads a held write waited for have completed."""
+        if not self.scheduled and not self.lost:
+            self.scheduled = True
+            self.server.loop.call_soon(self._process)
 
     def _set_reading(self, on: bool):
         if on != self.reading and not self.lost:
@@ -253,7 +295,7 @@ class Connection(asyncio.Protocol):
         self.closing = True
         if self.early is not None:
             self.abort()   # nothing of ours is queued before the TLS session exists
-        else:
+        elif not self.pending:   # else the last of those replies closes it (_deliver)
             self.transport.close()
 
     def abort(self):

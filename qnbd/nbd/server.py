@@ -22,6 +22,7 @@ from ..memory import tune_malloc
 from . import tls
 from .catalog import Catalog
 from .connection import Connection
+from .reads import ReadPool
 from .listeners import listen
 from .pidfile import PidFile
 
@@ -51,6 +52,7 @@ class Server:
         self.served = 0
         self.stopping = False
         self.stopped = loop.create_future()
+        self.reads = ReadPool(loop)   # reads that miss the page cache (docs/DESIGN.md "I/O model")
 
     def install_signals(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -183,6 +185,7 @@ def serve(config, on_ready=None) -> int:
         loop.run_until_complete(run())
     finally:
         try:
+            server.reads.shutdown()   # no read may be out on a file being closed
             for export in exports:
                 export.close()
         finally:

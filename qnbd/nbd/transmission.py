@@ -121,6 +121,16 @@ class Transmission:
         # Bytes of data moved so far (read, written or zeroed): what a request costs,
         # whatever the size of its reply; the asyncio side bounds it per loop turn.
         self.work = 0
+        # Read plans (docs/DESIGN.md "I/O model", qnbd/block/plan.py): when the side that
+        # does I/O sets this, a READ answered in one step may carry HostRead pieces for
+        # it to perform (each one in place of its bytes); `planned` is then that READ,
+        # for read_failed(). Left off, every piece is bytes, as the tests read them.
+        self.plans = False
+        self.planned: Request | None = None
+        # Asked before a write, zero or discard runs: False holds the request (and all
+        # after it) until the I/O side calls again; it keeps planned reads valid.
+        self.may_mutate = None
+        self.held: Request | None = None
 
     def receive_data(self, data) -> None:
         self.parser.push(data)
@@ -133,7 +143,7 @@ class Transmission:
     @property
     def finished(self) -> bool:
         """NBD_CMD_DISC was received and every request before it answered."""
-        return self.parser.disconnected and self.stream is None
+        return self.parser.disconnected and self.stream is None and self.held is None
 
     def next_output(self) -> list | None:
         """Reply pieces for the next step of work, or None until more bytes arrive.
@@ -144,9 +154,15 @@ class Transmission:
                 return self._read_step()
             except Exception as e:
                 return self._failed(req, e)
-        req = self.parser.pop()
+        req = self.held
         if req is None:
+            req = self.parser.pop()
+            if req is None:
+                return None
+        if req.cmd in _WRITES and self.may_mutate is not None and not self.may_mutate():
+            self.held = req
             return None
+        self.held = None
         err, msg = check(self.session, self.allowed, self.export.size, req, self.max_request)
         if err:
             return self._error(req, err, msg)
@@ -155,15 +171,13 @@ class Transmission:
         except Exception as e:
             return self._failed(req, e)
 
+    def read_failed(self, req: Request, e: Exception) -> list:
+        """The reply to a planned READ whose HostReads failed (none of it was sent)."""
+        return self._error(req, *_why(self.peer, req, e))
+
     def _failed(self, req: Request, e: Exception) -> list:
         """Engine failures cost the request an NBD error, never the session."""
-        if isinstance(e, IOFailure):
-            err, msg = p.nbd_error(e.errno), str(e)
-        elif isinstance(e, OSError):
-            err, msg = p.nbd_error(e.errno), e.strerror or str(e)
-        else:  # a bug must cost this request, not the server or the client
-            log.error("%s: request %d failed", self.peer, req.cmd, exc_info=e)
-            err, msg = p.EIO, "internal error"
+        err, msg = _why(self.peer, req, e)
         stream, self.stream = self.stream, None
         if stream is not None and stream[2]:
             raise ProtocolError(f"read at {stream[1]} failed after its reply began: {msg}")
@@ -185,6 +199,13 @@ class Transmission:
         whole = not r.structured or bool(req.flags & p.CMD_FLAG_DF)
         if length <= STREAM_CHUNK:
             self.work += length
+            if self.plans:
+                self.planned = req
+                parts = self.export.read_plan(offset, length)
+                if whole:
+                    return [r.data_header(req, offset, length, True)] + [
+                        bytes(n) if data is None else data for n, data in parts]
+                return self._pieces(req, offset, parts, True)
             if whole:
                 return [r.data_header(req, offset, length, True), self.export.read(offset, length)]
             return self._parts(req, offset, length, True)
@@ -208,9 +229,11 @@ class Transmission:
 
     def _parts(self, req: Request, offset: int, length: int, final: bool) -> list:
         """OFFSET_DATA and OFFSET_HOLE chunks: ranges known to read as zeros cost no payload."""
+        return self._pieces(req, offset, self.export.read_parts(offset, length), final)
+
+    def _pieces(self, req: Request, offset: int, parts: list, final: bool) -> list:
         r = self.replies
         out = []
-        parts = self.export.read_parts(offset, length)
         last = len(parts) - 1
         for i, (n, data) in enumerate(parts):
             done = final and i == last
@@ -289,6 +312,17 @@ class Transmission:
         if length == 0:
             return 0, [], "zero-length block status"
         return length, [(cid, chosen[cid]) for cid in ids], ""
+
+
+def _why(peer: str, req: Request, e: Exception) -> tuple[int, str]:
+    """The NBD error and message for a failed request."""
+    if isinstance(e, IOFailure):
+        return p.nbd_error(e.errno), str(e)
+    if isinstance(e, OSError):
+        return p.nbd_error(e.errno), e.strerror or str(e)
+    # a bug must cost this request, not the server or the client
+    log.error("%s: request %d failed", peer, req.cmd, exc_info=e)
+    return p.EIO, "internal error"
 
 
 _DISPATCH = {

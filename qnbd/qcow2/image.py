@@ -167,6 +167,9 @@ class Qcow2Image:
     def read_parts(self, offset: int, length: int) -> list:
         return self.mapper.read_parts(offset, length)
 
+    def read_plan(self, offset: int, length: int) -> list:
+        return self.mapper.read_plan(offset, length)
+
     def block_status(self, offset: int, length: int):
         length = min(length, self.size - offset)
         return self.mapper.extents(offset, self.mapper.status_span(offset, length))

@@ -11,6 +11,7 @@ view (layer_status) all start from the same runs.
 
 from ..block.base import HOLE, ZERO as ZERO_FLAG, Extent, LayerExtent
 from ..block.extents import append_extent, backing_extents
+from ..block.plan import HostRead
 from ..block.storage import Storage
 from ..errors import IOFailure
 from .compression import decompress
@@ -112,6 +113,26 @@ class Mapper:
         backing = self.backing
         for guest, n, kind, value in self.map(offset, length):
             if kind == ZERO or (kind == UNALLOCATED and (
+                    backing is None or guest >= backing.size)):
+                if parts and parts[-1][1] is None:
+                    parts[-1] = (parts[-1][0] + n, None)
+                else:
+                    parts.append((n, None))
+            else:
+                parts.append((n, self.read_run(guest, n, kind, value)))
+        return parts
+
+    def read_plan(self, offset: int, length: int) -> list:
+        """read_parts() with every data run left as a HostRead for the server to perform
+        (docs/DESIGN.md, "I/O model"; qnbd/block/plan.py): the mapping is done here, on
+        the caller's thread; compressed and backing pieces are read here, as before."""
+        parts: list = []
+        backing = self.backing
+        file = self.data.file
+        for guest, n, kind, value in self.map(offset, length):
+            if kind == DATA:
+                parts.append((n, HostRead(file, value, n)))
+            elif kind == ZERO or (kind == UNALLOCATED and (
                     backing is None or guest >= backing.size)):
                 if parts and parts[-1][1] is None:
                     parts[-1] = (parts[-1][0] + n, None)

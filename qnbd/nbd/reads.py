@@ -1,0 +1,122 @@
+"""Performing read plans off the event loop (docs/DESIGN.md, "I/O model").
+
+The transmission core answers a READ with reply pieces in which the engine's HostReads
+(qnbd/block/plan.py) stand in for their bytes. `ReadPool.fill` reads each one inline with
+preadv2(RWF_NOWAIT): a page-cache hit costs what it always did and the reply goes out in
+this turn. A miss goes to a small pool of worker threads (os.preadv releases the GIL),
+and that reply is written when its reads complete: NBD lets replies leave in any order.
+
+What keeps it safe:
+- A HostRead names a host cluster the mapping found. It stays that cluster's data only
+  while no write, zero or discard runs on the export (a discard may free the cluster and
+  a later write reuse it), so those wait while reads of their export are out
+  (`may_mutate`), and while one waits no new read leaves the loop (it cannot starve).
+- Memory is bounded: at most MAX_OUT_BYTES of reads are out at once; past that a miss is
+  read inline, blocking, as before. Each buffer belongs to its reply until sent.
+- `shutdown` waits for the reads still out before the images are closed.
+"""
+
+import concurrent.futures
+
+from ..block.plan import HostRead
+
+WORKERS = 16
+MAX_OUT_BYTES = 16 << 20
+
+
+class _Export:
+    __slots__ = ("out", "waiters")
+
+    def __init__(self):
+        self.out = 0          # replies with reads in the pool
+        self.waiters = []     # callables to run once `out` drops to 0
+
+
+class ReadPool:
+    def __init__(self, loop, workers: int = WORKERS, max_out_bytes: int = MAX_OUT_BYTES):
+        self.loop = loop
+        self.workers = workers
+        self.max_out_bytes = max_out_bytes
+        self.out_bytes = 0
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.closed = False
+        self.exports: dict[object, _Export] = {}
+
+    def _state(self, export) -> _Export:
+        state = self.exports.get(export)
+        if state is None:
+            state = self.exports[export] = _Export()
+        return state
+
+    def may_mutate(self, export, resume) -> bool:
+        """Whether a write, zero or discard may run on `export` now; if not, `resume` is
+        called once the reads out on it have completed."""
+        state = self.exports.get(export)
+        if state is None or not state.out:
+            return True
+        state.waiters.append(resume)
+        return False
+
+    def fill(self, pieces: list, export, done) -> bool:
+        """Put the bytes of every HostRead in `pieces` in its place. True when that is
+        done here; False when some went to the pool: `done(error)` is then called on the
+        loop once they are in place (error None) or have failed."""
+        missing = []
+        size = 0
+        for i, piece in enumerate(pieces):
+            if piece.__class__ is not HostRead:
+                continue
+            buf = bytearray(piece.length)
+            file = piece.file
+            read_cached = getattr(file, "read_cached", None)
+            if read_cached is None:   # a file without the fast path (tests' seams)
+                file.preadinto(buf, piece.offset)
+                pieces[i] = buf
+                continue
+            view = memoryview(buf)
+            got, complete = read_cached(view, piece.offset)
+            pieces[i] = buf
+            if not complete:
+                missing.append((file, view[got:], piece.offset + got))
+                size += len(buf) - got
+        if not missing:
+            return True
+        state = self._state(export)
+        if self.closed or state.waiters or self.out_bytes + size > self.max_out_bytes:
+            # Blocking, as before the pool: memory stays bounded, a waiting write runs.
+            for file, view, offset in missing:
+                file.preadinto(view, offset)
+            return True
+        if self.pool is None:
+            self.pool = concurrent.futures.ThreadPoolExecutor(self.workers,
+                                                              thread_name_prefix="qnbd-read")
+        state.out += 1
+        self.out_bytes += size
+        future = self.pool.submit(_read_all, missing)
+        future.add_done_callback(
+            lambda f: self.loop.call_soon_threadsafe(self._completed, f, export, state,
+                                                     size, done))
+        return False
+
+    def _completed(self, future, export, state: _Export, size: int, done) -> None:
+        self.out_bytes -= size
+        state.out -= 1
+        if not state.out:
+            waiters, state.waiters = state.waiters, []
+            del self.exports[export]
+            for resume in waiters:
+                resume()
+        done(future.exception())
+
+    def shutdown(self) -> None:
+        """Wait for every read still out (before the images close)."""
+        self.closed = True
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def _read_all(missing: list) -> None:
+    """In a worker thread: the blocking reads (short only at end of file, where the
+    buffer keeps its zeros)."""
+    for file, view, offset in missing:
+        file.preadinto(view, offset)

@@ -1,0 +1,150 @@
+"""Reads off the event loop (docs/DESIGN.md, "I/O model"; qnbd/nbd/reads.py): page-cache
+misses are read in worker threads and answered as they complete, with nothing a client
+can see changed but the speed."""
+
+import asyncio
+import errno
+import os
+import random
+import subprocess
+
+import nbd
+import pytest
+
+from nbdserver import serve  # noqa: F401 (fixture)
+from qnbd.block.plan import HostRead
+from qnbd.nbd.reads import ReadPool
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+
+def evict(path):
+    """Drop the file's pages from the page cache, so reads of it miss (RWF_NOWAIT fails)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def image(tmp_path):
+    """A fully allocated qcow2 image with random data, on the disk (tmp_path), and that
+    data as the model."""
+    raw = tmp_path / "src.raw"
+    data = bytearray(random.Random(7).randbytes(SIZE))
+    raw.write_bytes(data)
+    path = str(tmp_path / "img.qcow2")
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o",
+                    "cluster_size=4096", str(raw), path], check=True)
+    return path, data
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_pipelined_reads_writes_and_trims_keep_request_order_semantics(image, serve,  # noqa: F811
+                                                                       structured):
+    """Reads that miss go to the pool while writes, zeroes and trims are pipelined behind
+    them: every read returns what the requests sent before it left there, exactly as if
+    they had run one by one (a write waits for the reads out before it runs)."""
+    path, model = image
+    server = serve(path, "-f", "qcow2", "--discard", "unmap")
+    h = nbd.NBD()
+    h.set_request_structured_replies(structured)
+    h.connect_uri(server.uri)
+    rng = random.Random(3)
+    for _round in range(6):
+        evict(path)
+        expected = []
+        for _ in range(64):
+            offset = rng.randrange(0, SIZE // 4096) * 4096
+            length = rng.choice([512, 4096, 12288, 65536])
+            length = min(length, SIZE - offset)
+            kind = rng.random()
+            if kind < 0.75:
+                buf = nbd.Buffer(length)
+                cookie = h.aio_pread(buf, offset)
+                expected.append((cookie, buf, bytes(model[offset:offset + length])))
+            elif kind < 0.9:
+                data = rng.randbytes(length)
+                h.aio_pwrite(data, offset)
+                model[offset:offset + length] = data
+            elif kind < 0.95:
+                h.aio_zero(length, offset)
+                model[offset:offset + length] = bytes(length)
+            else:
+                # Whole clusters (4 KiB) read as zeros after; partial ones keep their
+                # data (discard is advisory). Offsets are cluster-aligned.
+                h.aio_trim(length, offset)
+                whole = length // 4096 * 4096
+                model[offset:offset + whole] = bytes(whole)
+        while h.aio_in_flight():
+            h.poll(-1)
+        for cookie, buf, want in expected:
+            assert h.aio_command_completed(cookie)
+            assert buf.to_bytearray() == want, f"read {cookie}"
+        h.flush()
+    # And the image holds what the model says, read back after the server's flush.
+    h.shutdown()
+    server.stop()
+    out = path + ".out"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", path, out], check=True)
+    with open(out, "rb") as f:
+        assert f.read() == bytes(model)
+
+
+class _File:
+    """A file whose reads always miss the page cache; preadinto may fail."""
+
+    def __init__(self, data: bytes, fail: bool = False):
+        self.data = data
+        self.fail = fail
+
+    def read_cached(self, view, offset):
+        return 0, False
+
+    def preadinto(self, view, offset):
+        if self.fail:
+            raise OSError(errno.EIO, "Input/output error")
+        n = max(0, min(len(view), len(self.data) - offset))
+        view[:n] = self.data[offset:offset + n]
+        return n
+
+
+def test_pool_fills_misses_and_holds_writes_until_done():
+    loop = asyncio.new_event_loop()
+    try:
+        pool = ReadPool(loop, workers=2)
+        export = object()
+        f = _File(b"abcdefgh")
+        pieces = [b"hdr", HostRead(f, 2, 4), HostRead(f, 6, 4)]   # the second runs past EOF
+        result = loop.create_future()
+        assert not pool.fill(pieces, export, result.set_result)
+        resumed = []
+        assert not pool.may_mutate(export, lambda: resumed.append(1))
+        assert loop.run_until_complete(result) is None
+        assert pieces == [b"hdr", bytearray(b"cdef"), bytearray(b"gh\0\0")]
+        assert resumed == [1] and pool.may_mutate(export, None)
+        assert pool.out_bytes == 0
+        pool.shutdown()
+    finally:
+        loop.close()
+
+
+def test_pool_failure_is_reported_and_memory_bound_reads_inline():
+    loop = asyncio.new_event_loop()
+    try:
+        pool = ReadPool(loop, workers=1, max_out_bytes=8)
+        bad = _File(b"x" * 64, fail=True)
+        result = loop.create_future()
+        assert not pool.fill([HostRead(bad, 0, 8)], object(), result.set_result)
+        error = loop.run_until_complete(result)
+        assert isinstance(error, OSError) and error.errno == errno.EIO
+        # Past the byte budget a miss is read inline, blocking, as before the pool.
+        pieces = [HostRead(_File(b"y" * 64), 0, 16)]
+        assert pool.fill(pieces, object(), None)
+        assert pieces == [bytearray(b"y" * 16)]
+        pool.shutdown()
+    finally:
+        loop.close()
