@@ -94,6 +94,33 @@ def test_pipelined_reads_writes_and_trims_keep_request_order_semantics(image, se
         assert f.read() == bytes(model)
 
 
+def test_pool_replies_never_land_inside_a_streamed_simple_reply(image, serve):  # noqa: F811
+    """With simple replies a READ over STREAM_CHUNK sends one header, then its data over
+    several loop turns: a reply completed by the pool meanwhile waits until it is done."""
+    path, model = image
+    server = serve(path, "-f", "qcow2")
+    h = nbd.NBD()
+    h.set_request_structured_replies(False)
+    h.connect_uri(server.uri)
+    rng = random.Random(5)
+    for _round in range(4):
+        evict(path)
+        expected = []
+        for i in range(48):
+            if i % 8 == 4:
+                offset, length = rng.randrange(0, 4) * MiB, 12 * MiB
+            else:
+                offset, length = rng.randrange(0, SIZE // 4096) * 4096, 4096
+            buf = nbd.Buffer(length)
+            expected.append((h.aio_pread(buf, offset), buf, model[offset:offset + length]))
+        while h.aio_in_flight():
+            h.poll(-1)
+        for cookie, buf, want in expected:
+            assert h.aio_command_completed(cookie)
+            assert buf.to_bytearray() == want
+    h.shutdown()
+
+
 class _File:
     """A file whose reads always miss the page cache; preadinto may fail."""
 

@@ -59,6 +59,7 @@ class Connection(asyncio.Protocol):
         self.active_at = 0.0                 # last time the client sent or took data
         self.idle_timer = None
         self.pending = 0                     # replies whose reads are in the pool
+        self.parked: list = []               # such replies done while another streams
 
     # --- asyncio callbacks ---
 
@@ -251,6 +252,9 @@ class Connection(asyncio.Protocol):
             log.info("%s: %s, disconnecting", self.peer, e)
             self.abort()
             return
+        if self.parked and not tx.mid_reply:
+            out += self.parked
+            self.parked = []
         if out:
             transport.writelines(out)   # may call pause_writing
         if pieces is not None and not self.blocked:
@@ -270,6 +274,11 @@ class Connection(asyncio.Protocol):
             return
         if error is not None:
             pieces = self.tx.read_failed(req, error)
+        if self.tx.mid_reply:
+            # A streamed reply's data is still to come: this one goes after it
+            # (_process sends it once that stream is done).
+            self.parked += pieces
+            return
         self.transport.writelines(pieces)   # may call pause_writing
         if self.closing:
             if not self.pending:

@@ -141,6 +141,12 @@ class Transmission:
         return self.parser.backlog
 
     @property
+    def mid_reply(self) -> bool:
+        """A reply's header has gone out and its data is still coming in later steps
+        (a streamed READ with simple replies or DF): nothing else may be sent now."""
+        return self.stream is not None and self.stream[2]
+
+    @property
     def finished(self) -> bool:
         """NBD_CMD_DISC was received and every request before it answered."""
         return self.parser.disconnected and self.stream is None and self.held is None
