@@ -2,7 +2,11 @@
 """qnbd against qemu-nbd on identical qcow2 images in /dev/shm, with fio's nbd engine.
 
     ./dev bench [--rounds N] [--runtime SECONDS] [--jobs a,b,...] [--skip-extras]
-                [--disk-dir DIR]
+                [--disk-dir DIR] [--baseline SRC]
+
+--baseline SRC also runs the qnbd whose source tree is SRC (e.g. `git worktree add` of
+main, or `git archive main | tar -x -C SRC`) as a third server, in the same alternated
+rounds: before/after ratios measured side by side on a noisy machine.
 
 The cold-disk job reads a fully allocated 2 GiB image kept on the disk (--disk-dir, not
 tmpfs) with the page cache dropped before each run, and also measures the device's own
@@ -48,15 +52,21 @@ def sh(*cmd, **kw):
 class Server:
     """One NBD server process on a unix socket, exporting one image read-write."""
 
+    baseline = None   # source tree of the "qnbd-base" server (--baseline)
+
     def __init__(self, kind, image, sock):
         self.kind = kind
         self.sock = sock
-        if kind == "qnbd":
+        env = None
+        if kind.startswith("qnbd"):
             cmd = [sys.executable, "-m", "qnbd.cli", "serve", "-f", "qcow2", "-t",
                    "-k", sock, image]
+            if kind == "qnbd-base":
+                env = dict(os.environ, PYTHONPATH=self.baseline)
         else:
             cmd = ["qemu-nbd", "-f", "qcow2", "-t", "-k", sock, image]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     env=env)
         deadline = time.monotonic() + 15
         while not os.path.exists(sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -206,6 +216,8 @@ def main():
     ap.add_argument("--runtime", type=int, default=8, help="seconds per fio run")
     ap.add_argument("--jobs", default=",".join(JOBS))
     ap.add_argument("--skip-extras", action="store_true")
+    ap.add_argument("--baseline", metavar="SRC",
+                    help="also run the qnbd of this source tree, as qnbd-base")
     ap.add_argument("--disk-dir", default="/var/tmp",
                     help="where the cold-disk job's image lives (a disk, not tmpfs)")
     args = ap.parse_args()
@@ -220,10 +232,15 @@ def main():
         if any(JOBS[job][1] == "disk" for job in jobs):
             disk_work = tempfile.mkdtemp(prefix="qnbd-bench-", dir=args.disk_dir)
             images["disk"] = make_disk_image(disk_work)
-        results = {job: {"qnbd": [], "qemu-nbd": []} for job in jobs}
+        kinds = ["qnbd", "qemu-nbd"]
+        if args.baseline:
+            Server.baseline = os.path.abspath(args.baseline)
+            kinds.append("qnbd-base")
+        results = {job: {kind: [] for kind in kinds} for job in jobs}
         device = []
         for r in range(args.rounds):
-            order = ("qnbd", "qemu-nbd") if r % 2 == 0 else ("qemu-nbd", "qnbd")
+            # Each server goes first in turn (and last, with two).
+            order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
             for job in jobs:
                 for kind in order:
                     results[job][kind].append(run_job(kind, job, work, images, args.runtime))
@@ -241,6 +258,12 @@ def main():
                   f"{statistics.median(x[1] for x in q):11.1f} "
                   f"{statistics.median(x[1] for x in m):11.1f} {ratio:6.2f} "
                   f"{TARGETS.get(job, 0):6.1f}x")
+            if args.baseline:
+                b = results[job]["qnbd-base"]
+                print(f"{'  before (qnbd-base)':22} {statistics.median(x[0] for x in b):11.0f} "
+                      f"{'':14} {statistics.median(x[1] for x in b):11.1f} {'':11} "
+                      f"{statistics.median(a[0] / c[0] for a, c in zip(b, m)):6.2f}   "
+                      f"rounds {' '.join(f'{x[0]:.0f}' for x in b)}")
             print(f"{'':22} qnbd rounds {' '.join(f'{x[0]:.0f}' for x in q)}; "
                   f"qemu-nbd rounds {' '.join(f'{x[0]:.0f}' for x in m)}; "
                   f"ratios {' '.join(f'{x:.2f}' for x in ratios)}")
