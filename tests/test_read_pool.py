@@ -175,3 +175,36 @@ def test_pool_failure_is_reported_and_memory_bound_reads_inline():
         pool.shutdown()
     finally:
         loop.close()
+
+
+def test_transmission_plans_holds_writes_and_answers_failed_reads():
+    """The sans-I/O side: with plans on, a READ's reply carries the engine's HostReads in
+    place of its bytes; a write is held while may_mutate says no; a read whose HostReads
+    failed is answered with an error chunk."""
+    from qnbd.nbd import protocol as p
+    from qnbd.nbd.transmission import Transmission
+    from test_nbd_core import MemDevice, chunk_replies, compact, session
+
+    f = _File(bytes(range(256)) * 64)
+
+    class PlanDevice(MemDevice):
+        def read_plan(self, offset, length):
+            return [(length, HostRead(f, offset, length))]
+
+    tx = Transmission(session(structured=True, device=PlanDevice()))
+    tx.plans = True
+    allowed = []
+    tx.may_mutate = lambda: bool(allowed)
+    tx.receive_data(compact(p.CMD_READ, 512, 1024, cookie=1)
+                    + compact(p.CMD_WRITE, 0, 4, cookie=2, payload=b"abcd")
+                    + compact(p.CMD_READ, 0, 4, cookie=3))
+    pieces = tx.next_output()
+    assert [x for x in pieces if isinstance(x, HostRead)][0].offset == 512
+    assert tx.planned.cookie == 1
+    assert tx.next_output() is None and not tx.finished    # the write is held
+    allowed.append(1)
+    assert chunk_replies(b"".join(tx.next_output()))[0][2] == 2
+    tx.next_output()
+    failed = tx.read_failed(tx.planned, OSError(5, "Input/output error"))
+    (flags, rtype, cookie, _payload), = chunk_replies(b"".join(failed))
+    assert cookie == 3 and rtype == p.REPLY_TYPE_ERROR and flags & p.REPLY_FLAG_DONE
