@@ -25,11 +25,12 @@ MAX_OUT_BYTES = 16 << 20
 
 
 class _Export:
-    __slots__ = ("out", "waiters")
+    __slots__ = ("out", "waiters", "draining")
 
     def __init__(self):
-        self.out = 0          # replies with reads in the pool
-        self.waiters = []     # callables to run once `out` drops to 0
+        self.out = 0           # replies with reads in the pool
+        self.waiters = []      # callables to run once `out` drops to 0
+        self.draining = False  # those run in this loop turn: no read may leave meanwhile
 
 
 class ReadPool:
@@ -82,7 +83,8 @@ class ReadPool:
         if not missing:
             return True
         state = self._state(export)
-        if self.closed or state.waiters or self.out_bytes + size > self.max_out_bytes:
+        if (self.closed or state.waiters or state.draining
+                or self.out_bytes + size > self.max_out_bytes):
             # Blocking, as before the pool: memory stays bounded, a waiting write runs.
             for file, view, offset in missing:
                 file.preadinto(view, offset)
@@ -103,10 +105,21 @@ class ReadPool:
         state.out -= 1
         if not state.out:
             waiters, state.waiters = state.waiters, []
-            del self.exports[export]
-            for resume in waiters:
-                resume()
+            if waiters:
+                # The held writes run in callbacks queued now (resume); until the one
+                # queued after them, reads stay on the loop, so they cannot be overtaken.
+                state.draining = True
+                for resume in waiters:
+                    resume()
+                self.loop.call_soon(self._drained, export, state)
+            else:
+                del self.exports[export]
         done(future.exception())
+
+    def _drained(self, export, state: _Export) -> None:
+        state.draining = False
+        if not state.out and not state.waiters and self.exports.get(export) is state:
+            del self.exports[export]
 
     def shutdown(self) -> None:
         """Wait for every read still out (before the images close)."""
