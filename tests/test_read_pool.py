@@ -124,6 +124,8 @@ def test_pool_replies_never_land_inside_a_streamed_simple_reply(image, serve):  
 class _File:
     """A file whose reads always miss the page cache; preadinto may fail."""
 
+    nowait = True
+
     def __init__(self, data: bytes, fail: bool = False):
         self.data = data
         self.fail = fail

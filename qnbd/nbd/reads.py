@@ -16,7 +16,9 @@ What keeps it safe:
 - `shutdown` waits for the reads still out before the images are closed.
 """
 
-import concurrent.futures
+import collections
+import queue
+import threading
 
 from ..block.plan import HostRead
 
@@ -39,7 +41,15 @@ class ReadPool:
         self.workers = workers
         self.max_out_bytes = max_out_bytes
         self.out_bytes = 0
-        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # Worker threads, started with the first miss. Jobs go in through a SimpleQueue;
+        # results come back through `results` and one wake-up of the loop per batch
+        # (a thread pool executor's futures and a loop callback per read cost more than
+        # the read itself on a cold 4 KiB one).
+        self.threads: list[threading.Thread] = []
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.results: collections.deque = collections.deque()
+        self.lock = threading.Lock()
+        self.woken = False
         self.closed = False
         self.exports: dict[object, _Export] = {}
 
@@ -67,13 +77,18 @@ class ReadPool:
         for i, piece in enumerate(pieces):
             if piece.__class__ is not HostRead:
                 continue
-            buf = bytearray(piece.length)
             file = piece.file
             read_cached = getattr(file, "read_cached", None)
-            if read_cached is None:   # a file without the fast path (tests' seams)
-                file.preadinto(buf, piece.offset)
-                pieces[i] = buf
+            if read_cached is None or not file.nowait:
+                # Where no read can be told not to block (tmpfs answers EOPNOTSUPP; the
+                # tests' file seams): blocking, as before, into a fresh bytes object
+                # (uvloop keeps bytes it cannot send at once, but copies a bytearray).
+                data = file.pread(piece.length, piece.offset)
+                if len(data) < piece.length:   # past the end of the file: zeros
+                    data += bytes(piece.length - len(data))
+                pieces[i] = data
                 continue
+            buf = bytearray(piece.length)
             view = memoryview(buf)
             got, complete = read_cached(view, piece.offset)
             pieces[i] = buf
@@ -89,32 +104,63 @@ class ReadPool:
             for file, view, offset in missing:
                 file.preadinto(view, offset)
             return True
-        if self.pool is None:
-            self.pool = concurrent.futures.ThreadPoolExecutor(self.workers,
-                                                              thread_name_prefix="qnbd-read")
+        if not self.threads:
+            self._start()
         state.out += 1
         self.out_bytes += size
-        future = self.pool.submit(_read_all, missing)
-        future.add_done_callback(
-            lambda f: self.loop.call_soon_threadsafe(self._completed, f, export, state,
-                                                     size, done))
+        self.jobs.put((missing, export, state, size, done))
         return False
 
-    def _completed(self, future, export, state: _Export, size: int, done) -> None:
-        self.out_bytes -= size
-        state.out -= 1
-        if not state.out:
-            waiters, state.waiters = state.waiters, []
-            if waiters:
-                # The held writes run in callbacks queued now (resume); until the one
-                # queued after them, reads stay on the loop, so they cannot be overtaken.
-                state.draining = True
-                for resume in waiters:
-                    resume()
-                self.loop.call_soon(self._drained, export, state)
-            else:
-                del self.exports[export]
-        done(future.exception())
+    def _start(self) -> None:
+        for n in range(self.workers):
+            t = threading.Thread(target=self._work, name=f"qnbd-read-{n}", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _work(self) -> None:
+        """A worker thread: blocking reads (short only at end of file, where the buffer
+        keeps its zeros); os.preadv releases the GIL while it waits."""
+        jobs, results = self.jobs, self.results
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            error = None
+            try:
+                for file, view, offset in job[0]:
+                    file.preadinto(view, offset)
+            except BaseException as e:   # reported to the request, never lost here
+                error = e
+            results.append((job, error))
+            with self.lock:
+                if self.woken:
+                    continue   # a _completed call is queued and will take this one
+                self.woken = True
+            try:
+                self.loop.call_soon_threadsafe(self._completed)
+            except RuntimeError:   # the loop is closed: nobody waits for the reply
+                pass
+
+    def _completed(self) -> None:
+        with self.lock:
+            self.woken = False
+        results = self.results
+        while results:
+            (_missing, export, state, size, done), error = results.popleft()
+            self.out_bytes -= size
+            state.out -= 1
+            if not state.out:
+                waiters, state.waiters = state.waiters, []
+                if waiters:
+                    # The held writes run in callbacks queued now (resume); until the
+                    # one queued after them, reads stay on the loop: none overtakes them.
+                    state.draining = True
+                    for resume in waiters:
+                        resume()
+                    self.loop.call_soon(self._drained, export, state)
+                elif self.exports.get(export) is state:
+                    del self.exports[export]
+            done(error)
 
     def _drained(self, export, state: _Export) -> None:
         state.draining = False
@@ -124,12 +170,8 @@ class ReadPool:
     def shutdown(self) -> None:
         """Wait for every read still out (before the images close)."""
         self.closed = True
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-
-
-def _read_all(missing: list) -> None:
-    """In a worker thread: the blocking reads (short only at end of file, where the
-    buffer keeps its zeros)."""
-    for file, view, offset in missing:
-        file.preadinto(view, offset)
+        for _ in self.threads:
+            self.jobs.put(None)
+        for t in self.threads:
+            t.join()
+        self.threads = []
