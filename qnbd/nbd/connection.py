@@ -59,6 +59,7 @@ class Connection(asyncio.Protocol):
         self.active_at = 0.0                 # last time the client sent or took data
         self.idle_timer = None
         self.pending = 0                     # replies whose reads are in the pool
+        self.reads = None                    # the server's ReadPool, once transmitting
         self.parked: list = []               # such replies done while another streams
 
     # --- asyncio callbacks ---
@@ -157,7 +158,7 @@ class Connection(asyncio.Protocol):
         session.export.clients += 1
         log.info("%s: serving export %r", self.peer, session.export.name)
         self.tx = Transmission(session, self.server.config.max_request, self.peer)
-        reads = getattr(self.server, "reads", None)
+        reads = self.reads = getattr(self.server, "reads", None)
         if reads is not None:
             self.tx.plans = True
             export = session.export
@@ -216,6 +217,8 @@ class Connection(asyncio.Protocol):
         """Run steps of the transmission core until it needs more bytes, the reply budget
         is used up (pause_writing stops this, and reading), or this turn's share is done."""
         self.scheduled = False
+        if self.reads is not None:
+            self.reads.poll()   # replies whose data has arrived meanwhile go out first
         if self.blocked or self.closing:
             return
         tx = self.tx
