@@ -243,8 +243,10 @@ class Connection(asyncio.Protocol):
                 else:
                     planned = False
                     done = functools.partial(self._deliver, tx.planned, pieces)
-                    if self.server.reads.fill(pieces, tx.export, done):
+                    if self.reads.fill(pieces, tx.export, done):
                         out += pieces
+                        if tx.export in self.reads.inline:
+                            tx.plans = False   # no RWF_NOWAIT here: as before the pool
                     else:
                         self.pending += 1
                 if made >= budget or tx.work >= turn_end:

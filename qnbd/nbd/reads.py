@@ -67,6 +67,9 @@ class ReadPool:
         self.woken = False
         self.closed = False
         self.parked: list = []   # [missing, export, state, size, done, retries]
+        # Exports whose files cannot tell a miss (no RWF_NOWAIT: tmpfs): their reads
+        # gain nothing from plans, so connections go back to the engine's read_parts.
+        self.inline: set = set()
         self.timer = None
         self.exports: dict[object, _Export] = {}
 
@@ -97,6 +100,8 @@ class ReadPool:
             file = piece.file
             read_cached = getattr(file, "read_cached", None)
             if read_cached is None or not file.nowait:
+                if read_cached is not None:
+                    self.inline.add(export)
                 # Where no read can be told not to block (tmpfs answers EOPNOTSUPP; the
                 # tests' file seams): blocking, as before, into a fresh bytes object
                 # (uvloop keeps bytes it cannot send at once, but copies a bytearray).
