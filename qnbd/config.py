@@ -4,9 +4,10 @@ options (qemu-nbd's) or from a TOML file (`qnbd serve --config FILE`, see config
 The file format:
 
     [server]            persistent, pid_file
-    [limits]            max_connections, handshake_timeout, idle_timeout, max_queued_bytes
+    [limits]            max_connections, handshake_timeout, idle_timeout, max_queued_bytes,
+                        max_queued_total, max_request
     [tls]               creds = DIR, mode = "off"|"on"|"require", verify_peer,
-                        authz = [NAME, ...]   (see qnbd/nbd/tls.py)
+                        authz = [NAME, ...]   (see qnbd/nbd/authz.py)
     [[listen]]          unix = PATH | address = HOST, port = N   (any number of them)
     [[export]]          image, name, format, description, read_only, discard, backing, tls_only,
                         detect_zeroes, cache, snapshot, shared,
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from .errors import QnbdError
 from .export import ExportConfig
 from .nbd.tls import TlsConfig
+from .nbd.requests import DEFAULT_MAX_REQUEST
 
 DEFAULT_PORT = 10809
 # Greeted connections at once when no smaller cap is asked for (bounds memory).
@@ -28,6 +30,8 @@ DEFAULT_MAX_CONNECTIONS = 1024
 # Reply bytes queued per connection before its requests stop being executed: two of the
 # largest reads, so a client that pipelines keeps the link busy.
 DEFAULT_MAX_QUEUED_BYTES = 64 << 20
+# Reply bytes queued for all connections together: with many clients, each gets a share.
+DEFAULT_MAX_QUEUED_TOTAL = 1 << 30
 
 
 @dataclass
@@ -59,6 +63,8 @@ class ServerConfig:
     pid_file: str | None = None
     idle_timeout: float = 0.0        # 0: clients may stay idle forever, as with qemu-nbd
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
+    max_queued_total: int = DEFAULT_MAX_QUEUED_TOTAL
+    max_request: int = DEFAULT_MAX_REQUEST
     tls: TlsConfig | None = None
 
 
@@ -89,7 +95,8 @@ _EXPORT_KEYS = {"image": str, "name": str, "format": str, "description": str,
 _LISTEN_KEYS = {"unix": str, "address": str, "port": int}
 _SERVER_KEYS = {"persistent": bool, "pid_file": str}
 _LIMIT_KEYS = {"max_connections": int, "handshake_timeout": (int, float),
-               "idle_timeout": (int, float), "max_queued_bytes": int}
+               "idle_timeout": (int, float), "max_queued_bytes": int,
+               "max_queued_total": int, "max_request": int}
 _TLS_KEYS = {"creds": str, "mode": str, "verify_peer": bool, "authz": list}
 
 
@@ -159,14 +166,18 @@ def parse_config(doc: dict) -> ServerConfig:
     idle = float(limits.get("idle_timeout", 0))
     if idle < 0:
         raise ConfigError("limits.idle_timeout: must not be negative (0 = none)")
-    queued = limits.get("max_queued_bytes", DEFAULT_MAX_QUEUED_BYTES)
-    if queued < 1:
-        raise ConfigError("limits.max_queued_bytes: must be at least 1")
+    sizes = {}
+    for key, default, least in (("max_queued_bytes", DEFAULT_MAX_QUEUED_BYTES, 1),
+                                ("max_queued_total", DEFAULT_MAX_QUEUED_TOTAL, 1),
+                                ("max_request", DEFAULT_MAX_REQUEST, 32 << 20)):
+        sizes[key] = limits.get(key, default)
+        if sizes[key] < least:
+            raise ConfigError(f"limits.{key}: must be at least {least}")
     return ServerConfig(exports=exports, listeners=listeners,
                         persistent=server.get("persistent", True),
                         max_connections=max_conn, handshake_timeout=timeout,
                         pid_file=server.get("pid_file"), idle_timeout=idle,
-                        max_queued_bytes=queued, tls=tls)
+                        tls=tls, **sizes)
 
 
 def check_tls_only(config: ServerConfig) -> None:

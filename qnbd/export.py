@@ -9,9 +9,9 @@ Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
   writeback/none honour them as asked; writethrough/directsync make every write FUA;
   unsafe ignores FUA and FLUSH (fast, and not crash-safe). O_DIRECT is not used.
 - snapshot: writes go to a throwaway overlay; the image itself is opened read-only.
-- shared: how many clients may use the export at once (0 = unlimited); more than one
-  advertises NBD_FLAG_CAN_MULTI_CONN, which is true because every connection of an
-  export shares this one open device.
+- shared: how many clients may use the export at once (0 = unlimited). With more than
+  one, `can_multi_conn` holds: every connection of an export shares this one open
+  device, so a flush on one covers the writes of all.
 - bitmaps (-B NAME, repeatable): persistent dirty bitmaps of a qcow2 image offered as
   `qemu:dirty-bitmap:NAME`; they stay enabled and keep tracking while exported, as in
   qemu-nbd. allocation_depth (-A): offer `qemu:allocation-depth`.
@@ -21,6 +21,11 @@ Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
   cannot make the server read arbitrary host files.
 - tls_only (config file only): with TLS mode "on" (SELECTIVETLS), the export is
   invisible to clients that have not started TLS.
+- offset, size (qemu-nbd --offset, the raw driver's options in --image-opts): export a
+  window of the image (block/window.py).
+
+An Export says what it can do (`read_only`, `can_fast_zero`, `can_multi_conn`); turning
+that into wire flags, and offering metadata contexts, is the NBD layer's job (qnbd/nbd/).
 """
 
 from dataclasses import dataclass, field
@@ -28,9 +33,8 @@ from dataclasses import dataclass, field
 from .block.base import read_parts
 from .block.chain import BACKING_POLICIES
 from .block.overlay import SnapshotOverlay
+from .block.window import Window
 from .errors import ImageError, QnbdError
-from .nbd import protocol as p
-from .nbd.contexts import contexts_for
 from .formats import DRIVERS, open_image
 
 DISCARD_MODES = ("ignore", "unmap")
@@ -55,6 +59,9 @@ class ExportConfig:
     allocation_depth: bool = False
     backing: str = "any"
     tls_only: bool = False
+    offset: int = 0
+    size: int | None = None
+    options: dict = field(default_factory=dict)  # the driver's, from --image-opts
 
     def validate(self) -> None:
         """One-line errors in qemu-nbd's words for the combinations it refuses."""
@@ -67,13 +74,10 @@ class ExportConfig:
         if self.format is not None and self.format not in DRIVERS:
             raise QnbdError(f"Unknown image format '{self.format}' (supported: {', '.join(DRIVERS)})")
         if self.detect_zeroes == "unmap" and self.discard != "unmap":
-            raise QnbdError("--detect-zeroes=unmap can only be used if discard is set to unmap")
+            raise QnbdError("setting detect-zeroes to unmap is not allowed without setting "
+                            "discard operation to unmap")
         if self.shared < 0:
             raise QnbdError(f"Invalid shared value '{self.shared}' (0 = unlimited)")
-        if len(self.name.encode()) > p.MAX_STRING:
-            raise QnbdError("export name is longer than 4096 bytes")
-        if len(self.description.encode()) > p.MAX_STRING:
-            raise QnbdError("export description is longer than 4096 bytes")
 
 
 class Export:
@@ -83,6 +87,9 @@ class Export:
         self.description = config.description
         self.device = device
         self.size = device.size
+        # NBD_INFO_BLOCK_SIZE's minimum: the device's request alignment (512 for a probed
+        # raw image, as qemu-nbd), else any byte.
+        self.min_block = getattr(device, "request_alignment", 1)
         self.read_only = config.read_only or device.read_only
         self.shared = config.shared
         self.clients = 0
@@ -93,39 +100,28 @@ class Export:
         self.allocation_depth = config.allocation_depth
         self.tls_only = config.tls_only
         self.bitmaps = [_bitmap(device, name) for name in dict.fromkeys(config.bitmaps)]
-        self.contexts = contexts_for(self)
+        self.can_fast_zero = not self.read_only and device.supports_fast_zero
+        self.can_multi_conn = self.shared != 1
 
     @classmethod
     def open(cls, config: ExportConfig) -> "Export":
         config.validate()
         if config.snapshot:
             base = open_image(config.image, config.format, read_only=True,
-                              backing_policy=config.backing)
+                              backing_policy=config.backing, **config.options)
             device = SnapshotOverlay(base)
         else:
             device = open_image(config.image, config.format, read_only=config.read_only,
-                                backing_policy=config.backing)
+                                backing_policy=config.backing, **config.options)
         try:
+            if config.offset or config.size is not None:
+                device = Window(device, config.offset, config.size)
             return cls(config, device)
         except BaseException:
             # Close what was opened: a read-write open has already set in_use on the
             # image's bitmaps, and only a clean close clears it (docs/DESIGN.md rule 9).
             device.close()
             raise
-
-    def transmission_flags(self, structured: bool) -> int:
-        flags = (p.FLAG_HAS_FLAGS | p.FLAG_SEND_FLUSH | p.FLAG_SEND_FUA | p.FLAG_SEND_CACHE)
-        if structured:
-            flags |= p.FLAG_SEND_DF  # only with structured replies (proto.md SEND_DF)
-        if self.read_only:
-            flags |= p.FLAG_READ_ONLY
-        else:
-            flags |= p.FLAG_SEND_TRIM | p.FLAG_SEND_WRITE_ZEROES
-            if self.device.supports_fast_zero:
-                flags |= p.FLAG_SEND_FAST_ZERO
-        if self.shared != 1:
-            flags |= p.FLAG_CAN_MULTI_CONN
-        return flags
 
     def admit(self) -> str | None:
         """Why one more client may not use this export, or None."""
@@ -145,9 +141,9 @@ class Export:
         return read_parts(self.device, offset, length)
 
     def write(self, offset: int, data: bytes, fua: bool) -> None:
-        # detect-zeroes: lstrip returns the same object when the first byte is not zero,
-        # so ordinary data costs nothing.
-        if self.detect_zeroes and data and not data.lstrip(b"\0"):
+        # detect-zeroes: ordinary data fails at its first byte, so it costs nothing (the
+        # payload may be a bytearray, whose lstrip would copy it).
+        if self.detect_zeroes and data and data[0] == 0 and data.count(0) == len(data):
             self.device.write_zeroes(offset, len(data), may_trim=self.may_trim,
                                      fua=self._fua(fua))
         else:
@@ -173,11 +169,16 @@ class Export:
 
 
 def _bitmap(device, name: str):
-    """The named bitmap of the image behind `device` (under a snapshot overlay: of the
-    image it covers, as qemu-nbd looks down the backing chain). Devices without
-    persistent bitmaps (raw) have none, in qemu-nbd's words."""
+    """The named bitmap of the image behind `device` or, as qemu-nbd finds it
+    (nbd/server.c, nbd_export_create: bdrv_find_dirty_bitmap on each node down
+    bdrv_filter_or_cow_bs), of the first image down its backing chain that has one; a
+    snapshot overlay is looked through. A bitmap of a backing file records no writes:
+    writes go to the top image. Raw files have no bitmaps; a window (--offset) is not
+    looked through, as qemu's raw node with an offset is not a filter."""
     image = getattr(device, "base", device)
-    bitmaps = getattr(image, "bitmaps", None)
-    if bitmaps is None:
-        raise ImageError(f"Bitmap '{name}' is not found")
-    return bitmaps.get(name)
+    while image is not None:
+        bitmaps = getattr(image, "bitmaps", None)
+        if bitmaps is not None and any(e.name == name for e in bitmaps.describe()):
+            return bitmaps.get(name)
+        image = getattr(image, "backing", None)
+    raise ImageError(f"Bitmap '{name}' is not found")

@@ -8,12 +8,14 @@ too, so that their container bytes are never served as raw unless `-f raw` is gi
 (docs/DESIGN.md rule 14: a client could otherwise rewrite the container's header).
 """
 
+import logging
 import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import fileio
+from . import fileio, protocols
+from .block import parallels
 from .block.chain import MAX_BACKING_DEPTH, BackingChain
 from .block.raw import CREATE_OPTIONS as RAW_CREATE_OPTIONS, RawDevice, create_raw, raw_info
 from .errors import ImageError
@@ -27,6 +29,7 @@ from .qed import create as qed_create
 from .qed import info as qed_info
 from .qed.image import QedImage
 
+log = logging.getLogger("qnbd.formats")
 PROBE_BYTES = 512  # qemu's BLOCK_PROBE_BUF_SIZE
 _U32 = struct.Struct(">I")
 _U32_LE = struct.Struct("<I")
@@ -66,12 +69,17 @@ def _open_qcow2(path, read_only, open_backing, **options):
     return Qcow2Image.open(path, read_only, open_backing=open_backing, **options)
 
 
-def _open_qed(path, read_only, open_backing, **options):
+def _open_qed(path, read_only, open_backing, data_file_path=None, **options):
     return QedImage.open(path, read_only, open_backing=open_backing, **options)
 
 
-def _open_raw(path, read_only, open_backing, force_share=False, **_cache_options):
-    return RawDevice(path, read_only=read_only, force_share=force_share)
+def _open_raw(path, read_only, open_backing, force_share=False, probed=None,
+              **_cache_options):
+    return RawDevice(path, read_only=read_only, force_share=force_share, probed=probed)
+
+
+def _open_parallels(path, read_only, open_backing, force_share=False, **_cache_options):
+    return parallels.ParallelsImage(path, read_only=read_only, force_share=force_share)
 
 
 _REGISTRY = (
@@ -88,7 +96,7 @@ _REGISTRY = (
            and _U32_LE.unpack_from(head, 0x40)[0] == 0xBEDA107F),
     Format("vpc", _magic(b"conectix")),
     Format("vhdx", _magic(b"vhdxfile")),
-    Format("parallels", lambda head: head[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt")),
+    Format("parallels", parallels.probe, _open_parallels),
     Format("luks", _magic(b"LUKS\xba\xbe")),
     Format("bochs", _magic(b"Bochs Virtual HD Image")),
     Format("cloop", _magic(b"#!/bin/sh\n#V2.0 Format\n")),
@@ -116,6 +124,15 @@ def probe(path: str) -> str:
             head = f.read(PROBE_BYTES)
     except OSError as e:
         raise ImageError(f"Could not open '{path}': {e.strerror}") from None
+    return _probe_head(path, head)
+
+
+def _still_raw(head: bytes) -> bool:
+    """Whether a first sector probes as raw (for writes to a probed raw image)."""
+    return not any(fmt.probe is not None and fmt.probe(head) for fmt in _REGISTRY)
+
+
+def _probe_head(path: str, head: bytes) -> str:
     for fmt in _REGISTRY:
         if fmt.probe is not None and fmt.probe(head):
             if not fmt.has_driver:
@@ -136,7 +153,36 @@ def open_image(path: str, fmt: str | None = None, read_only: bool = True, *,
 
 
 def _open_one(path: str, fmt: str | None, read_only: bool, open_backing, **options):
-    return get(fmt or probe(path)).open(path, read_only, open_backing, **options)
+    path = protocols.file_path(path)
+    if protocols.protocol_of(path):
+        device = _open_protocol(path, fmt, read_only, **options)
+    else:
+        name = fmt or probe(path)
+        if fmt is None and name == "raw":  # a probed raw image is guarded (block/raw.py)
+            options["probed"] = _still_raw
+        device = get(name).open(path, read_only, open_backing, **options)
+    if fmt is None and not read_only and getattr(device, "request_alignment", 1) > 1:
+        # qemu's words (block/raw-format.c, raw_open) for a writable probed raw image.
+        log.warning("WARNING: Image format was not specified for '%s' and probing guessed "
+                    "raw.\n         Automatically detecting the format is dangerous for raw "
+                    "images, write operations on block 0 will be restricted.\n         "
+                    "Specify the 'raw' format explicitly to remove the restrictions.", path)
+    return device
+
+
+def _open_protocol(path: str, fmt: str | None, read_only: bool, **options):
+    """Raw data over a protocol (qnbd/protocols.py); a probed one must look like raw."""
+    if fmt not in (None, "raw"):
+        raise ImageError(f"'{path}': the {fmt} format over the "
+                         f"'{protocols.protocol_of(path)}' protocol is not supported")
+    device = protocols.open_protocol(path, read_only, probed=fmt is None, **options)
+    if fmt is None:
+        found = _probe_head(path, device.read(0, min(PROBE_BYTES, device.size)))
+        if found != "raw":
+            device.close()
+            raise ImageError(f"'{path}' holds a {found} image: qnbd reads only raw data "
+                             "over a protocol")
+    return device
 
 
 def create_image(fmt: str, path: str, size: int | None, options: dict,

@@ -28,7 +28,7 @@ def test_descriptors_at_least_one_and_capped():
 
 def test_export_contexts_in_qemu_order_with_ids_and_query_rules():
     device = SimpleNamespace(block_status=lambda o, n: [Extent(n, HOLE | ZERO, 2)])
-    bitmap = SimpleNamespace(name="b", extents=lambda o, n: [(n, True)])
+    bitmap = SimpleNamespace(name="b", granularity=512, extents=lambda o, n: [(n, True)])
     export = SimpleNamespace(device=device, allocation_depth=True, bitmaps=[bitmap])
     ctxs = contexts_for(export)
     names = [c.name for c in ctxs]
@@ -46,3 +46,18 @@ def test_export_contexts_in_qemu_order_with_ids_and_query_rules():
     assert [c.name for c in select_contexts(ctxs, ["qemu:dirty-bitmap:b", "qemu:", "base:",
                                                    "base:allocation", "base:allocation"])] \
         == [names[0], names[2]]
+
+
+def test_dirty_bitmap_asks_for_no_more_runs_than_a_reply_carries():
+    """Issue 16: a fine bitmap with alternating bits costs what is sent, not what is asked."""
+    asked = []
+
+    def extents(offset, length):  # alternating runs of one granule
+        asked.append(length)
+        return [(512, (offset // 512 + i) % 2 == 1) for i in range(length // 512)]
+    bitmap = SimpleNamespace(name="b", granularity=512, extents=extents)
+    device = SimpleNamespace(block_status=lambda o, n: [Extent(n, 0, 1)])
+    ctx = contexts_for(SimpleNamespace(device=device, allocation_depth=False,
+                                       bitmaps=[bitmap]))[-1]
+    out = ctx.extents(0, 4 << 30, one=False)
+    assert len(out) == MAX_DESCRIPTORS and max(asked) == MAX_DESCRIPTORS * 512

@@ -13,7 +13,7 @@ from nbdserver import RawClient, make_raw, meta_payload
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
 from qnbd.nbd.handshake import Close, Handshake, Ready, Send
-from qnbd.nbd.server import Catalog
+from qnbd.nbd.catalog import Catalog
 
 ERR = 1 << 31
 

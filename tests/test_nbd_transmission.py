@@ -4,8 +4,6 @@ careful client would not) and a raw socket (unknown commands, oversize payloads)
 
 import errno
 import struct
-import time
-import types
 
 import nbd
 import pytest
@@ -13,13 +11,12 @@ from hypothesis import given, settings, strategies as st
 
 from fuzz import targets
 from nbdserver import RawClient, make_raw
-from qnbd.config import ServerConfig
 from qnbd.errors import IOFailure, NotFast
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
+from qnbd.nbd.catalog import transmission_flags
 from qnbd.nbd.handshake import Session
-from qnbd.nbd.server import Connection
-from qnbd.nbd.transmission import Request, RequestParser, allowed_flags, check
+from qnbd.nbd.transmission import Request, RequestParser, Transmission, allowed_flags, check
 
 SIZE = 4 << 20
 
@@ -229,7 +226,7 @@ def test_unknown_command_einval(raw):
 
 
 def test_oversize_write_refused_without_desync(raw):
-    n = 33 * 1024 * 1024
+    n = (64 << 20) + 1   # one byte over the default limit
     raw.request(p.CMD_WRITE, 0, n, cookie=3, payload=b"\x33" * n)
     raw.request(p.CMD_READ, 0, 1, cookie=4)
     assert raw.simple_reply() == (p.EINVAL, 3)
@@ -239,7 +236,7 @@ def test_oversize_write_refused_without_desync(raw):
 
 
 def test_oversize_read_refused_with_error_chunk(raw):
-    raw.request(p.CMD_READ, 0, 33 << 20, cookie=6)
+    raw.request(p.CMD_READ, 0, (64 << 20) + 1, cookie=6)
     (flags, ctype, cookie, payload), = raw.chunks()
     assert ctype == p.REPLY_TYPE_ERROR and cookie == 6
     assert struct.unpack(">I", payload[:4])[0] == p.EINVAL
@@ -286,35 +283,12 @@ class FailingDevice:
         pass
 
 
-class FakeTransport:
-    def __init__(self):
-        self.out = []
-
-    def writelines(self, pieces):
-        self.out += pieces
-
-    def close(self):
-        pass
-
-    def get_write_buffer_size(self):
-        return 0
-
-
-# What a Connection reads from its server: the clock and the limits.
-FAKE_SERVER = types.SimpleNamespace(loop=types.SimpleNamespace(time=time.monotonic),
-                                    config=ServerConfig(exports=[], listeners=[]))
-
-
 def run_requests(failure, *requests):
-    """Feed requests to a server Connection over a fake transport; the reply errors."""
+    """Feed requests to the transmission core; the reply errors."""
     export = Export(ExportConfig(image="-", discard="unmap"), FailingDevice(failure))
-    conn = Connection(server=FAKE_SERVER)
-    conn.transport = FakeTransport()
-    conn.session = Session(export, export.transmission_flags(False), False)
-    conn.parser = RequestParser()
-    conn.allowed = allowed_flags(conn.session)
-    conn.data_received(b"".join(requests))
-    raw = b"".join(bytes(x) for x in conn.transport.out)
+    tx = Transmission(Session(export, transmission_flags(export, False), False))
+    tx.receive_data(b"".join(requests))
+    raw = b"".join(bytes(piece) for out in iter(tx.next_output, None) for piece in out)
     return [struct.unpack_from(">IIQ", raw, i)[1] for i in range(0, len(raw), 16)]
 
 

@@ -17,9 +17,10 @@ from nbdserver import RawClient, Server, make_raw, short_tmpdir, wait_for_socket
 from qnbd.config import ServerConfig
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
+from qnbd.nbd.catalog import transmission_flags
+from qnbd.nbd.connection import Connection
 from qnbd.nbd.handshake import Session
-from qnbd.nbd.server import Connection
-from qnbd.nbd.transmission import RequestParser, allowed_flags
+from qnbd.nbd.transmission import Transmission
 
 MiB = 1 << 20
 
@@ -53,6 +54,9 @@ class FlowTransport:
     def set_write_buffer_limits(self, high):
         self.high = high
 
+    def close(self):
+        pass
+
     def get_write_buffer_size(self):
         return self.buffered
 
@@ -82,29 +86,67 @@ class _Zeros:
         return bytes(length)
 
 
-def test_reply_queue_is_bounded_in_process():
-    budget = 4 * MiB
+class FakeLoop:
+    """Runs call_soon callbacks when asked: one `turn()` is one event loop iteration."""
+
+    def __init__(self):
+        self.soon = []
+
+    def time(self):
+        return time.monotonic()
+
+    def call_soon(self, fn):
+        self.soon.append(fn)
+
+    def turn(self):
+        soon, self.soon = self.soon, []
+        for fn in soon:
+            fn()
+
+
+def in_process_connection(budget: int):
     config = ServerConfig(exports=[], listeners=[], max_queued_bytes=budget)
-    server = types.SimpleNamespace(loop=types.SimpleNamespace(time=time.monotonic), config=config)
+    server = types.SimpleNamespace(loop=FakeLoop(), config=config)
     conn = Connection(server)
     conn.transport = transport = FlowTransport()
     transport.protocol = conn
     transport.set_write_buffer_limits(high=budget)
     export = Export(ExportConfig(image="-"), _Zeros())
-    conn.session = Session(export, export.transmission_flags(False), False)
-    conn.parser = RequestParser()
-    conn.allowed = allowed_flags(conn.session)
+    conn.tx = Transmission(Session(export, transmission_flags(export, False), False))
+    return conn, transport, server.loop
+
+
+def test_reply_queue_is_bounded_in_process():
+    budget = 8 * MiB
+    conn, transport, loop = in_process_connection(budget)
     # 100 reads of 1 MiB arrive in one piece: only about `budget` of replies are made.
     conn.data_received(b"".join(read_request(i, 0, MiB) for i in range(100)))
-    assert budget <= transport.buffered <= budget + MiB + 16
-    assert not transport.reading
+    for _ in range(10):
+        loop.turn()
+    assert budget <= transport.buffered <= budget + 4 * MiB + 16
+    assert not transport.reading and not loop.soon
     answered = transport.buffered
     rounds = 0
-    while conn.parser.buf:
+    while conn.tx.backlog:
         transport.drain()   # the client takes its replies: the next batch is made
+        loop.turn()
         answered += transport.buffered
         rounds += 1
-    assert answered == 100 * (MiB + 16) and transport.reading and rounds >= 20
+    assert answered == 100 * (MiB + 16) and transport.reading and rounds >= 10
+
+
+def test_one_turn_does_a_bounded_share_of_work():
+    """Fairness: a flood of pipelined reads is answered a few MiB per loop turn, and a
+    64 MiB read streams in pieces, so other connections get every turn in between."""
+    conn, transport, loop = in_process_connection(256 * MiB)
+    conn.data_received(b"".join(read_request(i, 0, MiB) for i in range(40))
+                       + read_request(99, 0, 64 * MiB))
+    turns = [transport.buffered]
+    while loop.soon:
+        loop.turn()
+        turns.append(transport.buffered - sum(turns))
+    assert max(turns) <= 4 * MiB + 1024 and len(turns) >= 26
+    assert transport.buffered == 40 * (MiB + 16) + 64 * MiB + 16
 
 
 # --- against a real server ---

@@ -3,12 +3,15 @@ of an image as plain bytes, under the BlockDevice contract (qnbd/block/base.py).
 
 import os
 
-from peers import qemu_img
+from peers import run
 
 
 def converted(image, fmt, directory):
     out = os.path.join(str(directory), "expected.raw")
-    qemu_img("convert", "-U", "-f", fmt, "-O", "raw", image, out)  # -U: the test holds it open
+    # -U: the test holds it open; run beside the image, where qemu looks for a relative
+    # external data file name.
+    run("qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", image, out,
+        cwd=os.path.dirname(str(image)) or None)
     with open(out, "rb") as f:
         return f.read()
 

@@ -55,8 +55,16 @@ def _describe(driver, fmt: str, size: int, options: dict, requested: int | None)
         return driver.describe(size if requested is None else requested, options)
     if fmt != "qcow2":
         return f"fmt={fmt} size={size}"
-    described = {"cluster_size": 65536, "compression_type": "zlib", "size": size,
-                 **options, "lazy_refcounts": "on" if options.get("lazy_refcounts") else "off"}
+    onoff = {True: "on", False: "off"}
+    described = {"cluster_size": options.get("cluster_size", 65536), "extended_l2": "off",
+                 "compression_type": options.get("compression_type", "zlib"), "size": size}
+    # Then what was given, in the order of qemu's qcow2 option list, then the defaults.
+    for key in ("compat", "backing_file", "backing_fmt", "data_file", "data_file_raw"):
+        if key in options:
+            value = options[key]
+            described[key] = onoff[value] if isinstance(value, bool) else value
+    described["lazy_refcounts"] = onoff[bool(options.get("lazy_refcounts"))]
+    described["refcount_bits"] = options.get("refcount_bits", 16)
     return "fmt=qcow2 " + " ".join(f"{k}={v}" for k, v in described.items())
 
 

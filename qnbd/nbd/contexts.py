@@ -80,8 +80,13 @@ def _allocation_depth(device) -> ExtentFunction:
 
 
 def _dirty_bitmap(bitmap) -> ExtentFunction:
+    # Runs are at least one granule long (but for the first), so asking for at most
+    # MAX_DESCRIPTORS granules bounds the work of one call by what a reply can carry: a
+    # fine bitmap whose bits alternate would otherwise list every run of a 4 GiB request
+    # (8 million of them) before the reply is cut to MAX_DESCRIPTORS (issue 16).
+    window = MAX_DESCRIPTORS * bitmap.granularity
     return lambda offset, length: [(n, DIRTY if dirty else 0)
-                                   for n, dirty in bitmap.extents(offset, length)]
+                                   for n, dirty in bitmap.extents(offset, min(length, window))]
 
 
 # A provider returns the contexts (without ids) one export offers. An Export offers

@@ -1,8 +1,9 @@
 """Option haggling, sans-I/O (proto.md "Handshake", "Option types", "Option reply types").
 
 Covers the fixed newstyle handshake with NO_ZEROES and the options EXPORT_NAME, ABORT,
-LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT, SET_META_CONTEXT and STARTTLS in the
-three TLS modes of proto.md "TLS support" (see tls.py). `Handshake.feed(bytes)` returns
+LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT, SET_META_CONTEXT, STARTTLS (in the
+three TLS modes of proto.md "TLS support", see tls.py) and EXTENDED_HEADERS (extension-ext-header
+proto.md "NBD_OPT_EXTENDED_HEADERS"). `Handshake.feed(bytes)` returns
 events: `Send` (bytes for the client), then at most one of `Ready` (transmission starts,
 with the `Session`), `StartTLS` (the caller must upgrade the connection to TLS before it
 feeds more bytes) or `Close` (hard disconnect, with the reason for the log). No sockets,
@@ -12,6 +13,7 @@ no clocks here.
 from dataclasses import dataclass, field
 
 from . import protocol as p
+from .catalog import transmission_flags
 from .contexts import MetaContext, list_contexts, select_contexts
 
 # Largest option payload read into memory. GO and the meta-context options carry strings
@@ -29,6 +31,7 @@ class Session:
     flags: int                       # transmission flags sent to the client
     structured: bool                 # NBD_OPT_STRUCTURED_REPLY acknowledged
     contexts: list[tuple[int, MetaContext]] = field(default_factory=list)  # (id, context)
+    extended: bool = False           # NBD_OPT_EXTENDED_HEADERS acknowledged
 
 
 class Send:
@@ -111,9 +114,9 @@ _CLIENT_FLAGS, _OPTION_HEADER, _OPTION_DATA, _SKIP, _DONE = range(5)
 class Handshake:
     """One client's option haggling.
 
-    `catalog` offers `find(name) -> Export | None` (the empty name meaning the default
-    export), `exports` (for NBD_OPT_LIST) and `shutting_down`. An Export offers `name`,
-    `description`, `size`, `contexts`, `transmission_flags(structured)` and
+    `catalog` (catalog.py) offers `find(name) -> Export | None` (the empty name meaning the
+    default export), `contexts(export)`, `exports` (for NBD_OPT_LIST) and `shutting_down`.
+    An Export offers `name`, `description`, `size`, what transmission_flags() asks,
     `admit() -> str | None` (a reason to refuse one more client) and `tls_only`.
     `tls` is the server's TLS mode: "off", "on" (SELECTIVETLS) or "require" (FORCEDTLS).
     """
@@ -129,6 +132,7 @@ class Handshake:
         self.fixed = False
         self.no_zeroes = False
         self.structured = False
+        self.extended = False
         self.meta_export = None      # export named by the last SET_META_CONTEXT
         self.meta_selected: list[tuple[int, MetaContext]] = []
         self.option = 0
@@ -213,6 +217,11 @@ class Handshake:
             events.append(Send(option_reply(option, p.REP_ERR_TLS_REQD, b"TLS is required")))
             return False
         if option == p.OPT_EXPORT_NAME:
+            if self.extended:
+                # "a client MUST NOT use NBD_OPT_EXPORT_NAME" after extended headers, and
+                # its reply has no way to say no: as qemu-nbd, end the session.
+                self._close(events, "NBD_OPT_EXPORT_NAME after extended headers")
+                return True
             return self._export_name(data, events)
         if option == p.OPT_ABORT:
             # "The server MUST reply with NBD_REP_ACK" and ignore any data sent along.
@@ -271,8 +280,12 @@ class Handshake:
         # Contexts count only if the last SET_META_CONTEXT named the export entered
         # (proto.md NBD_CMD_BLOCK_STATUS); otherwise block status is refused.
         contexts = self.meta_selected if self.meta_export is export else []
-        return Session(export, export.transmission_flags(self.structured), self.structured,
-                       list(contexts))
+        return Session(export, self._flags(export), self.structured, list(contexts),
+                       self.extended)
+
+    def _flags(self, export) -> int:
+        selected = bool(self.meta_selected) and self.meta_export is export
+        return transmission_flags(export, self.structured, self.extended, selected)
 
     def _visible(self, export) -> bool:
         """SELECTIVETLS: a TLS-only export does not exist for a plaintext client."""
@@ -321,7 +334,7 @@ class Handshake:
         if self.buf:
             self._close(events, "data after NBD_OPT_STARTTLS before the TLS handshake")
             return True
-        self.structured = False
+        self.structured = self.extended = False
         self.meta_export, self.meta_selected = None, []
         self.tls_active = True
         events.append(StartTLS())
@@ -330,9 +343,24 @@ class Handshake:
     def _opt_structured_reply(self, option, data):
         if data:
             raise OptionError(p.REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+        if self.extended:
+            # "NBD_REP_ERR_EXT_HEADER_REQD: The client has already successfully negotiated
+            # extended headers, which takes precedence over this option."
+            raise OptionError(p.REP_ERR_EXT_HEADER_REQD, "extended headers already negotiated")
         if self.structured:
             raise OptionError(p.REP_ERR_INVALID, "structured replies already negotiated")
         self.structured = True
+        return [option_reply(option, p.REP_ACK)], None
+
+    def _opt_extended_headers(self, option, data):
+        """Extended headers take precedence over structured replies and imply their reply
+        semantics. A second request is refused as qemu-nbd does (ERR_INVALID); contexts
+        chosen before stay chosen: their ids and meaning do not depend on the header form."""
+        if data:
+            raise OptionError(p.REP_ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data")
+        if self.extended:
+            raise OptionError(p.REP_ERR_INVALID, "extended headers already negotiated")
+        self.extended = self.structured = True
         return [option_reply(option, p.REP_ACK)], None
 
     def _opt_info_go(self, option, data):
@@ -345,7 +373,7 @@ class Handshake:
             refusal = export.admit()
             if refusal:
                 raise OptionError(p.REP_ERR_POLICY, refusal)
-        flags = export.transmission_flags(self.structured)
+        flags = self._flags(export)
         replies = [option_reply(option, p.REP_INFO,
                                 p.INFO_EXPORT_PAYLOAD.pack(p.INFO_EXPORT, export.size, flags))]
         if p.INFO_NAME in requests:
@@ -356,7 +384,7 @@ class Handshake:
                                         + export.description.encode()))
         # Always sent: the defaults need no agreement, and clients learn the 32 MiB cap.
         replies.append(option_reply(option, p.REP_INFO, p.INFO_BLOCK_SIZE_PAYLOAD.pack(
-            p.INFO_BLOCK_SIZE, p.MIN_BLOCK_SIZE, p.PREFERRED_BLOCK_SIZE, p.MAX_PAYLOAD)))
+            p.INFO_BLOCK_SIZE, export.min_block, p.PREFERRED_BLOCK_SIZE, p.MAX_PAYLOAD)))
         replies.append(option_reply(option, p.REP_ACK))
         return replies, (self._session(export) if option == p.OPT_GO else None)
 
@@ -376,9 +404,10 @@ class Handshake:
         export = self._find(name)
         if option == p.OPT_LIST_META_CONTEXT:
             # IDs in a LIST reply are reserved and SHOULD be zero.
-            chosen = [(0, ctx) for ctx in list_contexts(export.contexts, queries)]
+            chosen = [(0, ctx) for ctx in list_contexts(self.catalog.contexts(export), queries)]
         else:
-            chosen = [(ctx.id, ctx) for ctx in select_contexts(export.contexts, queries)]
+            chosen = [(ctx.id, ctx) for ctx in select_contexts(self.catalog.contexts(export),
+                                                               queries)]
             self.meta_export, self.meta_selected = export, chosen
         replies = [option_reply(option, p.REP_META_CONTEXT, p.U32.pack(cid) + ctx.name.encode())
                    for cid, ctx in chosen]
@@ -393,4 +422,5 @@ class Handshake:
         p.OPT_STRUCTURED_REPLY: _opt_structured_reply,
         p.OPT_LIST_META_CONTEXT: _opt_meta_context,
         p.OPT_SET_META_CONTEXT: _opt_meta_context,
+        p.OPT_EXTENDED_HEADERS: _opt_extended_headers,
     }

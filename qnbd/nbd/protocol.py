@@ -28,6 +28,7 @@ OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
 OPT_LIST_META_CONTEXT = 9
 OPT_SET_META_CONTEXT = 10
+OPT_EXTENDED_HEADERS = 11   # proto.md (extension-ext-header) "NBD_OPT_EXTENDED_HEADERS"
 
 # Option reply types ("Option reply types"); errors have bit 31 set.
 REP_ACK = 1
@@ -44,6 +45,7 @@ REP_ERR_UNKNOWN = _REP_ERR | 6
 REP_ERR_SHUTDOWN = _REP_ERR | 7
 REP_ERR_BLOCK_SIZE_REQD = _REP_ERR | 8
 REP_ERR_TOO_BIG = _REP_ERR | 9
+REP_ERR_EXT_HEADER_REQD = _REP_ERR | 10
 
 # NBD_REP_INFO types.
 INFO_EXPORT = 0
@@ -63,11 +65,14 @@ FLAG_SEND_DF = 1 << 7
 FLAG_CAN_MULTI_CONN = 1 << 8
 FLAG_SEND_CACHE = 1 << 10
 FLAG_SEND_FAST_ZERO = 1 << 11
+FLAG_BLOCK_STATUS_PAYLOAD = 1 << 12
 
 # --- Transmission phase ---
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
+EXTENDED_REPLY_MAGIC = 0x6E8A278C
 
 # Request types ("Request types").
 CMD_READ = 0
@@ -85,6 +90,7 @@ CMD_FLAG_NO_HOLE = 1 << 1
 CMD_FLAG_DF = 1 << 2
 CMD_FLAG_REQ_ONE = 1 << 3
 CMD_FLAG_FAST_ZERO = 1 << 4
+CMD_FLAG_PAYLOAD_LEN = 1 << 5    # extended headers only: `length` bytes of payload follow
 
 # Structured reply flags and chunk types ("Structured reply types").
 REPLY_FLAG_DONE = 1 << 0
@@ -92,6 +98,7 @@ REPLY_TYPE_NONE = 0
 REPLY_TYPE_OFFSET_DATA = 1
 REPLY_TYPE_OFFSET_HOLE = 2
 REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_BLOCK_STATUS_EXT = 6
 REPLY_TYPE_ERROR = (1 << 15) | 1
 REPLY_TYPE_ERROR_OFFSET = (1 << 15) | 2
 
@@ -121,7 +128,7 @@ def nbd_error(code: int | None) -> int:
 # Size constraints ("Size constraints"): the defaults every client can rely on.
 MIN_BLOCK_SIZE = 1
 PREFERRED_BLOCK_SIZE = 4096
-MAX_PAYLOAD = 32 * 1024 * 1024
+MAX_PAYLOAD = 32 * 1024 * 1024   # advertised in NBD_INFO_BLOCK_SIZE
 # Strings (names, descriptions, context queries) are at most 4096 bytes ("Conventions").
 MAX_STRING = 4096
 
@@ -136,9 +143,14 @@ U32 = struct.Struct(">I")
 INFO_EXPORT_PAYLOAD = struct.Struct(">HQH")    # INFO_EXPORT, size, transmission flags
 INFO_BLOCK_SIZE_PAYLOAD = struct.Struct(">HIII")  # INFO_BLOCK_SIZE, min, preferred, max
 REQUEST = struct.Struct(">IHHQQI")             # magic, flags, type, cookie, offset, length
+EXT_REQUEST = struct.Struct(">IHHQQQ")         # the same with a 64-bit length
 SIMPLE_REPLY = struct.Struct(">IIQ")           # magic, error, cookie
 STRUCTURED_REPLY = struct.Struct(">IHHQI")     # magic, flags, type, cookie, payload length
+EXT_REPLY = struct.Struct(">IHHQQQ")           # magic, flags, type, cookie, offset, length
 OFFSET = struct.Struct(">Q")                   # OFFSET_DATA prefix
 OFFSET_HOLE = struct.Struct(">QI")             # offset, hole length
 ERROR_CHUNK = struct.Struct(">IH")             # error, message length
 BLOCK_DESCRIPTOR = struct.Struct(">II")        # extent length, status flags
+BLOCK_STATUS_EXT_HEAD = struct.Struct(">II")   # context id, descriptor count
+BLOCK_DESCRIPTOR_EXT = struct.Struct(">QQ")    # 64-bit extent length, 64-bit flags
+U64 = struct.Struct(">Q")

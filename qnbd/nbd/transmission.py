@@ -1,140 +1,100 @@
-"""The transmission phase, sans-I/O (proto.md "Transmission", "Request types").
+"""The transmission phase, sans-I/O (proto.md "Transmission", "Request types", "Command
+flags", "Error values"; extension-ext-header proto.md for extended headers).
 
-`RequestParser.feed(bytes)` turns the client's byte stream into `Request`s, keeping the
-stream in step even for requests it refuses: an oversize write's payload is skipped, not
-buffered. `check()` applies the spec's error rules to a request before any block call, and
-the `*_reply` functions encode simple replies and structured reply chunks. The caller (the
-server) performs the block calls in between.
+`Transmission` owns both directions of one session, as h11's Connection does: request bytes
+go in (`receive_data`), reply pieces come out (`next_output`), one step of work at a time,
+with the export's block calls made in between. Nothing here touches a socket or a clock, so
+every rule is tested with byte strings; the asyncio side decides how many steps to run per
+loop turn (fairness) and stops asking while the client does not take its replies
+(backpressure).
+
+A step answers one request, except a READ larger than STREAM_CHUNK, which is answered in
+steps of STREAM_CHUNK bytes: memory stays bounded by the chunk, not by what the client asks
+for. Its reply is, by the session's reply form:
+- simple replies, or NBD_CMD_FLAG_DF: one header announcing every byte, then the data in
+  pieces. An error after the header has gone out can only be a hard disconnect ("if *error*
+  is zero and a later error is detected before *length* bytes are returned, the server must
+  initiate a hard disconnect").
+- structured or extended replies: OFFSET_DATA/OFFSET_HOLE chunks per piece, DONE on the last;
+  an error ends the reply with an error chunk.
 """
 
-from typing import NamedTuple
+import array
+import logging
+import sys
 
+from ..errors import IOFailure
 from . import protocol as p
 from .handshake import Session
+from .replies import codec
+from .requests import DEFAULT_MAX_REQUEST, ProtocolError, Request, RequestParser
 
-_REQ = p.REQUEST
-_REQ_SIZE = p.REQUEST.size
-_SIMPLE = p.SIMPLE_REPLY
-_CHUNK = p.STRUCTURED_REPLY
+log = logging.getLogger("qnbd.serve")
 
-
-class ProtocolError(Exception):
-    """The stream cannot be understood any more (bad magic): hard disconnect."""
-
-
-class Request(NamedTuple):
-    cookie: int
-    cmd: int
-    flags: int
-    offset: int
-    length: int
-    payload: bytes | None   # WRITE data; None for an oversize write whose data was skipped
-
-
-class RequestParser:
-    """Requests are taken one at a time (`pop`), so the server can stop taking them while
-    its replies wait to be sent: unparsed bytes stay here, and reading is paused."""
-
-    def __init__(self, max_payload: int = p.MAX_PAYLOAD):
-        self.max_payload = max_payload
-        self.buf = bytearray()
-        self.pos = 0             # start of the first unparsed byte in buf
-        self.skip = 0            # payload bytes of a refused write still to discard
-        self.disconnected = False
-
-    def push(self, data) -> None:
-        self.buf += data
-
-    def feed(self, data) -> list[Request]:
-        """push(data), then every complete request."""
-        self.push(data)
-        return list(iter(self.pop, None))
-
-    def pop(self) -> Request | None:
-        """The next complete request, or None until more bytes arrive. Nothing is parsed
-        after NBD_CMD_DISC: "A client MUST NOT send anything ... after" it."""
-        buf = self.buf
-        pos = self.pos
-        end = len(buf)
-        if self.skip:
-            n = min(self.skip, end - pos)
-            pos += n
-            self.skip -= n
-        if self.disconnected or end - pos < _REQ_SIZE:
-            return self._wait(pos)
-        magic, flags, cmd, cookie, offset, length = _REQ.unpack_from(buf, pos)
-        if magic != p.REQUEST_MAGIC:
-            raise ProtocolError(f"bad request magic {magic:#x}")
-        payload = None
-        if cmd == p.CMD_WRITE:
-            start = pos + _REQ_SIZE
-            if length > self.max_payload:
-                n = min(length, end - start)
-                self.skip = length - n
-                self.pos = start + n
-                return Request(cookie, cmd, flags, offset, length, None)
-            if end - start < length:
-                return self._wait(pos)
-            with memoryview(buf) as view:  # one copy, released before buf shrinks
-                payload = bytes(view[start:start + length])
-            pos = start + length
-        else:
-            pos += _REQ_SIZE
-            if cmd == p.CMD_DISC:
-                self.disconnected = True
-        self.pos = pos
-        return Request(cookie, cmd, flags, offset, length, payload)
-
-    def _wait(self, pos: int) -> None:
-        """No complete request: drop what was parsed, keep the rest for later."""
-        if self.disconnected:
-            self.buf.clear()
-        elif pos:
-            del self.buf[:pos]
-        self.pos = 0
+# READ data made per step: a larger READ is answered in pieces of this size.
+STREAM_CHUNK = 4 << 20
+# Block status filter payloads: 8 bytes and a context id each (proto.md
+# NBD_CMD_BLOCK_STATUS); ours offer a handful of contexts, this leaves room for many.
+MAX_FILTER = 8 + 4 * 1024
 
 
 def allowed_flags(session: Session) -> dict[int, int]:
     """Command -> flags it may carry in this session (proto.md "Command flags").
-    FUA is valid on every command once SEND_FUA is advertised."""
-    fua = p.CMD_FLAG_FUA if session.flags & p.FLAG_SEND_FUA else 0
-    zero = p.CMD_FLAG_NO_HOLE | (p.CMD_FLAG_FAST_ZERO if session.flags & p.FLAG_SEND_FAST_ZERO else 0)
+    FUA is valid on every command once SEND_FUA is advertised; PAYLOAD_LEN only with
+    extended headers, on WRITE (where it is required) and on BLOCK_STATUS once
+    NBD_FLAG_BLOCK_STATUS_PAYLOAD was advertised."""
+    flags = session.flags
+    fua = p.CMD_FLAG_FUA if flags & p.FLAG_SEND_FUA else 0
+    zero = p.CMD_FLAG_NO_HOLE | (p.CMD_FLAG_FAST_ZERO if flags & p.FLAG_SEND_FAST_ZERO else 0)
+    payload = p.CMD_FLAG_PAYLOAD_LEN if session.extended else 0
+    status_payload = payload if flags & p.FLAG_BLOCK_STATUS_PAYLOAD else 0
     return {
-        p.CMD_READ: fua | (p.CMD_FLAG_DF if session.flags & p.FLAG_SEND_DF else 0),
-        p.CMD_WRITE: fua,
-        p.CMD_DISC: fua,
+        p.CMD_READ: fua | (p.CMD_FLAG_DF if flags & p.FLAG_SEND_DF else 0),
+        p.CMD_WRITE: fua | payload,
         p.CMD_FLUSH: fua,
         p.CMD_TRIM: fua,
         p.CMD_CACHE: fua,
         p.CMD_WRITE_ZEROES: fua | zero,
-        p.CMD_BLOCK_STATUS: fua | p.CMD_FLAG_REQ_ONE,
+        p.CMD_BLOCK_STATUS: fua | p.CMD_FLAG_REQ_ONE | status_payload,
     }
 
 
 _WRITES = (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
+_DATA = (p.CMD_READ, p.CMD_WRITE)
 
 
-def check(session: Session, allowed: dict[int, int], size: int, req: Request) -> tuple[int, str]:
+def check(session: Session, allowed: dict[int, int], size: int, req: Request,
+          max_request: int = DEFAULT_MAX_REQUEST) -> tuple[int, str]:
     """(0, "") when the request may run, else (NBD error, message) per the spec:
     EINVAL for unknown commands or flags, oversize payloads and ranges past the end
     of reads, trims, caches and block status; EPERM for writes to a read-only export;
-    ENOSPC for writes past the end."""
+    ENOSPC for writes past the end. A block status filter payload is checked by its
+    handler, which alone knows the effect length it carries."""
     cmd = req.cmd
+    if cmd == p.CMD_DISC:
+        # Never answered, whatever its flags: "There is no reply to an NBD_CMD_DISC"; it
+        # ends the session once the requests before it are answered.
+        return 0, ""
     valid = allowed.get(cmd)
     if valid is None:
         return p.EINVAL, f"unknown command {cmd}"
     if req.flags & ~valid:
         return p.EINVAL, f"invalid flags {req.flags:#x} for command {cmd}"
+    if cmd == p.CMD_WRITE and session.extended and not req.flags & p.CMD_FLAG_PAYLOAD_LEN:
+        # "The command NBD_CMD_WRITE MUST use the flag NBD_CMD_FLAG_PAYLOAD_LEN".
+        return p.EINVAL, "NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN"
     if cmd in _WRITES and session.flags & p.FLAG_READ_ONLY:
         return p.EPERM, "export is read-only"
-    if cmd in (p.CMD_READ, p.CMD_WRITE) and req.length > p.MAX_PAYLOAD:
-        return p.EINVAL, f"request length {req.length} exceeds maximum {p.MAX_PAYLOAD}"
+    if cmd in _DATA and req.length > max_request:
+        return p.EINVAL, f"request length {req.length} exceeds maximum {max_request}"
     if cmd == p.CMD_BLOCK_STATUS:
         if not session.contexts:
             return p.EINVAL, "no metadata context was selected"
+        if req.flags & p.CMD_FLAG_PAYLOAD_LEN:
+            return 0, ""
         if req.length == 0:
             return p.EINVAL, "zero-length block status"
-    if cmd in (p.CMD_FLUSH, p.CMD_DISC):
+    if cmd == p.CMD_FLUSH:
         return 0, ""
     if req.offset + req.length > size:
         if cmd in (p.CMD_WRITE, p.CMD_WRITE_ZEROES):
@@ -143,40 +103,201 @@ def check(session: Session, allowed: dict[int, int], size: int, req: Request) ->
     return 0, ""
 
 
-# --- Replies ---
+class Transmission:
+    """One session's transmission phase: request bytes and an export in, reply pieces out."""
 
-def simple_reply(cookie: int, error: int = 0) -> bytes:
-    return _SIMPLE.pack(p.SIMPLE_REPLY_MAGIC, error, cookie)
+    def __init__(self, session: Session, max_request: int = DEFAULT_MAX_REQUEST,
+                 peer: str = "?"):
+        self.session = session
+        self.export = session.export
+        self.max_request = max_request
+        self.peer = peer
+        self.parser = RequestParser(max_request, session.extended)
+        self.replies = codec(session.structured, session.extended)
+        self.allowed = allowed_flags(session)
+        # A READ being answered in steps: (request, next offset, whole), where whole means
+        # one header announced all the data (simple replies, DF).
+        self.stream: tuple[Request, int, bool] | None = None
+        # Bytes of data moved so far (read, written or zeroed): what a request costs,
+        # whatever the size of its reply; the asyncio side bounds it per loop turn.
+        self.work = 0
+
+    def receive_data(self, data) -> None:
+        self.parser.push(data)
+
+    @property
+    def backlog(self) -> int:
+        """Request bytes received and not yet answered."""
+        return self.parser.backlog
+
+    @property
+    def finished(self) -> bool:
+        """NBD_CMD_DISC was received and every request before it answered."""
+        return self.parser.disconnected and self.stream is None
+
+    def next_output(self) -> list | None:
+        """Reply pieces for the next step of work, or None until more bytes arrive.
+        Raises ProtocolError when the session must end in a hard disconnect."""
+        if self.stream is not None:
+            req = self.stream[0]
+            try:
+                return self._read_step()
+            except Exception as e:
+                return self._failed(req, e)
+        req = self.parser.pop()
+        if req is None:
+            return None
+        err, msg = check(self.session, self.allowed, self.export.size, req, self.max_request)
+        if err:
+            return self._error(req, err, msg)
+        try:
+            return _DISPATCH[req.cmd](self, req)
+        except Exception as e:
+            return self._failed(req, e)
+
+    def _failed(self, req: Request, e: Exception) -> list:
+        """Engine failures cost the request an NBD error, never the session."""
+        if isinstance(e, IOFailure):
+            err, msg = p.nbd_error(e.errno), str(e)
+        elif isinstance(e, OSError):
+            err, msg = p.nbd_error(e.errno), e.strerror or str(e)
+        else:  # a bug must cost this request, not the server or the client
+            log.error("%s: request %d failed", self.peer, req.cmd, exc_info=e)
+            err, msg = p.EIO, "internal error"
+        stream, self.stream = self.stream, None
+        if stream is not None and stream[2]:
+            raise ProtocolError(f"read at {stream[1]} failed after its reply began: {msg}")
+        return self._error(req, err, msg)
+
+    def _error(self, req: Request, err: int, message: str) -> list:
+        if err == p.EIO:
+            log.warning("%s: command %d at %d+%d: %s", self.peer, req.cmd, req.offset,
+                        req.length, message)
+        return self.replies.error(req, err, message)
+
+    # --- commands: the request passed its checks ---
+
+    def _read(self, req: Request) -> list:
+        r = self.replies
+        offset, length = req.offset, req.length
+        if length == 0:
+            return r.none(req) if r.structured else r.ok(req)
+        whole = not r.structured or bool(req.flags & p.CMD_FLAG_DF)
+        if length <= STREAM_CHUNK:
+            self.work += length
+            if whole:
+                return [r.data_header(req, offset, length, True), self.export.read(offset, length)]
+            return self._parts(req, offset, length, True)
+        if whole:
+            self.work += STREAM_CHUNK
+            first = self.export.read(offset, STREAM_CHUNK)
+            self.stream = (req, offset + STREAM_CHUNK, True)
+            return [r.data_header(req, offset, length, True), first]
+        self.stream = (req, offset, False)
+        return self._read_step()
+
+    def _read_step(self) -> list:
+        req, offset, whole = self.stream
+        end = req.offset + req.length
+        n = min(STREAM_CHUNK, end - offset)
+        final = offset + n == end
+        self.work += n
+        out = [self.export.read(offset, n)] if whole else self._parts(req, offset, n, final)
+        self.stream = None if final else (req, offset + n, whole)
+        return out
+
+    def _parts(self, req: Request, offset: int, length: int, final: bool) -> list:
+        """OFFSET_DATA and OFFSET_HOLE chunks: ranges known to read as zeros cost no payload."""
+        r = self.replies
+        out = []
+        parts = self.export.read_parts(offset, length)
+        last = len(parts) - 1
+        for i, (n, data) in enumerate(parts):
+            done = final and i == last
+            if data is None:
+                out += r.hole(req, offset, n, done)
+            else:
+                out += [r.data_header(req, offset, n, done), data]
+            offset += n
+        return out
+
+    def _write(self, req: Request) -> list:
+        self.work += req.length
+        if req.length:
+            self.export.write(req.offset, req.payload, bool(req.flags & p.CMD_FLAG_FUA))
+        return self.replies.ok(req)
+
+    def _disc(self, req: Request) -> list:
+        log.info("%s: client disconnected", self.peer)
+        return []
+
+    def _flush(self, req: Request) -> list:
+        self.export.flush()
+        return self.replies.ok(req)
+
+    def _trim(self, req: Request) -> list:
+        if req.length:
+            self.export.trim(req.offset, req.length, bool(req.flags & p.CMD_FLAG_FUA))
+        return self.replies.ok(req)
+
+    def _cache(self, req: Request) -> list:
+        # Advisory (proto.md NBD_CMD_CACHE): the engines read through the page cache,
+        # which gains nothing from being told in advance.
+        return self.replies.ok(req)
+
+    def _write_zeroes(self, req: Request) -> list:
+        self.work += req.length
+        if req.length:
+            f = req.flags
+            self.export.write_zeroes(req.offset, req.length, no_hole=bool(f & p.CMD_FLAG_NO_HOLE),
+                                     fast=bool(f & p.CMD_FLAG_FAST_ZERO),
+                                     fua=bool(f & p.CMD_FLAG_FUA))
+        return self.replies.ok(req)
+
+    def _block_status(self, req: Request) -> list:
+        contexts = self.session.contexts
+        length = req.length
+        if req.flags & p.CMD_FLAG_PAYLOAD_LEN:
+            length, contexts, why = self._filter(req)
+            if why:
+                return self._error(req, p.EINVAL, why)
+            if req.offset + length > self.export.size:
+                return self._error(req, p.EINVAL, "request past the end of the export")
+        one = bool(req.flags & p.CMD_FLAG_REQ_ONE)
+        out = []
+        last = len(contexts) - 1
+        for i, (cid, ctx) in enumerate(contexts):
+            extents = ctx.extents(req.offset, length, one)
+            out += self.replies.block_status(req, cid, extents, i == last)
+        return out
+
+    def _filter(self, req: Request):
+        """The block status payload form (extension-ext-header proto.md
+        NBD_CMD_BLOCK_STATUS): a 64-bit effect length, then the context ids to answer for.
+        "duplicate or unknown metacontext ids ... MUST" fail with EINVAL, as must a
+        payload of the wrong shape (the parser has already consumed it)."""
+        data = req.payload
+        if data is None or len(data) < 8 or (len(data) - 8) % 4 or len(data) > MAX_FILTER:
+            return 0, [], "malformed block status payload"
+        length = p.U64.unpack_from(data)[0]
+        ids = array.array("I", data[8:])
+        if sys.byteorder == "little":
+            ids.byteswap()
+        chosen = dict(self.session.contexts)
+        if not ids or len(set(ids)) != len(ids) or not chosen.keys() >= set(ids):
+            return 0, [], "duplicate or unknown metadata context ids"
+        if length == 0:
+            return 0, [], "zero-length block status"
+        return length, [(cid, chosen[cid]) for cid in ids], ""
 
 
-def chunk_header(cookie: int, ctype: int, length: int, done: bool) -> bytes:
-    return _CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE if done else 0,
-                       ctype, cookie, length)
-
-
-def none_chunk(cookie: int) -> bytes:
-    return chunk_header(cookie, p.REPLY_TYPE_NONE, 0, True)
-
-
-def error_chunk(cookie: int, error: int, message: str) -> bytes:
-    """NBD_REPLY_TYPE_ERROR, always final here."""
-    msg = message.encode()[:p.MAX_STRING]
-    return (chunk_header(cookie, p.REPLY_TYPE_ERROR, p.ERROR_CHUNK.size + len(msg), True)
-            + p.ERROR_CHUNK.pack(error, len(msg)) + msg)
-
-
-def data_chunk(cookie: int, offset: int, data, done: bool) -> list:
-    return [chunk_header(cookie, p.REPLY_TYPE_OFFSET_DATA, 8 + len(data), done),
-            p.OFFSET.pack(offset), data]
-
-
-def hole_chunk(cookie: int, offset: int, length: int, done: bool) -> bytes:
-    return (chunk_header(cookie, p.REPLY_TYPE_OFFSET_HOLE, p.OFFSET_HOLE.size, done)
-            + p.OFFSET_HOLE.pack(offset, length))
-
-
-def block_status_chunk(cookie: int, context_id: int, extents: list[tuple[int, int]],
-                       done: bool) -> list:
-    body = b"".join([p.U32.pack(context_id)]
-                    + [p.BLOCK_DESCRIPTOR.pack(n, flags) for n, flags in extents])
-    return [chunk_header(cookie, p.REPLY_TYPE_BLOCK_STATUS, len(body), done), body]
+_DISPATCH = {
+    p.CMD_READ: Transmission._read,
+    p.CMD_WRITE: Transmission._write,
+    p.CMD_DISC: Transmission._disc,
+    p.CMD_FLUSH: Transmission._flush,
+    p.CMD_TRIM: Transmission._trim,
+    p.CMD_CACHE: Transmission._cache,
+    p.CMD_WRITE_ZEROES: Transmission._write_zeroes,
+    p.CMD_BLOCK_STATUS: Transmission._block_status,
+}

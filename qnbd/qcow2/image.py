@@ -45,20 +45,30 @@ class Qcow2Image:
 
     @classmethod
     def open(cls, path: str, read_only: bool = True, *, open_backing=None,
-             l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
+             data_file_path=None, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
              refcount_cache_bytes: int = DEFAULT_REFCOUNT_CACHE_BYTES,
              force_share: bool = False):
-        """open_backing(image_path, name, fmt) opens the backing file the header names
-        (qnbd/block/chain.py applies the policy, loop and depth rules)."""
+        """open_backing(image_path, name, fmt) opens the backing file the header names;
+        data_file_path(image_path, name) resolves an external data file's name
+        (qnbd/block/chain.py applies the policy, loop and depth rules to both)."""
         file = fileio.open_file(path, writable=not read_only)
+        files = [file]
         try:
             lock_image(file, not read_only, force_share)  # rule 11, before any read
             storage = Storage(file)
+            data_storage = storage
+            h = hdr.read(storage)
+            if h.external_data:
+                data = _open_data_file(path, h, data_file_path, read_only, force_share)
+                files.append(data)
+                data_storage = Storage(data)
             if not read_only:
                 repair_if_dirty(storage, path)
-            image = cls(path, storage, read_only, l2_cache_bytes, refcount_cache_bytes)
+            image = cls(path, storage, read_only, l2_cache_bytes, refcount_cache_bytes,
+                        data_storage)
         except BaseException:
-            file.close()
+            for f in files:
+                f.close()
             raise
         try:
             if image.header.backing_file:
@@ -72,7 +82,7 @@ class Qcow2Image:
         return image
 
     def __init__(self, path: str, storage: Storage, read_only: bool, l2_cache_bytes: int,
-                 refcount_cache_bytes: int):
+                 refcount_cache_bytes: int, data_storage: Storage):
         self.path = path
         self.storage = storage
         self.read_only = read_only
@@ -93,9 +103,9 @@ class Qcow2Image:
             if h.dirty:
                 raise ImageError(f"'{path}' has the dirty bit set and needs repair "
                                  "(qemu-img check -r all) before it is opened read-write")
-        # Guest data lives in the image file itself (no external data file).
-        self.data_storage = storage
-        self._storages = (storage,)
+        # Guest data lives in the image file itself, or in an external data file (rule 13).
+        self.data_storage = data_storage
+        self._storages = (storage,) if data_storage is storage else (storage, data_storage)
         self.header_writer = HeaderWriter(storage, h)
         self.metadata = metadata = MetadataMap(layout.cluster_bits, self.mark_corrupt)
         metadata.add_range(0, cs)
@@ -119,7 +129,7 @@ class Qcow2Image:
         self.mapper = Mapper(layout, self.tables, self.data_storage, h.compression_type,
                              self.mark_corrupt)
         self.writer = ClusterWriter(layout, self.tables, self.refcounts, self.mapper,
-                                    metadata, self.data_storage)
+                                    metadata, self.data_storage, h.data_file_raw)
 
     # -- corruption (rule 7) -----------------------------------------------------------
 
@@ -229,7 +239,8 @@ class Qcow2Image:
                     self.header_writer.set_incompatible(hdr.INCOMPAT_DIRTY, False)
         finally:
             self._closed = True
-            self.storage.close()
+            for storage in self._storages:
+                storage.close()
             if self.backing is not None:
                 self.backing.close()
 
@@ -238,6 +249,24 @@ class Qcow2Image:
         for offset, length in releases:
             self.writer.queue_release(offset, length)
         self.flush()
+
+
+def _open_data_file(path: str, h: hdr.Header, data_file_path, read_only: bool,
+                    force_share: bool):
+    """The external data file (qcow2.rst, "External data file name"), locked as QEMU
+    locks a data child: it holds guest data, not format metadata (rule 11)."""
+    if h.data_file is None:
+        raise ImageError(f"'{path}' uses an external data file but does not name it")
+    if data_file_path is None:
+        raise ImageError(f"'{path}' uses an external data file, which this open cannot "
+                         "resolve")
+    data = fileio.open_file(data_file_path(path, h.data_file), writable=not read_only)
+    try:
+        lock_image(data, not read_only, force_share, data_child=True)
+    except BaseException:
+        data.close()
+        raise
+    return data
 
 
 def repair_if_dirty(storage: Storage, path: str) -> None:

@@ -20,6 +20,10 @@ def image_info(path: str, file, st) -> dict:
                 {"flags": _bitmap_flags(e), "name": e.name, "granularity": e.granularity}
                 for e in bm.read_directory(file, ext, h.size, h.cluster_size, file_size)]
     data["refcount-bits"] = h.refcount_bits
+    if h.external_data:
+        if h.data_file is not None:
+            data["data-file"] = h.data_file
+        data["data-file-raw"] = h.data_file_raw
     if h.version >= 3:
         data["corrupt"] = h.corrupt
         data["extended-l2"] = False  # refused by header.parse when set

@@ -41,6 +41,7 @@ class Mapper:
         table_shift = layout.table_shift
         l2_mask = (1 << layout.l2_bits) - 1
         version = layout.version
+        external = layout.external
         l2_for_read = self.tables.l2_for_read
         runs: list[list] = []
         pos, end = offset, offset + length
@@ -57,13 +58,16 @@ class Mapper:
                 entry = table[i]
                 in_cluster = pos & (cs - 1)
                 n = min(cs - in_cluster, table_end - pos)
-                kind = classify(entry, version)
+                kind = classify(entry, version, external)
                 if kind == DATA:
                     host = entry & L2E_OFFSET_MASK
                     if host & (cs - 1):
                         self.bad_entry(entry)
                     value = host + in_cluster
                 elif kind == COMPRESSED:
+                    if external:
+                        self.bad_entry(entry, "a compressed cluster in an image with an "
+                                       "external data file")
                     runs.append([pos, n, COMPRESSED, entry])
                     pos += n
                     i += 1
@@ -77,8 +81,8 @@ class Mapper:
                 i += 1
         return runs
 
-    def bad_entry(self, entry: int):
-        reason = f"L2 entry 0x{entry:016x} points to an unaligned cluster"
+    def bad_entry(self, entry: int, what: str = "an unaligned cluster"):
+        reason = f"L2 entry 0x{entry:016x} points to {what}"
         self._mark_corrupt(reason)
         raise IOFailure(reason)
 

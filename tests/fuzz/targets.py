@@ -7,11 +7,13 @@ exception out) when a property breaks; the project's own protocol errors are exp
 
 import struct
 
+from qnbd.block.base import Extent
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
 from qnbd.nbd.handshake import Close, Handshake, Ready, Send, Session, StartTLS
-from qnbd.nbd.server import Catalog
-from qnbd.nbd.transmission import ProtocolError, Request, RequestParser, allowed_flags, check
+from qnbd.nbd.catalog import Catalog, transmission_flags
+from qnbd.nbd.transmission import (ProtocolError, Request, RequestParser, Transmission,
+                                   allowed_flags, check)
 
 MODES = ("off", "on", "require")
 OPTIONS = (p.OPT_EXPORT_NAME, p.OPT_ABORT, p.OPT_LIST, p.OPT_STARTTLS, p.OPT_INFO, p.OPT_GO,
@@ -24,6 +26,24 @@ class _Device:
     size = 1 << 20
     read_only = False
     supports_fast_zero = False
+
+    def read(self, offset, length):
+        return bytes(length)
+
+    def block_status(self, offset, length):
+        return [Extent(length, 3, 0)]
+
+    def write(self, offset, data, fua=False):
+        pass
+
+    def write_zeroes(self, offset, length, may_trim=False, fast=False, fua=False):
+        pass
+
+    def discard(self, offset, length, fua=False):
+        pass
+
+    def flush(self):
+        pass
 
 
 def catalog(tls_only: bool = True) -> Catalog:
@@ -112,9 +132,17 @@ def handshake(data: bytes) -> None:
                         assert payload[2:] != b"secret"
 
 
-def _session() -> Session:
+def _session(extended: bool = False) -> Session:
     export = Export(ExportConfig(image="-"), _Device())
-    return Session(export, export.transmission_flags(True), True)
+    chosen = [(c.id, c) for c in Catalog([export]).contexts(export)]
+    return Session(export, transmission_flags(export, True, extended, True), True, chosen,
+                   extended)
+
+
+def _requests_stream(data: bytes, size: int) -> bytes:
+    """Make well-formed headers likely: every `size`-byte slot starts with the magic."""
+    magic = p.EXTENDED_REQUEST_MAGIC if size == 32 else p.REQUEST_MAGIC
+    return b"".join(p.U32.pack(magic) + data[i + 4:i + size] for i in range(0, len(data), size))
 
 
 def requests(data: bytes) -> None:
@@ -124,15 +152,13 @@ def requests(data: bytes) -> None:
     if not data:
         return
     step = 1 + data[0]
+    extended = bool(data[0] & 2)
     stream = data[1:]
-    # Make well-formed headers likely: every 28-byte slot starts with the magic when
-    # the first byte's low bit says so.
     if data[0] & 1:
-        stream = b"".join(p.U32.pack(p.REQUEST_MAGIC) + stream[i + 4:i + 28]
-                          for i in range(0, len(stream), 28))
+        stream = _requests_stream(stream, 32 if extended else 28)
 
     def parse(pieces):
-        parser = RequestParser(max_payload=64)
+        parser = RequestParser(max_payload=64, extended=extended)
         out = []
         try:
             for piece in pieces:
@@ -145,9 +171,76 @@ def requests(data: bytes) -> None:
     whole = parse([stream])
     split = parse([stream[i:i + step] for i in range(0, len(stream), step)])
     assert whole == split
-    session = _session()
+    session = _session(extended)
     allowed = allowed_flags(session)
     for req in whole:
         if isinstance(req, Request):
             err, _ = check(session, allowed, _Device.size, req)
             assert err in (0, p.EINVAL, p.ENOSPC, p.EPERM)
+
+
+def _replies(raw: bytes, extended: bool) -> list[tuple[int, int, int]]:
+    """(cookie, final, error) per reply message; asserts every header is well formed."""
+    out, pos = [], 0
+    while pos < len(raw):
+        magic = p.U32.unpack_from(raw, pos)[0]
+        if extended:
+            assert magic == p.EXTENDED_REPLY_MAGIC
+            _, flags, rtype, cookie, _, n = p.EXT_REPLY.unpack_from(raw, pos)
+            pos += p.EXT_REPLY.size
+        elif magic == p.SIMPLE_REPLY_MAGIC:
+            _, error, cookie = p.SIMPLE_REPLY.unpack_from(raw, pos)
+            out.append((cookie, 1, error))
+            pos += p.SIMPLE_REPLY.size
+            continue
+        else:
+            assert magic == p.STRUCTURED_REPLY_MAGIC
+            _, flags, rtype, cookie, n = p.STRUCTURED_REPLY.unpack_from(raw, pos)
+            pos += p.STRUCTURED_REPLY.size
+        error = p.U32.unpack_from(raw, pos)[0] if rtype & (1 << 15) else 0
+        assert rtype in (p.REPLY_TYPE_NONE, p.REPLY_TYPE_OFFSET_DATA, p.REPLY_TYPE_OFFSET_HOLE,
+                         p.REPLY_TYPE_ERROR,
+                         p.REPLY_TYPE_BLOCK_STATUS_EXT if extended else p.REPLY_TYPE_BLOCK_STATUS)
+        out.append((cookie, flags & p.REPLY_FLAG_DONE, error))
+        pos += n
+    assert pos == len(raw)
+    return out
+
+
+def transmission(data: bytes) -> None:
+    """Any bytes into a transmission session (compact or extended headers, by the first
+    byte), split anywhere: the same reply bytes come out as from one piece (or the same
+    hard disconnect), every reply is well formed, errors come from the spec's list, and
+    each request gets exactly one final reply."""
+    if not data:
+        return
+    extended = bool(data[0] & 2)
+    step = 1 + data[0] // 4
+    stream = _requests_stream(data[1:], 32 if extended else 28) if data[0] & 1 else data[1:]
+
+    def run(pieces):
+        tx = Transmission(_session(extended), max_request=4096)
+        out = []
+        try:
+            for piece in pieces:
+                tx.receive_data(piece)
+                out += [bytes(x) for step in iter(tx.next_output, None) for x in step]
+        except ProtocolError:
+            out.append(b"<disconnect>")
+        return out
+
+    whole = run([stream])
+    split = run([stream[i:i + step] for i in range(0, len(stream), step)])
+    assert b"".join(whole) == b"".join(split)
+    raw = b"".join(whole).removesuffix(b"<disconnect>")
+    finals = 0
+    for cookie, final, error in _replies(raw, extended):
+        finals += bool(final)
+        assert error in (0, p.EINVAL, p.ENOSPC, p.EPERM, p.EOVERFLOW)
+    parser = RequestParser(max_payload=4096, extended=extended)
+    try:
+        asked = [r for r in parser.feed(stream) if r.cmd != p.CMD_DISC]
+    except ProtocolError:
+        asked = None
+    if asked is not None:
+        assert finals == len(asked)

@@ -1,0 +1,264 @@
+"""One client connection on the event loop (proto.md "Protocol phases": handshake, optional
+TLS upgrade, transmission). It only moves bytes between the socket and the sans-I/O machines
+(handshake.py, transmission.py), and applies the limits:
+
+- handshake_timeout: the handshake, TLS included, must end this long after the greeting.
+  A client that goes silent in the middle of the TLS upgrade gives its slot back too.
+- the reply budget (max_queued_bytes, lowered when many clients share the server-wide
+  max_queued_total): requests stop being executed, and the socket stops being read, once that
+  much is queued; both resume when the client has taken its replies. Under TLS, encrypted
+  bytes wait in two places (the TLS layer and the socket), so each gets half.
+- fairness: one loop turn moves at most TURN_BYTES of data (read, written or zeroed) or
+  answers TURN_REQUESTS requests for a connection, then yields to the others, so a client
+  flooding pipelined requests costs the others milliseconds per turn, not its whole queue.
+- input backlog: past INPUT_HIGH bytes of unanswered requests, reading pauses.
+- idle_timeout (optional): a client that sends nothing and takes no replies is dropped.
+
+Requests run inline on the loop (the engines are synchronous by design, see
+docs/DESIGN.md), so replies leave in request order, which the protocol allows.
+"""
+
+import asyncio
+import logging
+import socket
+import ssl
+
+from . import tls
+from .handshake import Close, Handshake, Ready, Send, StartTLS
+from .requests import ProtocolError
+from .transmission import Transmission
+
+log = logging.getLogger("qnbd.serve")
+
+TURN_BYTES = 4 << 20
+TURN_REQUESTS = 256
+INPUT_HIGH = 4 << 20
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, server):
+        self.server = server
+        self.transport = None
+        self.peer = "?"
+        self.handshake: Handshake | None = None
+        self.tx: Transmission | None = None
+        self.timer = None
+        self.closing = False
+        self.lost = False
+        self.upgrade: asyncio.Task | None = None
+        self.early: list | None = None       # bytes received while TLS starts
+        self.budget = server.config.max_queued_bytes
+        self.blocked = False                 # the transport asked us to stop writing
+        self.reading = True
+        self.scheduled = False               # a _process call is queued for the next turn
+        self.active_at = 0.0                 # last time the client sent or took data
+        self.idle_timer = None
+
+    # --- asyncio callbacks ---
+
+    def connection_made(self, transport):
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer) if peer else "unix client"
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.accepted(self)
+
+    def start(self):
+        """Greet the client: the handshake and its time limit begin now."""
+        self.handshake = Handshake(self.server.catalog, self.server.tls_mode)
+        self.set_budget(self.budget)
+        self.transport.write(Handshake.greeting)
+        timeout = self.server.config.handshake_timeout
+        if timeout:
+            self.timer = self.server.loop.call_later(timeout, self._handshake_expired)
+        self._set_reading(True)
+
+    def set_budget(self, budget: int):
+        """Reply bytes that may wait for this client (the server shares its cap)."""
+        self.budget = budget
+        if self.transport is not None and not self.lost:
+            share = budget // 2 if self.upgrade is not None else budget
+            self.transport.set_write_buffer_limits(high=share)
+
+    def data_received(self, data):
+        if self.early is not None:
+            self.early.append(data)
+        elif self.tx is not None:
+            self.active_at = self.server.loop.time()
+            self.tx.receive_data(data)
+            if not self.scheduled:   # else the queued turn will get to it
+                self._process()
+        elif self.handshake is not None:
+            self._negotiate(data)
+
+    def pause_writing(self):
+        self.blocked = True
+        self._set_reading(False)
+
+    def resume_writing(self):
+        self.blocked = False
+        self.active_at = self.server.loop.time()
+        if self.tx is not None and not self.closing:
+            self._process()
+        elif self.early is None:
+            self._set_reading(True)
+
+    def connection_lost(self, exc):
+        # Also called by this class when a TLS upgrade ends without the event loop telling
+        # this protocol (the raw socket belongs to the TLS layer meanwhile).
+        if self.lost:
+            return
+        self.lost = True
+        for timer in (self.timer, self.idle_timer):
+            if timer:
+                timer.cancel()
+        if self.upgrade is not None and not self.upgrade.done():
+            self.upgrade.cancel()
+        if self.tx is not None:
+            self.tx.export.clients -= 1
+        self.server.released(self)
+
+    # --- phases ---
+
+    def _handshake_expired(self):
+        log.info("%s: handshake not finished in %ss, disconnecting", self.peer,
+                 self.server.config.handshake_timeout)
+        self.abort()
+
+    def _negotiate(self, data):
+        for event in self.handshake.feed(data):
+            if isinstance(event, Send):
+                self.transport.write(event.data)
+            elif isinstance(event, Close):
+                log.info("%s: %s", self.peer, event.reason)
+                self.close()
+            elif isinstance(event, StartTLS):
+                self.early = []
+                self._set_reading(False)
+                self.upgrade = self.server.loop.create_task(self._start_tls())
+            elif isinstance(event, Ready):
+                self._transmission(event)
+
+    def _transmission(self, event: Ready):
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        self.handshake = None
+        session = event.session
+        session.export.clients += 1
+        log.info("%s: serving export %r", self.peer, session.export.name)
+        self.tx = Transmission(session, self.server.config.max_request, self.peer)
+        idle = self.server.config.idle_timeout
+        if idle:
+            self.active_at = self.server.loop.time()
+            self.idle_timer = self.server.loop.call_later(idle, self._idle_check)
+        if event.leftover:
+            self.tx.receive_data(event.leftover)
+            self._process()
+
+    async def _start_tls(self):
+        """proto.md FORCEDTLS: "After an NBD_REP_ACK reply has been sent, the server MUST
+        be prepared for a TLS handshake ... If the handshake is unsuccessful ... the
+        server MUST terminate the session". The ACK is already in the transport's buffer,
+        ahead of the first TLS record."""
+        server = self.server
+        raw = self.transport
+        try:
+            self.transport = await server.loop.start_tls(raw, self, server.ssl_context,
+                                                         server_side=True)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
+            log.info("%s: TLS handshake failed: %s", self.peer, e or type(e).__name__)
+            raw.abort()
+            self.connection_lost(e)
+            return
+        if self.closing or self.lost:
+            self.transport.abort()
+            return
+        self.set_budget(self.budget)
+        why = tls.refusal(server.tls, self.transport.get_extra_info("peercert"))
+        if why:
+            log.warning("%s: %s, disconnecting", self.peer, why)
+            self.close()
+            return
+        log.info("%s: TLS started (%s)", self.peer, self.transport.get_extra_info("cipher"))
+        early, self.early = self.early, None
+        self.reading = False
+        self._set_reading(True)
+        for data in early:
+            self.data_received(data)
+
+    def _idle_check(self):
+        idle = self.server.config.idle_timeout
+        quiet = self.server.loop.time() - self.active_at
+        if quiet >= idle:
+            log.info("%s: idle for %ss, disconnecting", self.peer, idle)
+            self.abort()
+        else:
+            self.idle_timer = self.server.loop.call_later(idle - quiet, self._idle_check)
+
+    # --- transmission: the sans-I/O core's output onto the socket ---
+
+    def _process(self):
+        """Run steps of the transmission core until it needs more bytes, the reply budget
+        is used up (pause_writing stops this, and reading), or this turn's share is done."""
+        self.scheduled = False
+        if self.blocked or self.closing:
+            return
+        tx = self.tx
+        transport = self.transport
+        next_output = tx.next_output
+        budget = self.budget - transport.get_write_buffer_size()
+        turn_end = tx.work + TURN_BYTES
+        out = []
+        made = 0
+        try:
+            for _ in range(TURN_REQUESTS):
+                pieces = next_output()
+                if pieces is None:
+                    break
+                out += pieces
+                for piece in pieces:
+                    made += len(piece)
+                if made >= budget or tx.work >= turn_end:
+                    break
+            else:
+                pieces = ()
+        except ProtocolError as e:
+            log.info("%s: %s, disconnecting", self.peer, e)
+            self.abort()
+            return
+        if out:
+            transport.writelines(out)   # may call pause_writing
+        if pieces is not None and not self.blocked:
+            # More work may be waiting: let the other connections have this turn first.
+            self.scheduled = True
+            self.server.loop.call_soon(self._process)
+        elif tx.finished and not self.closing:
+            # NBD_CMD_DISC: every earlier request has been answered above; close once
+            # their replies are written.
+            self.close()
+        self._set_reading(not self.blocked and tx.backlog < INPUT_HIGH)
+
+    def _set_reading(self, on: bool):
+        if on != self.reading and not self.lost:
+            self.reading = on
+            if on:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    def close(self):
+        self.closing = True
+        if self.early is not None:
+            self.abort()   # nothing of ours is queued before the TLS session exists
+        else:
+            self.transport.close()
+
+    def abort(self):
+        self.transport.abort()
+        if self.early is not None:
+            # Mid-upgrade the event loop reports the loss to the TLS layer, not to this
+            # protocol (issue 16: the slot was never given back).
+            self.connection_lost(ConnectionAbortedError("during the TLS handshake"))
