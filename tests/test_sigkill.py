@@ -13,7 +13,6 @@ import subprocess
 import threading
 import time
 
-import nbd
 import pytest
 
 from qnbd.formats import open_image
