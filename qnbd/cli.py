@@ -4,24 +4,67 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
 from .errors import QnbdError
 
 # Subcommand name -> module under qnbd.commands.
-COMMANDS = ("serve", "create", "info", "bitmap", "check")
+COMMANDS = ("serve", "create", "info", "bitmap", "check", "map", "convert", "snapshot", "resize")
+
+
+class QemuStyleParser(argparse.ArgumentParser):
+    """Usage errors reported as qemu's tools report them, exiting 1 instead of argparse's
+    usage block and exit 2, so scripts written for qemu-nbd and qemu-img see the same
+    exit code and the same lines: a bad option value is one line naming it (the option's
+    type function words it, see commands/serve_values.py); an unknown option or a missing
+    argument is getopt's line followed by a hint."""
+
+    def error(self, message: str):
+        text, hint = _qemu_wording(message)
+        if hint:
+            text += f"\n{self.prog}: Try `{self.prog} --help' for more information."
+        self.exit(1, f"{self.prog}: {text}\n")
+
+
+def _qemu_wording(message: str) -> tuple[str, bool]:
+    if message.startswith("unrecognized arguments: "):
+        first = message.split(": ", 1)[1].split()[0]
+        if first.startswith("--"):
+            return f"unrecognized option '{first.split('=')[0]}'", True
+        if first.startswith("-") and len(first) > 1:
+            return f"invalid option -- '{first[1]}'", True
+        return "Invalid number of arguments", True
+    if message.startswith("argument ") and ": " in message:
+        names, why = message[len("argument "):].split(": ", 1)
+        if why.startswith("expected one argument"):
+            return f"option '{names.split('/')[-1]}' requires an argument", True
+        if why.startswith("invalid choice"):
+            return f"{names.split('/')[-1]}: {why}", False
+        return why, False
+    return message, True
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qnbd", description="qcow2 NBD server and image tools")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = QemuStyleParser(prog="qnbd", description="qcow2 NBD server and image tools")
+    parser.add_argument("-V", "--version", action="version", version=version_text("qnbd"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=QemuStyleParser)
     for name in COMMANDS:
         module = importlib.import_module(f"qnbd.commands.{name}")
         p = module.add_parser(sub)
-        p.set_defaults(run=module.run)
+        p.set_defaults(run=module.run, parser=p)
     return parser
 
 
+def version_text(prog: str) -> str:
+    """As qemu's tools print it: the program and version on the first line."""
+    return f"{prog} {__version__}\n"
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    # Unknown options are reported by the subcommand's parser, under its own name.
+    args, extras = build_parser().parse_known_args(argv)
+    if extras:
+        args.parser.error("unrecognized arguments: " + " ".join(extras))
     try:
         return args.run(args) or 0
     except QnbdError as e:

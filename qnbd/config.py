@@ -7,11 +7,13 @@ The file format:
     [limits]            max_connections, handshake_timeout, idle_timeout, max_queued_bytes,
                         max_queued_total, max_request
     [tls]               creds = DIR, mode = "off"|"on"|"require", verify_peer,
-                        authz = [NAME, ...]   (see qnbd/nbd/tls.py)
+                        authz = [NAME, ...]   (see qnbd/nbd/authz.py)
     [[listen]]          unix = PATH | address = HOST, port = N   (any number of them)
     [[export]]          image, name, format, description, read_only, discard, backing, tls_only,
                         detect_zeroes, cache, snapshot, shared,
-                        bitmaps = [NAME, ...], allocation_depth   (one or more)
+                        bitmaps = [NAME, ...], allocation_depth,
+                        load_snapshot = ID|NAME|"snapshot.id=…,snapshot.name=…"
+                        (read-only)   (one or more)
 
 Unknown keys and wrong types are errors that name the key (e.g. "export[1].discard").
 """
@@ -91,7 +93,8 @@ def _check_table(table: dict, where: str, schema: dict[str, type | tuple]) -> di
 _EXPORT_KEYS = {"image": str, "name": str, "format": str, "description": str,
                 "read_only": bool, "discard": str, "detect_zeroes": str, "cache": str,
                 "backing": str, "tls_only": bool,
-                "snapshot": bool, "shared": int, "bitmaps": list, "allocation_depth": bool}
+                "snapshot": bool, "shared": int, "bitmaps": list, "allocation_depth": bool,
+                "load_snapshot": str}
 _LISTEN_KEYS = {"unix": str, "address": str, "port": int}
 _SERVER_KEYS = {"persistent": bool, "pid_file": str}
 _LIMIT_KEYS = {"max_connections": int, "handshake_timeout": (int, float),

@@ -9,6 +9,8 @@ Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
   writeback/none honour them as asked; writethrough/directsync make every write FUA;
   unsafe ignores FUA and FLUSH (fast, and not crash-safe). O_DIRECT is not used.
 - snapshot: writes go to a throwaway overlay; the image itself is opened read-only.
+- load_snapshot (-l): export an internal snapshot of a qcow2 image (an id or a name, or
+  "snapshot.id=ID,snapshot.name=NAME"), read-only as in qemu-nbd.
 - shared: how many clients may use the export at once (0 = unlimited). With more than
   one, `can_multi_conn` holds: every connection of an export shares this one open
   device, so a flush on one covers the writes of all.
@@ -21,6 +23,8 @@ Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
   cannot make the server read arbitrary host files.
 - tls_only (config file only): with TLS mode "on" (SELECTIVETLS), the export is
   invisible to clients that have not started TLS.
+- offset, size (qemu-nbd --offset, the raw driver's options in --image-opts): export a
+  window of the image (block/window.py).
 
 An Export says what it can do (`read_only`, `can_fast_zero`, `can_multi_conn`); turning
 that into wire flags, and offering metadata contexts, is the NBD layer's job (qnbd/nbd/).
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 from .block.base import read_parts
 from .block.chain import BACKING_POLICIES
 from .block.overlay import SnapshotOverlay
+from .block.window import Window
 from .errors import ImageError, QnbdError
 from .formats import DRIVERS, open_image
 
@@ -56,6 +61,10 @@ class ExportConfig:
     allocation_depth: bool = False
     backing: str = "any"
     tls_only: bool = False
+    offset: int = 0
+    size: int | None = None
+    options: dict = field(default_factory=dict)  # the driver's, from --image-opts
+    load_snapshot: str | None = None
 
     def validate(self) -> None:
         """One-line errors in qemu-nbd's words for the combinations it refuses."""
@@ -68,7 +77,8 @@ class ExportConfig:
         if self.format is not None and self.format not in DRIVERS:
             raise QnbdError(f"Unknown image format '{self.format}' (supported: {', '.join(DRIVERS)})")
         if self.detect_zeroes == "unmap" and self.discard != "unmap":
-            raise QnbdError("--detect-zeroes=unmap can only be used if discard is set to unmap")
+            raise QnbdError("setting detect-zeroes to unmap is not allowed without setting "
+                            "discard operation to unmap")
         if self.shared < 0:
             raise QnbdError(f"Invalid shared value '{self.shared}' (0 = unlimited)")
 
@@ -80,6 +90,9 @@ class Export:
         self.description = config.description
         self.device = device
         self.size = device.size
+        # NBD_INFO_BLOCK_SIZE's minimum: the device's request alignment (512 for a probed
+        # raw image, as qemu-nbd), else any byte.
+        self.min_block = getattr(device, "request_alignment", 1)
         self.read_only = config.read_only or device.read_only
         self.shared = config.shared
         self.clients = 0
@@ -96,14 +109,20 @@ class Export:
     @classmethod
     def open(cls, config: ExportConfig) -> "Export":
         config.validate()
+        loaded = config.load_snapshot
         if config.snapshot:
             base = open_image(config.image, config.format, read_only=True,
-                              backing_policy=config.backing)
+                              backing_policy=config.backing, snapshot=loaded,
+                              **config.options)
             device = SnapshotOverlay(base)
         else:
-            device = open_image(config.image, config.format, read_only=config.read_only,
-                                backing_policy=config.backing)
+            device = open_image(config.image, config.format,
+                                read_only=config.read_only or loaded is not None,
+                                backing_policy=config.backing, snapshot=loaded,
+                                **config.options)
         try:
+            if config.offset or config.size is not None:
+                device = Window(device, config.offset, config.size)
             return cls(config, device)
         except BaseException:
             # Close what was opened: a read-write open has already set in_use on the
@@ -157,11 +176,16 @@ class Export:
 
 
 def _bitmap(device, name: str):
-    """The named bitmap of the image behind `device` (under a snapshot overlay: of the
-    image it covers, as qemu-nbd looks down the backing chain). Devices without
-    persistent bitmaps (raw) have none, in qemu-nbd's words."""
+    """The named bitmap of the image behind `device` or, as qemu-nbd finds it
+    (nbd/server.c, nbd_export_create: bdrv_find_dirty_bitmap on each node down
+    bdrv_filter_or_cow_bs), of the first image down its backing chain that has one; a
+    snapshot overlay is looked through. A bitmap of a backing file records no writes:
+    writes go to the top image. Raw files have no bitmaps; a window (--offset) is not
+    looked through, as qemu's raw node with an offset is not a filter."""
     image = getattr(device, "base", device)
-    bitmaps = getattr(image, "bitmaps", None)
-    if bitmaps is None:
-        raise ImageError(f"Bitmap '{name}' is not found")
-    return bitmaps.get(name)
+    while image is not None:
+        bitmaps = getattr(image, "bitmaps", None)
+        if bitmaps is not None and any(e.name == name for e in bitmaps.describe()):
+            return bitmaps.get(name)
+        image = getattr(image, "backing", None)
+    raise ImageError(f"Bitmap '{name}' is not found")

@@ -151,10 +151,11 @@ def open_file(path: str, writable: bool) -> File:
 
 
 def create_file(path: str) -> File:
-    """Create `path` (or truncate an existing file to nothing), open for writing, as
-    qemu-img create does; errors become one-line ImageErrors."""
+    """Create `path` or open the existing file, for writing, never truncated here: an
+    image is emptied only once locked (lock.create_locked); errors become one-line
+    ImageErrors."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise ImageError(f"Could not create '{path}': {e.strerror}") from None
     return File(path, fd, writable=True)

@@ -17,12 +17,14 @@ resize, and nobody under qcow2 shares write or resize):
   qcow2 read-write   hold read, write, resize   unshare write, resize
   qcow2 read-only    hold read                  unshare write, resize
   raw (qemu-nbd)     hold read [, write]        unshare resize
+  qcow2 data file    hold read [, write, resize] unshare resize  (external data file)
   -U (force share)   hold read                  unshare nothing
 """
 
 import errno
 import os
 
+from . import fileio
 from .errors import ImageError
 from .fileio import File
 
@@ -39,24 +41,49 @@ class ImageInUse(ImageError):
 
 
 def permissions(writable: bool, force_share: bool = False,
-                metadata: bool = True) -> tuple[int, int]:
+                metadata: bool = True, data_child: bool = False) -> tuple[int, int]:
     """(held, unshared) permission masks for an open, as QEMU computes them.
-    `metadata`: the file holds format metadata (qcow2), not only guest data (raw)."""
+    `metadata`: the file holds format metadata (qcow2), not only guest data (raw);
+    `data_child`: the external data file of a qcow2 image (resized with it, written by
+    others too)."""
     if force_share and writable:
         raise ImageError("force-share (-U) can only be used with read-only images")
     held = CONSISTENT_READ
     if writable:
-        held |= WRITE | RESIZE if metadata else WRITE
+        held |= WRITE | RESIZE if metadata or data_child else WRITE
     if force_share:
         return held, 0
-    return held, WRITE | RESIZE if metadata else RESIZE
+    return held, WRITE | RESIZE if metadata and not data_child else RESIZE
 
 
 def lock_image(file: File, writable: bool, force_share: bool = False,
-               metadata: bool = True) -> None:
+               metadata: bool = True, data_child: bool = False) -> None:
     """Take QEMU's lock bytes on `file` for this kind of open, or raise ImageInUse.
     The locks live as long as the file stays open; on failure the caller closes it."""
-    held, unshared = permissions(writable, force_share, metadata)
+    _lock(file, *permissions(writable, force_share, metadata, data_child))
+
+
+def create_locked(path: str) -> File:
+    """Open `path` for a create that overwrites it, emptied only once locked as
+    `qemu-img create` locks it (block/file-posix.c raw_co_create: hold write and resize,
+    share everything but resize), so that an image in use is refused and left intact."""
+    file = fileio.create_file(path)
+    try:
+        try:
+            _lock(file, WRITE | RESIZE, RESIZE)
+        except ImageInUse as e:
+            raise ImageInUse(f"{e}; Is another process using the image [{path}]?") from None
+        file.truncate(0)
+    except OSError as e:
+        file.close()
+        raise ImageError(f"Could not create '{path}': {e.strerror}") from None
+    except BaseException:
+        file.close()
+        raise
+    return file
+
+
+def _lock(file: File, held: int, unshared: int) -> None:
     try:
         for i, perm in enumerate(PERMISSIONS):
             if held & perm:

@@ -5,6 +5,8 @@ number of bytes to the other.
     1024, 0x400         plain bytes (decimal, or hexadecimal without a fraction)
     64k 1M 2G 1T 1P 1E  powers of 1024, suffix in either case; "b"/"B" means bytes
     1.5G                a fraction needs a scaling suffix; it is truncated to a byte
+    .5k                 the whole part may be left out before a fraction, as current qemu
+                        allows (qemu 7.2 refused it; the newer rule accepts a superset)
 """
 
 import re
@@ -12,7 +14,7 @@ from fractions import Fraction
 
 MAX_SIZE = (1 << 63) - 1  # qemu-img: sizes are int64_t
 _SUFFIXES = "BKMGTPE"  # index = power of 1024
-_DECIMAL = re.compile(r"[ \t\n\r\f\v]*\+?([0-9]+)(?:\.([0-9]*))?([bkmgtpeBKMGTPE]?)")
+_DECIMAL = re.compile(r"[ \t\n\r\f\v]*\+?([0-9]*)(?:\.([0-9]*))?([bkmgtpeBKMGTPE]?)")
 # strtoull(base 16) swallows b/e as digits, so hex can only take the k..p suffixes.
 _HEX = re.compile(r"[ \t\n\r\f\v]*\+?0[xX]([0-9a-fA-F]+)([kmgtpKMGTP]?)")
 
@@ -31,11 +33,13 @@ def parse_size(text: str, what: str = "image size") -> int:
         if not m:
             raise ValueError(_INVALID.format(what=what))
         whole, frac, suffix = m.groups()
+        if not whole and not frac:  # "", ".", ".k": no digits at all
+            raise ValueError(_INVALID.format(what=what))
         mul = _multiplier(suffix)
         fraction = Fraction(f"0.{frac}") if frac else Fraction(0)
         if fraction and mul == 1:  # "1.5" or "1.5b": a byte count must be whole
             raise ValueError(_INVALID.format(what=what))
-        value = int(whole) * mul + int(fraction * mul)
+        value = int(whole or 0) * mul + int(fraction * mul)
     if value > MAX_SIZE:
         raise ValueError(_RANGE.format(what=what, max=MAX_SIZE))
     return value

@@ -40,10 +40,32 @@ def qnbd_subprocess(*args, cwd=None) -> subprocess.CompletedProcess:
 
 
 
+# qemu-img 8.0 and later also describe each image's protocol node (the `file` child: its
+# length and disk usage), as "children" in JSON and "Child node '/file':" sections in text.
+# qnbd opens files directly and has no node graph, so comparisons with qemu-img's answer
+# leave those parts out, whichever qemu is installed.
+
 def qemu_img_info(path, *extra, cwd=None):
     p = run("qemu-img", "info", "--output=json", *extra, path, cwd=cwd, check=False)
     assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)
+    info = json.loads(p.stdout)
+    for image in info if isinstance(info, list) else [info]:
+        image.pop("children", None)
+    return info
+
+
+def qemu_img_info_text(path, *extra, cwd=None) -> str:
+    p = run("qemu-img", "info", *extra, path, cwd=cwd)
+    assert p.returncode == 0, p.stderr
+    lines, in_child = [], False
+    for line in p.stdout.splitlines(keepends=True):
+        if line.startswith("Child node '"):
+            in_child = True
+        elif in_child and not line.startswith(" "):
+            in_child = False
+        if not in_child:
+            lines.append(line)
+    return "".join(lines)
 
 
 def qemu_img_check(path) -> subprocess.CompletedProcess:

@@ -9,13 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import qnbd.fileio
-from qnbd.formats import open_image
+from qnbd.formats import open_image, probe
 
 from bitmaputil import qemu_dirty_map
-from crashsim import SECTOR, RecordingFile, crash_states
+from crashsim import SECTOR, Recorder, crash_states
 from peers import run
 from qcow2util import INCOMPAT_DIRTY, patch_bytes, patch_fields, read_field, read_u64
 from images import MiB, Shape
+from qedimages import QedShape
 from workload import Model, apply_ops, converted
 
 # The shapes the engine issue asks for: small refcount regions (512 B clusters, 64-bit
@@ -32,6 +33,12 @@ SHAPES = [
     Shape("bitmaps", "cluster_size=4096", size=4 * MiB, bitmaps=["b0", "b1"]),
 ]
 SHAPE_IDS = [s.name for s in SHAPES]
+# QED (rule 12): small clusters and several L2 tables; raw and QED backing files.
+QED_SHAPES = [
+    QedShape("qed-c4k", "cluster_size=4096,table_size=2", size=8 * MiB),
+    QedShape("qed-raw", "cluster_size=4096", backing="raw", size=8 * MiB),
+    QedShape("qed-qed", backing="qed", size=8 * MiB),
+]
 
 
 @dataclass
@@ -64,29 +71,33 @@ def record_workload(shape: Shape, directory, ops, monkeypatch):
                          lambda dev, do: [do(op) for op in ops])
 
 
-def record_driven(shape: Shape, directory, monkeypatch, drive):
-    """drive(dev, do) runs the workload, calling do(op) for each operation."""
+def record_driven(shape, directory, monkeypatch, drive):
+    """drive(dev, do) runs the workload, calling do(op) for each operation (qcow2
+    shapes of images.py, QED shapes of qedimages.py)."""
     return record_on(shape.build(directory), directory, monkeypatch, drive,
-                     discard_keeps=shape.v2 and shape.backing is not None)
+                     discard_keeps=getattr(shape, "v2", False) and shape.backing is not None)
 
 
 def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False):
     """record_driven on an image already made (opening it may itself write: a repair)."""
-    start = converted(image, "qcow2", directory)
+    fmt = probe(image)
+    start = converted(image, fmt, directory)
     state = {"flushed": bytes(start), "touched": bytearray(len(start) // SECTOR + 1),
              "op": "open"}
     intervals = []
 
-    def closed(f: RecordingFile):
-        if f.path == image:
-            intervals.append(f.interval(Context(state["flushed"], bytes(state["touched"]),
-                                                state["op"], start)))
+    def closed(recorder: Recorder):
+        intervals.append(recorder.interval(Context(state["flushed"], bytes(state["touched"]),
+                                                   state["op"], start)))
 
+    # The files the image writes (itself, an external data file) are recorded together;
+    # backing files are only read.
+    recorder = Recorder(closed)
     real_open = qnbd.fileio.open_file
     monkeypatch.setattr(qnbd.fileio, "open_file",
-                        lambda path, writable: RecordingFile(real_open(path, writable),
-                                                             closed))
-    dev = open_image(image, "qcow2", read_only=False)
+                        lambda path, writable: recorder.wrap(real_open(path, writable))
+                        if writable else real_open(path, writable))
+    dev = open_image(image, fmt, read_only=False)
     model = Model(start, dev.cluster_size, discard_keeps=discard_keeps)
     done = []
 
@@ -111,28 +122,49 @@ def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False):
     return image, intervals
 
 
-def check_state(path: str, content: bytes, ctx: Context, what: str, scratch) -> str | None:
-    """Why this crash state is wrong, or None."""
-    with open(path, "wb") as f:
-        f.write(content)
+def _need_check(path: str) -> bool:
+    with open(path, "rb") as f:
+        return bool(f.read(24)[16] & 0x02)  # qed_spec.txt "Header": features, NEED_CHECK
+
+
+def check_state(slot: str, image: str, contents: dict, ctx: Context, what: str,
+                fmt: str = "qcow2"):
+    """Why this crash state is wrong, or None. The state's files are written into the
+    directory `slot` under their own names, beside links to the image's other files
+    (backing files), and every tool runs there: qemu opens a relative data file name
+    from its working directory. qcow2: no corruption (leaks allowed); a dirty image is
+    repaired by our read-write open and must then be clean (rule 6). QED (rule 12):
+    without NEED_CHECK nothing at all may be wrong, not even a leak; with it, our
+    read-write open repairs the image and clears the bit (leaks in the middle of the
+    file may stay: QED cannot reuse them)."""
+    for path, content in contents.items():
+        with open(os.path.join(slot, os.path.basename(path)), "wb") as f:
+            f.write(content)
+    path = os.path.join(slot, os.path.basename(image))
     where = f"{what}, during {ctx.during}"
-    r = subprocess.run(["qemu-img", "info", "--output=json", path], capture_output=True,
-                       text=True)
+    r = subprocess.run(["qemu-img", "info", "-f", fmt, "--output=json", path],
+                       capture_output=True, text=True, cwd=slot)
     if r.returncode:
         return f"{where}: qemu-img info fails: {r.stderr.strip()}"
     info = json.loads(r.stdout)
-    dirty = info.get("dirty-flag", False)
-    if dirty:
-        # Rule 6: a dirty image opened read-write is checked and repaired first.
-        open_image(path, "qcow2", read_only=False).close()
-    r = subprocess.run(["qemu-img", "check", "--output=json", path], capture_output=True,
-                       text=True)
+    repair = _need_check(path) if fmt == "qed" else info.get("dirty-flag", False)
+    if repair:
+        open_image(path, fmt, read_only=False).close()
+        if fmt == "qed" and _need_check(path):
+            return f"{where}: NEED_CHECK still set after the repair"
+    r = subprocess.run(["qemu-img", "check", "-f", fmt, "--output=json", path],
+                       capture_output=True, text=True, cwd=slot)
     report = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
     if r.returncode not in (0, 3) or report.get("corruptions", 0):
         return f"{where}: qemu-img check rc {r.returncode}: {r.stdout}{r.stderr}"
-    if dirty and r.returncode:
-        return f"{where}: the repaired image still has leaks: {r.stdout}"
-    data = converted(path, "qcow2", scratch)
+    leaks_allowed = repair if fmt == "qed" else not repair
+    if r.returncode and not leaks_allowed:
+        return f"{where}: leaks ({'NEED_CHECK clear' if fmt == 'qed' else 'repaired'}): " \
+            f"{r.stdout}"
+    out = os.path.join(slot, "content.raw")
+    run("qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", path, out, cwd=slot)
+    with open(out, "rb") as f:
+        data = f.read()
     if len(data) != len(ctx.flushed):
         return f"{where}: size {len(data)} instead of {len(ctx.flushed)}"
     for sector, touched in enumerate(ctx.touched):
@@ -164,19 +196,26 @@ def enumerate_crashes(image: str, intervals, seed: int, scratch) -> tuple[int, l
     """Check every crash state of every interval, two at a time (qemu-img runs in
     subprocesses); returns how many states were checked and the failures."""
     rng = random.Random(seed)
-    jobs = [(what, content, iv.context) for iv in intervals
-            for what, content in crash_states(iv, rng)]
+    fmt = probe(image)
+    jobs = [(what, contents, iv.context) for iv in intervals
+            for what, contents in crash_states(iv, rng)]
+    directory = os.path.dirname(image)
+    recorded = {os.path.basename(p) for iv in intervals for p in iv.durable}
+    slots = []
+    for slot in range(2):  # one directory per worker: states in flight share no file
+        d = os.path.join(str(scratch), f"slot{slot}")
+        os.makedirs(d, exist_ok=True)
+        for name in os.listdir(directory):
+            target = os.path.join(directory, name)
+            if name not in recorded and os.path.isfile(target) and \
+                    not os.path.exists(os.path.join(d, name)):
+                os.symlink(target, os.path.join(d, name))
+        slots.append(d)
 
     def check(job_index):
-        what, content, ctx = jobs[job_index]
-        slot = job_index % 2
-        worker = os.path.join(str(scratch), f"w{slot}")
-        os.makedirs(worker, exist_ok=True)
-        # Beside the image, so that a relative backing file name resolves.
-        state = os.path.join(os.path.dirname(image), f"state{slot}.qcow2")
-        return check_state(state, content, ctx, what, worker)
+        what, contents, ctx = jobs[job_index]
+        return check_state(slots[job_index % 2], image, contents, ctx, what, fmt)
 
-    # One file per worker slot: states in flight at once never share files.
     with ThreadPoolExecutor(2) as pool:
         failures = []
         for start in range(0, len(jobs), 2):
@@ -269,8 +308,43 @@ def repair_raises_refcount_scenario(directory, monkeypatch):
     return record_on(image, directory, monkeypatch, lambda dev, do: None)
 
 
+def data_file_scenario(raw: bool):
+    """An image with an external data file (rule 13), written at random: data in the
+    data file must be durable before the L2 entry that maps it, and with data_file_raw
+    the data file must hold zeros wherever the guest reads zeros."""
+    def scenario(directory, monkeypatch):
+        opts = "data_file=img.data" + (",data_file_raw=on" if raw else "")
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size=4096,{opts}",
+            "img.qcow2", str(4 * MiB), cwd=directory)
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "write -z 2M 64k",
+            "img.qcow2", cwd=directory)
+        ops = crash_ops(random.Random(5), 4 * MiB, 30)
+        return record_on(str(directory / "img.qcow2"), directory, monkeypatch,
+                         lambda dev, do: [do(op) for op in ops])
+    return scenario
+
+
+def data_file_reuse_scenario(directory, monkeypatch):
+    """A cluster of a data file image written, zeroed (the zero flag: the data file
+    keeps the old bytes), then written in part: the copy-on-write puts zeros around the
+    new bytes in the data file, and only once they are durable may the L2 entry map the
+    cluster again, or the old bytes would show through (rules 4 and 13)."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,data_file=img.data",
+        "img.qcow2", str(4 * MiB), cwd=directory)
+
+    def drive(dev, do):
+        do(("write", 8192, 4096, 0x5a))
+        do(("flush", 0, 0, 0))
+        do(("zero", 8192, 4096, 0))
+        do(("flush", 0, 0, 0))
+        do(("write", 8192 + 512, 512, 0x6b))
+        do(("flush", 0, 0, 0))
+
+    return record_on(str(directory / "img.qcow2"), directory, monkeypatch, drive)
+
+
 def random_scenario(shape_name: str, seed: int, count: int):
-    shape = next(s for s in SHAPES if s.name == shape_name)
+    shape = next(s for s in SHAPES + QED_SHAPES if s.name == shape_name)
     return lambda directory, monkeypatch: record_workload(
         shape, directory, crash_ops(random.Random(seed), shape.size, count), monkeypatch)
 
@@ -280,4 +354,7 @@ SCENARIOS = {
     "reftable-growth": reftable_growth_scenario,
     "repair-on-open": repair_on_open_scenario,
     "repair-raises-refcount": repair_raises_refcount_scenario,
+    "data-file": data_file_scenario(raw=False),
+    "data-file-raw": data_file_scenario(raw=True),
+    "data-file-reuse": data_file_reuse_scenario,
 }

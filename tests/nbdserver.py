@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 
+import nbd
 import pytest
 
 SERVE = shlex.split(os.environ.get("QNBD_SERVE_CMD", "")) or [sys.executable, "-m", "qnbd.cli", "serve"]
@@ -109,6 +110,31 @@ def serve():
         server.proc.communicate()
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# --- libnbd helpers ---------------------------------------------------------------------
+
+def connect(uri: str, *contexts) -> nbd.NBD:
+    h = nbd.NBD()
+    for c in contexts:
+        h.add_meta_context(c)
+    h.connect_uri(uri)
+    return h
+
+
+def status(h: nbd.NBD, context: str, offset: int, length: int, flags: int = 0):
+    """The descriptors one BLOCK_STATUS request returns for `context`, with offsets."""
+    out = []
+
+    def cb(name, off, entries, err):
+        if name == context:
+            pos = off
+            for n, f in zip(entries[::2], entries[1::2]):
+                out.append((pos, n, f))
+                pos += n
+        return 0
+    h.block_status(length, offset, cb, flags)
+    return out
 
 
 # --- a raw client: bytes on the wire, for edge cases and for what libnbd will not send ---
@@ -215,3 +241,69 @@ def meta_payload(name: str, queries) -> bytes:
     for q in queries:
         out += struct.pack(">I", len(q.encode())) + q.encode()
     return out
+
+
+# --- servers of either kind: qemu-nbd (the oracle) or qnbd serve ---
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    """A server process (qemu-nbd or qnbd serve) listening on a unix socket or TCP port."""
+
+    def __init__(self, cmd, sock=None, port=None):
+        self.sock, self.port = sock, port
+        self.proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if sock:
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(sock)
+                else:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"{cmd[0]} did not start: {self.stop()}")
+                time.sleep(0.02)
+
+    def where(self) -> list[str]:
+        return ["-k", self.sock] if self.sock else ["-b", "127.0.0.1", "-p", str(self.port)]
+
+    def stop(self) -> str:
+        """Stop the server; its stderr."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err or ""
+
+
+@pytest.fixture
+def servers():
+    """start(PROGRAM_ARGS..., tcp=False) -> a Running qemu-nbd or qnbd; stopped after."""
+    started, dirs = [], []
+
+    def start(program: str, *args, tcp: bool = False) -> Running:
+        d = short_tmpdir()
+        dirs.append(d)
+        sock, port = (None, free_port()) if tcp else (os.path.join(d, "s"), None)
+        where = ["-b", "127.0.0.1", "-p", port] if tcp else ["-k", sock]
+        cmd = ["qemu-nbd"] if program == "qemu-nbd" else serve_cmd()
+        server = Running([*cmd, "-t", *where, *args], sock, port)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)

@@ -3,6 +3,8 @@ defined once here, used by every test module (docs/DESIGN.md: tests against peer
 
 import subprocess
 
+from nbdserver import serve_cmd
+
 
 def run(*cmd, check=True, timeout=120, **kw) -> subprocess.CompletedProcess:
     """Run a command, text output captured; fails the test on a non-zero exit unless
@@ -27,3 +29,16 @@ def check_clean(image) -> None:
     r = run("qemu-img", "check", image, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "No errors were found" in r.stdout, r.stdout
+
+
+# --- qemu-nbd and `qnbd serve` side by side -------------------------------------------------
+
+def both(*args) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """The same command line run by qemu-nbd and by qnbd serve (exit codes not checked)."""
+    return (run("qemu-nbd", *args, check=False, timeout=30),
+            run(*serve_cmd(*args), check=False, timeout=30))
+
+
+def as_qnbd(qemu_text: str) -> str:
+    """qemu-nbd's output with its program name as qnbd's."""
+    return qemu_text.replace("qemu-nbd", "qnbd serve")

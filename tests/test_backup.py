@@ -19,7 +19,7 @@ import pytest
 
 from peers import check_clean, qemu_img, qemu_io, run
 from images import MiB
-from nbdserver import Server, run_serve, short_tmpdir, wait_for_socket
+from nbdserver import Server, connect, run_serve, short_tmpdir, status, wait_for_socket
 from bitmaputil import expected_dirty, info_bitmaps, qemu_dirty_map, qnbd
 
 SIZE = 16 * MiB
@@ -56,29 +56,6 @@ def qemu_nbd(*args):
 def stop_clean(server):
     code, err = server.stop()
     assert code == 0, err
-
-
-def connect(uri: str, *contexts) -> nbd.NBD:
-    h = nbd.NBD()
-    for c in contexts:
-        h.add_meta_context(c)
-    h.connect_uri(uri)
-    return h
-
-
-def status(h: nbd.NBD, context: str, offset: int, length: int, flags: int = 0):
-    """The descriptors one BLOCK_STATUS request returns for `context`, with offsets."""
-    out = []
-
-    def cb(name, off, entries, err):
-        if name == context:
-            pos = off
-            for n, f in zip(entries[::2], entries[1::2]):
-                out.append((pos, n, f))
-                pos += n
-        return 0
-    h.block_status(length, offset, cb, flags)
-    return out
 
 
 def full_map(h: nbd.NBD, context: str, size: int):
@@ -205,7 +182,8 @@ def test_unknown_bitmap_is_a_startup_error(tmp_path, fmt):
     qemu_img("create", "-q", "-f", fmt, img, str(SIZE))
     if fmt == "qcow2":
         qemu_img("bitmap", "--add", img, "other")
-    r = run_serve("-k", str(tmp_path / "s"), "-B", "nope", img)
+    # -f: a probed raw image would first warn about probing, as qemu-nbd does.
+    r = run_serve("-k", str(tmp_path / "s"), "-f", fmt, "-B", "nope", img)
     assert (r.returncode, r.stderr) == (1, "qnbd serve: Bitmap 'nope' is not found\n")
     if fmt == "qcow2":  # the failed start closed the image cleanly: no bitmap left in use
         assert in_use(img) == {"other": False}

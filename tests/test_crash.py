@@ -13,10 +13,13 @@ import random
 import pytest
 
 from crashrun import SCENARIOS, SHAPE_IDS, SHAPES, crash_ops, enumerate_crashes, record_workload
+from workload import with_compressed
 
-def run_enumeration(shape, tmp_path, seed, count, monkeypatch) -> int:
+def run_enumeration(shape, tmp_path, seed, count, monkeypatch, compressed=False) -> int:
     rng = random.Random(seed)
     ops = crash_ops(rng, shape.size, count)
+    if compressed:
+        ops = with_compressed(rng, ops, shape.size)
     image, intervals = record_workload(shape, tmp_path, ops, monkeypatch)
     checked, failures = enumerate_crashes(image, intervals, seed, tmp_path)
     assert not failures, f"{len(failures)} of {checked} crash states fail:\n" + \
@@ -39,6 +42,16 @@ def test_scenario_power_cuts(name, tmp_path, monkeypatch):
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_enumerated_power_cuts(shape, tmp_path, monkeypatch):
     checked = run_enumeration(shape, tmp_path, 1, 8, monkeypatch)
+    assert checked >= 20, f"only {checked} crash states: the workload wrote too little"
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s.name in
+                                   ("c512-r64-raw", "c4k-r1", "lazy", "zlib")],
+                         ids=lambda s: s.name)
+def test_enumerated_power_cuts_with_compressed_writes(shape, tmp_path, monkeypatch):
+    """Compressed writes (qnbd convert -c) among the rest: packed host clusters shared
+    by several compressed clusters, 1-bit refcounts that forbid sharing."""
+    checked = run_enumeration(shape, tmp_path, 2, 16, monkeypatch, compressed=True)
     assert checked >= 20, f"only {checked} crash states: the workload wrote too little"
 
 

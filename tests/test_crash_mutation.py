@@ -14,26 +14,31 @@ from qnbd.block.storage import Barrier, Storage
 
 from crashrun import SCENARIOS, enumerate_crashes, random_scenario
 
-EXPOSED_BY = {
-    Barrier.BEFORE_L2: SCENARIOS["issue-10"],
-    Barrier.BEFORE_L1: random_scenario("c512-r64-raw", 1, 25),
-    Barrier.BEFORE_RELEASE: random_scenario("c4k-r1", 1, 25),
-    Barrier.NEW_REFBLOCK: random_scenario("c512-r64-raw", 1, 25),
-    Barrier.BEFORE_HEADER: random_scenario("bitmaps", 1, 25),
-    Barrier.HEADER: SCENARIOS["reftable-growth"],
-    Barrier.BITMAPS_IN_USE: random_scenario("bitmaps", 1, 25),
-    Barrier.FLUSH: random_scenario("c512-r64-raw", 1, 25),
-    Barrier.REPAIR: SCENARIOS["repair-raises-refcount"],
-}
+EXPOSED_BY = [
+    (Barrier.BEFORE_L2, "issue-10"),
+    (Barrier.BEFORE_L2, "data-file-reuse"),  # data in the data file before the mapping
+    (Barrier.BEFORE_L1, random_scenario("c512-r64-raw", 1, 25)),
+    (Barrier.BEFORE_RELEASE, random_scenario("c4k-r1", 1, 25)),
+    (Barrier.NEW_REFBLOCK, random_scenario("c512-r64-raw", 1, 25)),
+    (Barrier.BEFORE_HEADER, random_scenario("bitmaps", 1, 25)),
+    (Barrier.HEADER, "reftable-growth"),
+    (Barrier.BITMAPS_IN_USE, random_scenario("bitmaps", 1, 25)),
+    (Barrier.FLUSH, random_scenario("c512-r64-raw", 1, 25)),
+    (Barrier.REPAIR, "repair-raises-refcount"),
+    (Barrier.NEED_CHECK, random_scenario("qed-c4k", 1, 8)),  # QED, rule 12
+]
 
 
 def test_every_barrier_has_a_workload_that_needs_it():
-    assert set(EXPOSED_BY) == set(Barrier)
+    assert {barrier for barrier, _ in EXPOSED_BY} == set(Barrier)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("barrier", list(EXPOSED_BY), ids=lambda b: b.name)
-def test_removing_a_barrier_breaks_some_crash_state(barrier, tmp_path, monkeypatch):
+@pytest.mark.parametrize("barrier,scenario", EXPOSED_BY,
+                         ids=[f"{b.name}-{s if isinstance(s, str) else 'random'}"
+                              for b, s in EXPOSED_BY])
+def test_removing_a_barrier_breaks_some_crash_state(barrier, scenario, tmp_path,
+                                                    monkeypatch):
     real_sync = Storage.sync
 
     def sync(self, why):
@@ -43,7 +48,8 @@ def test_removing_a_barrier_breaks_some_crash_state(barrier, tmp_path, monkeypat
     with monkeypatch.context() as m:
         m.setattr(Storage, "sync", sync)
         m.setattr(qnbd.fileio.File, "punch_hole", lambda self, offset, length: False)
-        image, intervals = EXPOSED_BY[barrier](tmp_path, m)
+        run = SCENARIOS[scenario] if isinstance(scenario, str) else scenario
+        image, intervals = run(tmp_path, m)
     checked, failures = enumerate_crashes(image, intervals, 1, tmp_path)
     assert failures, f"without {barrier.name}, none of {checked} crash states failed"
     print(f"\nwithout {barrier.name}: {len(failures)} of {checked} states fail, e.g. {failures[0][:300]}")

@@ -1,10 +1,10 @@
 """Image locks against real qemu-img, qemu-io and qemu-nbd processes (DESIGN.md rule 11):
 a writer excludes every other writer and every lock-taking reader; -U readers pass."""
 
-import os
 import subprocess
-import time
+import sys
 
+import nbd
 import pytest
 
 from qnbd.formats import open_image
@@ -13,7 +13,7 @@ from qnbd.lock import ImageInUse
 from qnbd.qcow2.check import check_image
 
 from peers import qemu_img
-
+from qcow2util import sha256
 
 
 @pytest.fixture
@@ -32,40 +32,6 @@ def raw(tmp_path):
 
 def qemu(*args):
     return subprocess.run(list(args), capture_output=True, text=True, timeout=30)
-
-
-def wait_for_locks(path, timeout=10):
-    """Until some process holds OFD locks on the file (qemu takes them at open)."""
-    ino = os.stat(path).st_ino
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open("/proc/locks") as f:
-            if any(f":{ino} " in line and "OFDLCK" in line for line in f):
-                return
-        time.sleep(0.02)
-    raise AssertionError("qemu took no lock")
-
-
-@pytest.fixture
-def qemu_holder():
-    """Start a qemu-nbd (or qemu-io) holding an image until the test ends."""
-    procs = []
-
-    def start(path, fmt="qcow2", read_only=False, tool="qemu-nbd"):
-        if tool == "qemu-nbd":
-            cmd = ["qemu-nbd", "-f", fmt, "-k", path + ".sock"] + (["-r"] if read_only else [])
-        else:  # qemu-io stays open while its stdin does
-            cmd = ["qemu-io", "-f", fmt] + (["-r"] if read_only else [])
-        p = subprocess.Popen(cmd + [path], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        procs.append(p)
-        wait_for_locks(path)
-        return p
-
-    yield start
-    for p in procs:
-        p.kill()
-        p.wait()
 
 
 @pytest.mark.parametrize("tool", ["qemu-nbd", "qemu-io"])
@@ -136,3 +102,49 @@ def test_raw_like_qemu_nbd(raw, qemu_holder):
 def test_force_share_needs_read_only(qcow2):
     with pytest.raises(ImageError, match="read-only"):
         open_image(qcow2, "qcow2", read_only=False, force_share=True)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_create_over_a_served_image_is_refused_and_leaves_it_intact(tmp_path, serve, fmt):
+    """Issue 16.7: `qnbd create` truncated an image a `qnbd serve` was writing (rc 0, the
+    client then got EIO). Like `qemu-img create`, it now locks before emptying the file:
+    it fails in one line and the image, and the client's session, are untouched."""
+    path = str(tmp_path / f"served.{fmt}")
+    qemu_img("create", "-q", "-f", fmt, path, "4M")
+    server = serve(path, "-f", fmt)
+    h = nbd.NBD()
+    h.connect_uri(server.uri)
+    h.pwrite(b"kept" * 1024, 65536)
+    h.flush()
+    before = sha256(path)
+    qemu_says = qemu("qemu-img", "create", "-f", fmt, path, "1M")
+    assert qemu_says.returncode == 1
+    assert "Is another process using the image" in qemu_says.stderr
+    for create_fmt in ("qcow2", "raw"):
+        r = subprocess.run([sys.executable, "-m", "qnbd.cli", "create", "-f", create_fmt,
+                            path, "1M"], capture_output=True, text=True)
+        assert r.returncode == 1
+        assert r.stderr.count("\n") == 1 and "Is another process using the image" in r.stderr
+    assert sha256(path) == before
+    assert h.pread(4096, 65536) == b"kept" * 1024
+    h.shutdown()
+    code, err = server.stop()
+    assert code == 0, err
+    assert qemu_img("info", "--output=json", path).stdout.count(f'"format": "{fmt}"') == 1
+
+
+@pytest.mark.parametrize("args", [["bitmap", "--add"], ["check", "-r", "all"]],
+                         ids=["bitmap", "check-r"])
+def test_other_writing_tools_refuse_a_served_image(tmp_path, serve, args):
+    """The other commands that write (qnbd bitmap, qnbd check -r) lock too."""
+    path = str(tmp_path / "served.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    server = serve(path, "-f", "qcow2")
+    before = sha256(path)
+    extra = ["b"] if args[0] == "bitmap" else []
+    r = subprocess.run([sys.executable, "-m", "qnbd.cli", *args, path, *extra],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "in use" in r.stderr, r.stderr
+    assert sha256(path) == before
+    code, err = server.stop()
+    assert code == 0, err

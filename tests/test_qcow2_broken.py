@@ -13,6 +13,7 @@ nothing else is written.
 import errno
 import gzip
 import os
+import resource
 import shutil
 import signal
 import struct
@@ -25,6 +26,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from qnbd.errors import IOFailure, QnbdError
 from qnbd.formats import open_image
+from qnbd.qcow2.bitmap_data import DirtyBitmap
+from qnbd.qcow2.bitmap_format import bitmap_bytes
 
 from peers import qemu_img, qemu_io
 from qcow2util import COPIED, EXT_BITMAPS, bitmap_locations, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, feature_entry, patch_bytes, patch_fields, patch_u64, qemu_info, qemu_says_corrupt, read_extensions, read_field, read_u64, truncate, write_extensions
@@ -83,6 +86,31 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
+# Opening and reading a 4 MiB test image needs a few MiB; a table or bitmap sized by what a
+# damaged field claims needs far more (issue 16.3: 2 GiB for four bitmaps).
+MEMORY_BUDGET = 512 << 20
+
+
+@contextmanager
+def memory_limit(budget: int = MEMORY_BUDGET):
+    """RLIMIT_AS lowered to what the process maps now plus `budget`: an allocation driven
+    by the file's contents raises MemoryError (and fails the test) instead of passing
+    unnoticed on a machine with memory to spare or overcommit. Only the soft limit moves,
+    so it is restored afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * resource.getpagesize()
+    limit = mapped + budget if hard == resource.RLIM_INFINITY else min(mapped + budget, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    except MemoryError:
+        raise AssertionError(f"more than {budget >> 20} MiB allocated for a damaged image "
+                             "(sized by what the file claims?)") from None
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def read_all(img) -> None:
     """Every byte (up to READ_LIMIT and the last chunk) and every loaded bitmap's extents,
     as a client of `qnbd serve -B` would read them."""
@@ -132,20 +160,21 @@ def try_open_and_read(path, read_only: bool, timeout: float = 10):
     before = path.read_bytes()
     error = stage = None
     img = None
-    try:
-        with time_limit(timeout):
-            stage = "open"
-            img = open_image(str(path), "qcow2", read_only=read_only)
-            stage = "read"
-            read_all(img)
-    except QnbdError as e:
-        error = e
-    finally:
-        if img is not None:
-            try:
-                img.close()
-            except QnbdError as e:  # e.g. storing bitmaps into a damaged image
-                error, stage = error or e, stage if error else "close"
+    with memory_limit():
+        try:
+            with time_limit(timeout):
+                stage = "open"
+                img = open_image(str(path), "qcow2", read_only=read_only)
+                stage = "read"
+                read_all(img)
+        except QnbdError as e:
+            error = e
+        finally:
+            if img is not None:
+                try:
+                    img.close()
+                except QnbdError as e:  # e.g. storing bitmaps into a damaged image
+                    error, stage = error or e, stage if error else "close"
     if error is None:
         return None
     message = str(error)
@@ -212,11 +241,15 @@ FIELD_CASES = [
     ("reftable-clusters-huge", dict(refcount_table_clusters=0xFFFFFFFF),
      "refcount_table_clusters"),
     ("reftable-clusters-past-eof", dict(refcount_table_clusters=100),
-     "refcount_table offset"),
+     "refcount_table (0x10000, 6553600 bytes) runs past the end of the file"),
     ("nb-snapshots-huge", dict(nb_snapshots=0xFFFFFFFF, snapshots_offset=0x10000),
      "nb_snapshots"),
     ("snapshots-past-eof", dict(nb_snapshots=1, snapshots_offset=0x10000000000),
      "snapshots offset 0x10000000000 is past the end of the file"),
+    # Issue 16: the offset is inside the file, the table is not; the error said the
+    # offset was past the end.
+    ("snapshots-table-past-eof", dict(nb_snapshots=60000, snapshots_offset=0x10000),
+     "snapshots (0x10000, 2400000 bytes) runs past the end of the file"),
     ("snapshots-unaligned", dict(nb_snapshots=1, snapshots_offset=0x10008), "snapshots"),
     ("crypt-aes", dict(crypt_method=1), "encrypted images are not supported"),
     ("crypt-luks", dict(crypt_method=2), "encrypted images are not supported"),
@@ -624,6 +657,26 @@ def test_fuzz_open_and_read(fuzz_bases, tmp_path, base, edits, read_only):
     path = tmp_path / "fuzz.qcow2"
     path.write_bytes(data)
     try_open_and_read(path, read_only)
+
+
+def test_fuzz_property_fails_on_allocations_sized_by_the_file(tmp_path, monkeypatch):
+    """The property the fuzzers check includes memory: were bitmaps loaded whole again (as
+    before issue 16.3: four bitmaps of a 2 TiB disk at granularity 512 are 2 GiB), the
+    open would fail the test instead of passing on a machine with memory to spare."""
+    path = tmp_path / "big.qcow2"
+    qemu_img("create", "-f", "qcow2", str(path), "2T")
+    for i in range(4):
+        qemu_img("bitmap", "--add", "-g", "512", str(path), f"b{i}")
+    assert try_open_and_read(path, read_only=True) is None  # paged: well within budget
+    paged_init = DirtyBitmap.__init__
+
+    def eager_init(self, entry, disk_size, *args, **kwargs):
+        paged_init(self, entry, disk_size, *args, **kwargs)
+        self.bits = bytearray(bitmap_bytes(disk_size, entry.granularity))  # the old load
+
+    monkeypatch.setattr(DirtyBitmap, "__init__", eager_init)
+    with pytest.raises(AssertionError, match="MiB allocated for a damaged image"):
+        try_open_and_read(path, read_only=True)
 
 
 @pytest.mark.parametrize("target", [0x10000, L1])

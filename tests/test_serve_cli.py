@@ -36,14 +36,15 @@ def sock_path():
     (["--bitmap", "b0"], "Bitmap 'b0' is not found"),  # a raw image has no bitmaps
     (["--tls-creds", "/nonexistent"],
      "TLS credentials in '/nonexistent' cannot be loaded: No such file or directory"),
-    (["-o", "512"], "option --offset is not supported yet"),
-    (["--detect-zeroes=unmap"], "--detect-zeroes=unmap can only be used if discard is set to unmap"),
+    (["-l", "snap"], "Failed to load snapshot: the raw format has no internal snapshots"),
+    (["--detect-zeroes=unmap"], "setting detect-zeroes to unmap is not allowed without setting "
+     "discard operation to unmap"),
     (["-k", "/tmp/x.sock", "-p", "1234"], "-k cannot be combined with -b or -p"),
     (["--config", "/nonexistent.toml"], "/nonexistent.toml: No such file or directory"),
 ])
 def test_refused_options_one_line(tmp_path, args, message):
     img = make_raw(tmp_path / "a.raw", MiB)
-    r = run_serve(*args, img) if args[0] != "--config" else run_serve(*args)
+    r = run_serve(*args, "-f", "raw", img) if args[0] != "--config" else run_serve(*args)
     assert r.returncode == 1
     assert r.stderr.strip() == f"qnbd serve: {message}", r.stderr
     assert "Traceback" not in r.stderr
@@ -59,7 +60,7 @@ def test_bad_values_rejected_by_parser(tmp_path):
     img = make_raw(tmp_path / "a.raw", MiB)
     for bad in (["--discard", "sometimes"], ["-e", "-3"], ["-p", "70000"], ["--cache", "fast"]):
         r = run_serve(*bad, img)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, bad
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, (bad, r.stderr)
 
 
 # --- lifecycle ---
@@ -383,7 +384,9 @@ def test_config_export_client_limit_refuses_go(tmp_path):
         first = nbd.NBD()
         first.connect_uri(server.uri_for("a"))
         second = nbd.NBD()
-        with pytest.raises(nbd.Error, match="policy prevents NBD_OPT_GO"):
+        # NBD_REP_ERR_POLICY: libnbd 1.14 says "server policy prevents NBD_OPT_GO",
+        # 1.22 "server policy prevents the operation: " and the server's message.
+        with pytest.raises(nbd.Error, match="server policy prevents"):
             second.connect_uri(server.uri_for("a"))
         first.shutdown()
     finally:

@@ -196,9 +196,12 @@ def test_verify_peer_off_accepts_clients_without_certificates(serve, pki, image,
 
 
 @pytest.mark.parametrize("authz, allowed", [
-    (["CN=alice,O=Example"], {"alice"}),   # RFC 4514 distinguished name, as qemu prints it
+    (["CN=alice,O=Example"], {"alice"}),   # a distinguished name, RFC 4514 order
+    (["O=Example,CN=alice"], {"alice"}),   # or qemu's (the certificate's order)
     (["bob"], {"bob"}),                    # or the common name
-    (["CN=alice", "O=Example"], set()),    # neither: partial names do not match
+    (["CN=alice"], {"alice"}),             # or some attributes (the README's example)
+    (["O=Example"], {"alice"}),
+    (["CN=alice,O=Other"], set()),         # every attribute given must be there
     (["CN=bob", "alice"], {"alice", "bob"}),
 ])
 def test_tls_authz(serve, pki, image, authz, allowed):
@@ -340,8 +343,8 @@ def test_selective_tls_authz(selective, pki):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tls", "on"], "--tls, --tls-verify-peer and --tls-authz need --tls-creds"),
-    (["--tls-authz", "alice"], "--tls, --tls-verify-peer and --tls-authz need --tls-creds"),
+    (["--tls", "on"], "--tls and --tls-verify-peer need --tls-creds"),
+    (["--tls-authz", "alice"], "--tls-authz is not permitted without --tls-creds"),
     (["--tls-creds", "CREDS", "--tls-verify-peer=off", "--tls-authz", "alice"],
      "--tls-authz needs client certificates to be verified (verify-peer on)"),
 ])

@@ -13,7 +13,6 @@ import subprocess
 import threading
 import time
 
-import nbd
 import pytest
 
 from qnbd.formats import open_image
@@ -21,31 +20,10 @@ from qnbd.errors import ImageError
 
 from peers import qemu_img
 from images import MiB
+from nbdload import write_load
 
 SIZE = 32 * MiB
 SECTOR = 512
-
-
-def write_load(uri, rng, state, stop):
-    """Random writes with a flush now and then, recording what is acknowledged."""
-    h = nbd.NBD()
-    try:
-        h.connect_uri(uri)
-        while not stop.is_set():
-            if rng.random() < 0.1:
-                h.flush()
-                state["flushed"] = bytes(state["model"])
-                state["touched"] = bytearray(SIZE // SECTOR)
-                continue
-            n = rng.choice([512, 4096, 65536, 200000])
-            off = rng.randrange(0, SIZE - n) // SECTOR * SECTOR
-            data = bytes([rng.randrange(1, 256)]) * n
-            first, last = off // SECTOR, (off + n - 1) // SECTOR
-            state["touched"][first:last + 1] = b"\1" * (last - first + 1)
-            h.pwrite(data, off)
-            state["model"][off:off + n] = data
-    except nbd.Error:
-        pass  # the server was killed under us
 
 
 def converted(image, tmp_path):
@@ -68,7 +46,7 @@ def test_sigkill_under_write_load(serve, tmp_path, options):  # noqa: F811
                  "touched": bytearray(SIZE // SECTOR)}
         server = serve(image, "-f", "qcow2")
         stop = threading.Event()
-        t = threading.Thread(target=write_load, args=(server.uri, rng, state, stop))
+        t = threading.Thread(target=write_load, args=(server.uri, rng, state, stop, SIZE))
         t.start()
         time.sleep(rng.uniform(0.2, 0.8))
         server.proc.send_signal(signal.SIGKILL)

@@ -2,6 +2,12 @@
 a server directory (ca-cert.pem, server-cert.pem, server-key.pem) and one client
 directory per name (ca-cert.pem, client-cert.pem, client-key.pem), which is also what
 libnbd's set_tls_certificates and qemu's endpoint=client read. EC P-256 keys keep it fast.
+
+The extensions are those of a real CA (RFC 5280 4.2.1), because verifiers check them:
+Python 3.13's default contexts set VERIFY_X509_STRICT, which rejects a CA certificate
+without keyUsage (keyCertSign) and leaf certificates without an authority key identifier,
+and GnuTLS (qemu, libnbd) wants basicConstraints CA:TRUE on the CA, as qemu's
+docs/system/tls.rst shows with certtool ("ca", "cert_signing_key").
 """
 
 import os
@@ -19,11 +25,21 @@ def _key(name, cwd):
 
 
 def _sign(cwd, key, cert, subject, ext: str, ca_key="ca-key.pem", ca_cert="ca-cert.pem"):
+    _openssl("req", "-new", "-key", key, "-subj", subject, "-out", "req.csr", cwd=cwd)
+    ext = ("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+           "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid:always\n" + ext)
     with open(os.path.join(cwd, "ext.cnf"), "w") as f:
         f.write(ext)
-    _openssl("req", "-new", "-key", key, "-subj", subject, "-out", "req.csr", cwd=cwd)
     _openssl("x509", "-req", "-in", "req.csr", "-CA", ca_cert, "-CAkey", ca_key,
              "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", cert, cwd=cwd)
+
+
+def _ca(key, cert, subject, cwd):
+    _key(key, cwd)
+    _openssl("req", "-x509", "-new", "-key", key, "-subj", subject, "-days", "2",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             "-addext", "subjectKeyIdentifier=hash", "-out", cert, cwd=cwd)
 
 
 def make_pki(root, clients: dict[str, str]) -> dict[str, str]:
@@ -31,9 +47,7 @@ def make_pki(root, clients: dict[str, str]) -> dict[str, str]:
     "rogue" (a client signed by another CA); returns name -> directory."""
     work = os.path.join(root, "ca")
     os.makedirs(work)
-    _key("ca-key.pem", work)
-    _openssl("req", "-x509", "-new", "-key", "ca-key.pem", "-subj", "/CN=qnbd test CA",
-             "-days", "2", "-out", "ca-cert.pem", cwd=work)
+    _ca("ca-key.pem", "ca-cert.pem", "/CN=qnbd test CA", work)
     _key("server-key.pem", work)
     _sign(work, "server-key.pem", "server-cert.pem", "/O=qnbd/CN=localhost",
           "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
@@ -47,9 +61,7 @@ def make_pki(root, clients: dict[str, str]) -> dict[str, str]:
               "extendedKeyUsage=clientAuth\n")
         dirs[name] = _client_dir(root, name, work, f"{name}-cert.pem", f"{name}-key.pem")
     # A client certificate from a CA the server does not trust.
-    _key("rogue-ca-key.pem", work)
-    _openssl("req", "-x509", "-new", "-key", "rogue-ca-key.pem", "-subj", "/CN=rogue CA",
-             "-days", "2", "-out", "rogue-ca-cert.pem", cwd=work)
+    _ca("rogue-ca-key.pem", "rogue-ca-cert.pem", "/CN=rogue CA", work)
     _key("rogue-key.pem", work)
     _sign(work, "rogue-key.pem", "rogue-cert.pem", "/CN=alice", "extendedKeyUsage=clientAuth\n",
           ca_key="rogue-ca-key.pem", ca_cert="rogue-ca-cert.pem")

@@ -3,12 +3,15 @@ of an image as plain bytes, under the BlockDevice contract (qnbd/block/base.py).
 
 import os
 
-from peers import qemu_img
+from peers import run
 
 
 def converted(image, fmt, directory):
     out = os.path.join(str(directory), "expected.raw")
-    qemu_img("convert", "-U", "-f", fmt, "-O", "raw", image, out)  # -U: the test holds it open
+    # -U: the test holds it open; run beside the image, where qemu looks for a relative
+    # external data file name.
+    run("qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", image, out,
+        cwd=os.path.dirname(str(image)) or None)
     with open(out, "rb") as f:
         return f.read()
 
@@ -54,9 +57,38 @@ def random_ops(rng, size, count):
     return ops
 
 
+def with_compressed(rng, ops, size):
+    """Some writes of `ops` turned into compressed writes of whole 64 KiB-aligned runs
+    (qnbd convert -c's writes; apply_ops writes them cluster by cluster)."""
+    out = []
+    for kind, off, n, pattern in ops:
+        if kind == "write" and rng.random() < 0.5:
+            off = off // 65536 * 65536
+            kind, n = "compress", min(65536, size - off)
+        out.append((kind, off, n, pattern))
+    return out
+
+
+def _compressible(pattern, n):
+    unit = bytes([pattern]) * 48 + bytes(range(16))
+    return (unit * (n // len(unit) + 1))[:n]
+
+
 def apply_ops(dev, model, ops):
     for kind, off, n, pattern in ops:
-        if kind == "write":
+        if kind == "compress":
+            # Compressed where the cluster is free (write_compressed never overwrites),
+            # an ordinary write elsewhere.
+            cs = dev.cluster_size
+            for pos in range(off, off + n, cs):
+                buf = _compressible(pattern, min(cs, dev.size - pos))
+                status = dev.layer_status(pos, len(buf))[0]
+                if not status.data and status.host_offset is None:
+                    dev.write_compressed(pos, buf)
+                else:
+                    dev.write(pos, buf)
+                model.write(pos, buf)
+        elif kind == "write":
             buf = bytes([pattern]) * n
             dev.write(off, buf, fua=pattern % 17 == 0)
             model.write(off, buf)

@@ -26,9 +26,26 @@ class Extent(NamedTuple):
     depth: int
 
 
+class LayerExtent(NamedTuple):
+    """What one layer of a chain says about a run of bytes, without looking below it:
+    qemu's bdrv_block_status() of one node (include/block/block-common.h, BDRV_BLOCK_*).
+    Neither data nor zero means "not allocated here": the backing file decides.
+
+    host_offset: where the bytes lie, contiguously, in the file `file` (None when they
+    do not lie as they read, e.g. compressed clusters).
+    """
+
+    length: int
+    data: bool
+    zero: bool
+    host_offset: int | None
+    file: str | None
+
+
 class BlockDevice(Protocol):
     size: int
     read_only: bool
+    backing: "BlockDevice | None"  # the layer below, whose data shows where this one has none
     # True when write_zeroes(fast=True) can ever succeed (NBD_FLAG_SEND_FAST_ZERO).
     supports_fast_zero: bool
 
@@ -57,6 +74,10 @@ class BlockDevice(Protocol):
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Extents covering at least [offset, offset+length), at most to `size`;
         the first starts at `offset`. May stop early but returns at least one extent."""
+
+    def layer_status(self, offset: int, length: int) -> list[LayerExtent]:
+        """This layer alone, from `offset`: extents covering at least a prefix of the
+        range (qemu-img map and convert -B walk the chain themselves)."""
 
     def close(self) -> None:
         """Flush and release; the image is left clean."""

@@ -40,18 +40,35 @@ class BackingChain:
     def open(self, path: str, fmt: str | None, read_only: bool, **options):
         below = BackingChain(self.opener, self.policy, self.max_depth,
                              self.above + (os.path.realpath(path),))
-        return self.opener(path, fmt, read_only, below.open_backing, **options)
+        return self.opener(path, fmt, read_only, below.open_backing,
+                           data_file_path=below.data_file_path, **options)
+
+    def _allowed(self, image_path: str, name: str, what: str, protocols: bool) -> str:
+        """The path (or, where `protocols`, the protocol URI) a name from an image header
+        means, if the policy allows it. `same-dir` allows no protocol: it is no file
+        there."""
+        protocol = ":" in name.split("/", 1)[0]
+        if protocol and not protocols:
+            raise ImageError(f"{what} '{printable(name)}' uses a protocol prefix, "
+                             "which is not supported")
+        path = name if protocol else resolve_backing(image_path, name)
+        if self.policy == "none" or self.policy == "same-dir" and (
+                protocol or os.path.dirname(os.path.realpath(path))
+                != os.path.dirname(self.above[0])):
+            raise ImageError(f"{what} '{printable(path)}' is not allowed by the "
+                             f"backing policy '{self.policy}'")
+        return path
+
+    def data_file_path(self, image_path: str, name: str) -> str:
+        """An external data file named by an image, under the same policy as backing
+        files: an untrusted image must not pick a host file to read and write."""
+        return self._allowed(image_path, name, "data file", protocols=False)
 
     def open_backing(self, image_path: str, name: str, fmt: str | None):
-        if ":" in name.split("/", 1)[0]:
-            raise ImageError(f"backing file '{printable(name)}' uses a protocol prefix, "
-                             "which is not supported")
-        path = resolve_backing(image_path, name)
-        real = os.path.realpath(path)
-        if self.policy == "none" or self.policy == "same-dir" and \
-                os.path.dirname(real) != os.path.dirname(self.above[0]):
-            raise ImageError(f"backing file '{printable(path)}' is not allowed by the "
-                             f"backing policy '{self.policy}'")
+        # A protocol (an NBD URI, ...) is opened by name, as qemu does; the opener refuses
+        # those it has no driver for.
+        path = self._allowed(image_path, name, "backing file", protocols=True)
+        real = path if ":" in name.split("/", 1)[0] else os.path.realpath(path)
         if real in self.above:
             raise ImageError(f"backing file '{printable(path)}' makes a loop in the "
                              "backing chain")

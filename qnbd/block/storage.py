@@ -29,6 +29,7 @@ class Barrier(enum.Enum):
     BEFORE_HEADER = "new tables durable before the header points to them"
     HEADER = "a header change durable before anything that relies on it"
     BITMAPS_IN_USE = "bitmaps marked in use durably before the first write (rule 9)"
+    NEED_CHECK = "QED: NEED_CHECK durable before the metadata changes it covers (rule 12)"
     FLUSH = "everything acknowledged is durable (NBD_CMD_FLUSH, FUA)"
     REPAIR = "a repair step durable before the next one"
 

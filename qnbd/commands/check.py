@@ -16,11 +16,12 @@ _FIX_MODES = {"leaks": FIX_LEAKS, "all": FIX_ALL}
 
 def add_parser(subparsers):
     p = subparsers.add_parser(
-        "check", help="check (and repair) a qcow2 image (like qemu-img check)",
-        description="Walk every reference in a qcow2 image, compare with the stored "
-                    "refcounts and COPIED flags, and with -r repair what was found.")
+        "check", help="check (and repair) a qcow2 or qed image (like qemu-img check)",
+        description="Walk every reference in a qcow2 or qed image (qcow2: compare with "
+                    "the stored refcounts and COPIED flags), and with -r repair what was "
+                    "found.")
     p.add_argument("-f", dest="fmt", metavar="FMT",
-                   help="image format (probed if absent; qcow2 can be checked)")
+                   help="image format (probed if absent; qcow2 and qed can be checked)")
     p.add_argument("-r", dest="repair", choices=tuple(_FIX_MODES),
                    help="repair leaks only, or all inconsistencies")
     p.add_argument("--output", choices=("human", "json"), default="human")

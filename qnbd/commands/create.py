@@ -12,11 +12,12 @@ def add_parser(subparsers):
         description="Create a new empty image. SIZE takes k, M, G, T, P or E suffixes "
                     "(powers of 1024). An existing FILE is overwritten.")
     p.add_argument("-f", dest="fmt", default="raw", metavar="FMT",
-                   help="image format: qcow2 or raw (default raw, as qemu-img)")
+                   help="image format: qcow2, qed or raw (default raw, as qemu-img)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="comma-separated format options: compat=0.10|1.1, cluster_size=N, "
                         "refcount_bits=N, lazy_refcounts=on|off, backing_file=F, "
-                        "backing_fmt=F, compression_type=zlib|zstd")
+                        "backing_fmt=F, compression_type=zlib|zstd; qed: cluster_size=N, "
+                        "table_size=N, backing_file=F, backing_fmt=F")
     p.add_argument("-b", dest="backing_file", metavar="BACKING", help="backing file")
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="backing file format")
     p.add_argument("-u", dest="unsafe", action="store_true",
@@ -40,18 +41,30 @@ def run(args) -> int:
         kwargs["backing_file"] = args.backing_file
     if args.backing_fmt is not None:
         kwargs["backing_fmt"] = args.backing_fmt
-    size = formats.create_image(args.fmt, args.filename, kwargs.pop("size", None), kwargs,
+    requested = kwargs.pop("size", None)
+    size = formats.create_image(args.fmt, args.filename, requested, kwargs,
                                 open_backing_file=not args.unsafe)
-    _report(args, _describe(args.fmt, size, kwargs))
+    _report(args, _describe(driver, args.fmt, size, kwargs, requested))
     return 0
 
 
-def _describe(fmt: str, size: int, options: dict) -> str:
-    """qemu-img create's "Formatting" line: the format's options with their defaults."""
+def _describe(driver, fmt: str, size: int, options: dict, requested: int | None) -> str:
+    """qemu-img create's "Formatting" line: the format's options with their defaults
+    (a format's own `describe` gets the size as given, before rounding)."""
+    if driver.describe is not None:
+        return driver.describe(size if requested is None else requested, options)
     if fmt != "qcow2":
         return f"fmt={fmt} size={size}"
-    described = {"cluster_size": 65536, "compression_type": "zlib", "size": size,
-                 **options, "lazy_refcounts": "on" if options.get("lazy_refcounts") else "off"}
+    onoff = {True: "on", False: "off"}
+    described = {"cluster_size": options.get("cluster_size", 65536), "extended_l2": "off",
+                 "compression_type": options.get("compression_type", "zlib"), "size": size}
+    # Then what was given, in the order of qemu's qcow2 option list, then the defaults.
+    for key in ("compat", "backing_file", "backing_fmt", "data_file", "data_file_raw"):
+        if key in options:
+            value = options[key]
+            described[key] = onoff[value] if isinstance(value, bool) else value
+    described["lazy_refcounts"] = onoff[bool(options.get("lazy_refcounts"))]
+    described["refcount_bits"] = options.get("refcount_bits", 16)
     return "fmt=qcow2 " + " ".join(f"{k}={v}" for k, v in described.items())
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 
 from ..formats import chain_info, image_info
 
@@ -64,10 +65,28 @@ def human(info: dict) -> str:
         lines.append(line)
     if "backing-filename-format" in info:
         lines.append(f"backing file format: {info['backing-filename-format']}")
+    if "snapshots" in info:
+        lines += snapshot_list(info["snapshots"])
     if "format-specific" in info:
         lines.append("Format specific information:")
         _dump(info["format-specific"]["data"], 1, lines)
     return "\n".join(lines) + "\n"
+
+
+def snapshot_list(snapshots: list[dict]) -> list[str]:
+    """qemu's "Snapshot list:" table (block/qapi.c, bdrv_snapshot_dump): dates in local
+    time, the VM clock as hours:minutes:seconds.milliseconds."""
+    lines = ["Snapshot list:",
+             f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    for s in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+        secs = s["vm-clock-sec"]
+        clock = (f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
+                 f"{s['vm-clock-nsec'] // 10**6:03d}")
+        icount = str(s["icount"]) if "icount" in s else ""
+        lines.append(f"{s['id']:<9} {s['name']:<16} {size_to_str(s['vm-state-size']):>8}"
+                     f"{date:>20}{clock:>13}{icount:>11}")
+    return lines
 
 
 def _dump(value, depth: int, lines: list[str]) -> None:

@@ -5,64 +5,91 @@ import argparse
 import logging
 import os
 
+from .. import image_opts
+from ..cli import version_text
 from ..config import (DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT, Listener, ServerConfig,
                       check_tls_only, load_config)
 from ..errors import QnbdError
-from ..export import CACHE_MODES, DETECT_ZEROES_MODES, DISCARD_MODES, ExportConfig
+from ..export import ExportConfig
 from ..logconfig import FORMATS as LOG_FORMATS, LEVELS as LOG_LEVELS, configure as configure_log
 from ..nbd.listeners import socket_activation
 from ..nbd.server import serve
-from ..nbd.tls import MODES as TLS_MODES, TlsConfig, load_authz
+from ..nbd.tls import MODES as TLS_MODES
 from ..block.chain import BACKING_POLICIES
-from ..formats import DRIVERS
+from . import serve_values as v
+from .serve_tls import cli_tls, list_creds
 
 # qemu-nbd options that qnbd does not implement yet: accepted by the parser only to be
 # refused by name, never silently ignored. (flag, long name, takes a value)
 UNSUPPORTED = (
-    ("-o", "--offset", True), ("-P", "--partition", True), ("-l", "--load-snapshot", True),
-    (None, "--object", True),
-    (None, "--image-opts", False), (None, "--tls-hostname", True),
+    ("-P", "--partition", True),
     ("-c", "--connect", True), ("-d", "--disconnect", False),
-    ("-L", "--list", False), (None, "--aio", True), ("-T", "--trace", True),
     (None, "--selinux-label", True),
 )
 # Options that describe the one export or listener of a command-line server.
 _EXPORT_OPTIONS = ("format", "export_name", "description", "read_only", "shared", "discard",
-                   "detect_zeroes", "cache", "snapshot", "backing_policy", "bitmap", "allocation_depth")
+                   "detect_zeroes", "cache", "snapshot", "backing_policy", "bitmap",
+                   "allocation_depth", "offset", "aio", "load_snapshot")
 _LISTEN_OPTIONS = ("socket", "bind", "port")
+# What qemu-nbd -L refuses (qemu-nbd.c: "List mode is incompatible with per-device
+# settings").
+_DEVICE_OPTIONS = ("export_name", "description", "offset", "format", "bitmap",
+                   "allocation_depth", "aio", "discard", "cache", "load_snapshot")
 
 
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "serve", help="export an image over NBD (qemu-nbd compatible)",
-        description="Export IMAGE over NBD. Options have qemu-nbd's meaning.")
+        description="Export IMAGE over NBD, or list a server's exports (-L). Options have "
+                    "qemu-nbd's meaning.")
     p.add_argument("image", nargs="?", metavar="IMAGE", help="image file to export")
+    p.add_argument("-V", "--version", action="version", version=version_text("qnbd"))
     p.add_argument("--config", metavar="FILE", help="serve the exports of a TOML file")
-    p.add_argument("-f", "--format", choices=DRIVERS, help="image format (probed if omitted)")
-    p.add_argument("-k", "--socket", metavar="PATH", help="listen on a unix socket")
+    p.add_argument("-f", "--format", help="image format (probed if omitted)")
+    p.add_argument("--image-opts", action="store_true",
+                   help="IMAGE is block options: driver=qcow2,file.filename=PATH,... "
+                   "(json:{...} file names work with or without it)")
+    p.add_argument("-k", "--socket", type=v.socket_path, metavar="PATH",
+                   help="listen on a unix socket (absolute path)")
     p.add_argument("-b", "--bind", metavar="ADDR", help="TCP address to listen on (default 0.0.0.0)")
-    p.add_argument("-p", "--port", type=_port, metavar="PORT",
+    p.add_argument("-p", "--port", type=v.port, metavar="PORT",
                    help=f"TCP port to listen on (default {DEFAULT_PORT})")
+    p.add_argument("-L", "--list", action="store_true",
+                   help="list the exports of the server at -k or -b/-p, as qemu-nbd -L")
     p.add_argument("-x", "--export-name", metavar="NAME", help="export name (default empty)")
     p.add_argument("-D", "--description", metavar="TEXT", help="export description")
+    p.add_argument("-o", "--offset", type=v.offset, metavar="OFFSET",
+                   help="export the image from this byte on")
     p.add_argument("-r", "--read-only", action="store_true", default=None,
                    help="export read-only")
     p.add_argument("-B", "--bitmap", action="append", metavar="NAME",
-                   help="export the dirty bitmap NAME as qemu:dirty-bitmap:NAME (repeatable)")
+                   help="export the dirty bitmap NAME (found down the backing chain) as "
+                   "qemu:dirty-bitmap:NAME (repeatable)")
     p.add_argument("-A", "--allocation-depth", action="store_true", default=None,
                    help="export the qemu:allocation-depth metadata context")
     p.add_argument("-s", "--snapshot", action="store_true", default=None,
                    help="writes go to a temporary overlay; the image is not modified")
+    p.add_argument("-l", "--load-snapshot", metavar="SNAPSHOT",
+                   help="export an internal snapshot, read-only: its id or name, or "
+                   "snapshot.id=ID,snapshot.name=NAME")
     p.add_argument("-t", "--persistent", action="store_true",
                    help="keep serving after the last client disconnects")
-    p.add_argument("-e", "--shared", type=_count, metavar="N",
+    p.add_argument("-e", "--shared", type=v.shared, metavar="N",
                    help="clients allowed at once (default 1, 0 = unlimited)")
-    p.add_argument("--discard", choices=DISCARD_MODES, help="ignore (default) or unmap trims")
-    p.add_argument("--detect-zeroes", choices=DETECT_ZEROES_MODES,
+    p.add_argument("--discard", type=v.discard, action=v.Once, metavar="MODE",
+                   message="--discard can only be specified once",
+                   help="ignore (default) or unmap trims")
+    p.add_argument("--detect-zeroes", type=v.detect_zeroes, metavar="MODE",
                    help="turn all-zero writes into zero writes (off, on, unmap)")
-    p.add_argument("--cache", choices=CACHE_MODES, help="cache mode (default writeback)")
-    p.add_argument("-n", "--nocache", dest="cache", action="store_const", const="none",
+    p.add_argument("--cache", type=v.cache, action=v.Once, metavar="MODE",
+                   message="-n and --cache can only be specified once",
+                   help="none, writeback (default), writethrough, directsync or unsafe")
+    p.add_argument("-n", "--nocache", dest="cache", action=v.Once, nargs=0, const="none",
+                   message="-n and --cache can only be specified once",
                    help="same as --cache=none")
+    p.add_argument("--aio", type=v.aio, action=v.Once, metavar="MODE",
+                   message="--aio can only be specified once",
+                   help="accepted (threads, native, io_uring); qnbd does its own I/O")
     p.add_argument("--handshake-timeout", type=float, metavar="SECONDS",
                    help="drop clients that have not finished the handshake (default 10, 0 = never)")
     p.add_argument("--idle-timeout", type=float, metavar="SECONDS",
@@ -72,17 +99,23 @@ def add_parser(subparsers):
                    help="backing files the image may name: any (default, as qemu-nbd), "
                    "same-dir (only in the image's directory) or none; use same-dir or none "
                    "for untrusted images")
-    p.add_argument("--tls-creds", metavar="DIR",
-                   help="enable TLS with the X.509 files in DIR (ca-cert.pem, server-cert.pem, "
-                   "server-key.pem, as qemu's tls-creds-x509); TLS is then required")
+    p.add_argument("--object", action="append", metavar="TYPE,id=ID,...",
+                   help="tls-creds-x509, tls-creds-psk, authz-simple, authz-list, "
+                   "authz-list-file or secret, as qemu's --object")
+    p.add_argument("--tls-creds", metavar="ID|DIR",
+                   help="enable TLS with the credentials object ID, or the X.509 files in "
+                   "DIR (ca-cert.pem, server-cert.pem, server-key.pem); TLS is then required")
     p.add_argument("--tls", choices=TLS_MODES,
                    help="with --tls-creds: require (default) refuses everything before "
                    "STARTTLS, on lets clients choose, off disables TLS")
     p.add_argument("--tls-verify-peer", choices=("on", "off"),
                    help="require client certificates signed by ca-cert.pem (default on)")
-    p.add_argument("--tls-authz", action="append", metavar="NAME|@FILE",
-                   help="allow only clients whose certificate has this distinguished name "
-                   "(CN=...,O=...) or common name; repeatable; @FILE: one name a line")
+    p.add_argument("--tls-authz", action="append", metavar="ID|NAME|@FILE",
+                   help="allow only these clients: an authz object ID, or a certificate "
+                   "name (CN=...,O=..., any order, or some of its attributes) or common "
+                   "name; repeatable; @FILE: one name a line")
+    p.add_argument("--tls-hostname", metavar="NAME",
+                   help="with -L: the name the server's certificate must carry")
     p.add_argument("--fork", action="store_true",
                    help="run in the background; return once the server listens")
     p.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
@@ -93,32 +126,15 @@ def add_parser(subparsers):
                    "per connection, debug more")
     p.add_argument("--log-file", metavar="PATH", help="write the log here instead of stderr")
     p.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or json lines")
+    p.add_argument("-T", "--trace", metavar="[enable=]PATTERN[,file=FILE]",
+                   help="accepted for qemu-nbd command lines: turns on the connection log "
+                   "(to FILE when given); qnbd has no qemu trace events")
     for short, long, takes_value in UNSUPPORTED:
         names = [n for n in (short, long) if n]
         kw = {"metavar": "ARG"} if takes_value else {"action": "store_true"}
         p.add_argument(*names, dest=f"unsupported_{long[2:].replace('-', '_')}",
                        help=argparse.SUPPRESS, **kw)
     return p
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 < port < 65536:
-        raise argparse.ArgumentTypeError(f"invalid port '{text}'")
-    return port
-
-
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"invalid value '{text}' (a number, 0 = unlimited)")
-    return n
 
 
 def build_config(args) -> ServerConfig:
@@ -142,20 +158,10 @@ def build_config(args) -> ServerConfig:
     else:
         if not args.image:
             raise QnbdError("expected an image to serve (or --config FILE)")
-        shared = 1 if args.shared is None else args.shared
-        export = ExportConfig(
-            image=args.image, name=args.export_name or "", format=args.format,
-            description=args.description or "", read_only=bool(args.read_only),
-            discard=args.discard or "ignore", detect_zeroes=args.detect_zeroes or "off",
-            cache=args.cache or "writeback", snapshot=bool(args.snapshot), shared=shared,
-            backing=args.backing_policy or "any",
-            # qemu-nbd prepends each -B to its list, so its contexts list the bitmaps
-            # last given first; the same order here makes the two answer alike.
-            bitmaps=(args.bitmap or [])[::-1], allocation_depth=bool(args.allocation_depth))
-        export.validate()
+        export = _cli_export(args)
         config = ServerConfig(exports=[export], listeners=[_cli_listener(args)],
                               persistent=args.persistent,
-                              max_connections=shared or DEFAULT_MAX_CONNECTIONS,
+                              max_connections=export.shared or DEFAULT_MAX_CONNECTIONS,
                               pid_file=args.pid_file)
     if args.handshake_timeout is not None:   # else the file's limits.handshake_timeout
         if args.handshake_timeout < 0:
@@ -165,10 +171,9 @@ def build_config(args) -> ServerConfig:
         if args.idle_timeout < 0:
             raise QnbdError("--idle-timeout must not be negative")
         config.idle_timeout = args.idle_timeout
-    if args.tls_creds is not None:
-        config.tls = _cli_tls(args)
-    elif args.tls or args.tls_verify_peer or args.tls_authz:
-        raise QnbdError("--tls, --tls-verify-peer and --tls-authz need --tls-creds")
+    tls = cli_tls(args)
+    if tls is not None:   # else the file's [tls] table, if any
+        config.tls = tls
     check_tls_only(config)
     if os.environ.get("LISTEN_PID") == str(os.getpid()) and \
             any(getattr(args, name) is not None for name in _LISTEN_OPTIONS):
@@ -179,14 +184,51 @@ def build_config(args) -> ServerConfig:
     return config
 
 
-def _cli_tls(args) -> TlsConfig:
-    """qemu-nbd --tls-creds: with credentials, TLS is required unless --tls says otherwise."""
-    tls = TlsConfig(creds=args.tls_creds, mode=args.tls or "require",
-                    verify_peer=args.tls_verify_peer != "off",
-                    authz=tuple(name for value in args.tls_authz or ()
-                                for name in load_authz(value)))
-    tls.validate()
-    return tls
+def _cli_export(args) -> ExportConfig:
+    """The export of a qemu-nbd command line: IMAGE (a file name, a json: name, or
+    block options with --image-opts) and the options around it."""
+    image, fmt, read_only = args.image, args.format, bool(args.read_only)
+    offset, size, discard, cache = args.offset or 0, None, args.discard, args.cache
+    options = {}
+    if args.image_opts or image_opts.is_json(image):
+        if args.image_opts and fmt:
+            raise QnbdError("--image-opts and -f are mutually exclusive")
+        spec = image_opts.parse(image, args.image_opts)
+        image, fmt, read_only = spec.image, spec.format, read_only or bool(spec.read_only)
+        if spec.size is not None:
+            size = spec.size - offset
+        offset += spec.offset
+        discard = discard or spec.discard
+        cache = cache or ("unsafe" if spec.unsafe else None)
+        options = spec.options
+    export = ExportConfig(
+        image=image, name=args.export_name or "", format=fmt,
+        description=args.description or "", read_only=read_only,
+        discard=discard or "ignore", detect_zeroes=args.detect_zeroes or "off",
+        cache=cache or "writeback", snapshot=bool(args.snapshot),
+        shared=1 if args.shared is None else args.shared,
+        backing=args.backing_policy or "any", offset=offset, size=size, options=options,
+        # qemu-nbd prepends each -B to its list, so its contexts list the bitmaps
+        # last given first; the same order here makes the two answer alike.
+        bitmaps=(args.bitmap or [])[::-1], allocation_depth=bool(args.allocation_depth),
+        load_snapshot=args.load_snapshot)
+    export.validate()
+    return export
+
+
+def _list_mode(args) -> int:
+    """qemu-nbd -L, with its refusals (qemu-nbd.c, main). Without -k or -b it asks
+    0.0.0.0:10809, qemu-nbd's default bind address, which reaches this host."""
+    if args.image:
+        raise QnbdError("List mode is incompatible with a file name")
+    if any(getattr(args, name) is not None for name in _DEVICE_OPTIONS):
+        raise QnbdError("List mode is incompatible with per-device settings")
+    if args.fork:
+        raise QnbdError("List mode is incompatible with forking")
+    from .serve_list import list_exports
+    creds, hostname = list_creds(args)
+    print(list_exports(_cli_listener(args), creds, hostname), end="")
+    return 0
 
 
 def _cli_listener(args) -> Listener:
@@ -198,12 +240,26 @@ def _cli_listener(args) -> Listener:
 
 
 def run(args) -> int:
-    configure_log("qnbd serve", args.log_level or "warning", args.log_file,
-                  args.log_format or "text")
+    trace_file = _trace_file(args.trace)
+    # -T maps qemu's tracing onto qnbd's connection log (info level).
+    configure_log("qnbd serve", "info" if args.trace else args.log_level or "warning",
+                  trace_file or args.log_file, args.log_format or "text")
+    if args.list:
+        return _list_mode(args)
     config = build_config(args)
     if not args.fork:
         return serve(config)
     return _fork(config, args.verbose)
+
+
+def _trace_file(trace: str | None) -> str | None:
+    """-T [enable=]PATTERN[,events=FILE][,file=FILE] (qemu's --trace): qnbd has none of
+    qemu's trace events, so any -T turns on its connection log, written to file= if given."""
+    for part in (trace or "").split(","):
+        key, sep, value = part.partition("=")
+        if sep and key == "file":
+            return value
+    return None
 
 
 def _fork(config, verbose: bool) -> int:

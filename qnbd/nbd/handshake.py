@@ -384,7 +384,7 @@ class Handshake:
                                         + export.description.encode()))
         # Always sent: the defaults need no agreement, and clients learn the 32 MiB cap.
         replies.append(option_reply(option, p.REP_INFO, p.INFO_BLOCK_SIZE_PAYLOAD.pack(
-            p.INFO_BLOCK_SIZE, p.MIN_BLOCK_SIZE, p.PREFERRED_BLOCK_SIZE, p.MAX_PAYLOAD)))
+            p.INFO_BLOCK_SIZE, export.min_block, p.PREFERRED_BLOCK_SIZE, p.MAX_PAYLOAD)))
         replies.append(option_reply(option, p.REP_ACK))
         return replies, (self._session(export) if option == p.OPT_GO else None)
 

@@ -1,6 +1,6 @@
 """TLS for the NBD server (proto.md "TLS support", "Security considerations"): the server's
-`ssl.SSLContext` from a qemu tls-creds-x509 directory, and the client-certificate
-allow-list (qemu-nbd --tls-authz, which qemu spells as an authz-simple object).
+`ssl.SSLContext` from qemu's tls-creds-x509 or tls-creds-psk directory, and the check of a
+client against --tls-authz after the handshake.
 
 Modes (qemu-nbd --tls, proto.md "Server-side requirements"):
 - off: NOTLS, STARTTLS is refused with ERR_POLICY.
@@ -8,15 +8,19 @@ Modes (qemu-nbd --tls, proto.md "Server-side requirements"):
 - require: FORCEDTLS, nothing but STARTTLS and ABORT before TLS. qemu-nbd behaves this
   way whenever it has TLS credentials, so it is the default once a directory is given.
 
-The directory holds ca-cert.pem (the CA that signs client certificates), server-cert.pem
-(with any intermediates after it) and server-key.pem, as qemu's tls-creds-x509. With
-verify_peer (qemu's verify-peer, default on) clients must present a certificate signed by
-that CA; the allow-list then names which of them may connect, by their full distinguished
-name in RFC 4514 form as qemu/GnuTLS print it ("CN=laptop,O=Example,C=GB") or by their
-common name alone.
-
-TLS-PSK (qemu's tls-creds-psk) is not offered: Python's ssl module has no server-side PSK
-callback before 3.13 (SSLContext.set_psk_server_callback), and this project runs on 3.11.
+Credentials, as qemu's tls-creds objects (qemu docs/system/tls.rst):
+- x509: the directory holds ca-cert.pem (the CA that signs client certificates),
+  server-cert.pem (with any intermediates after it) and server-key.pem, optionally
+  encrypted (the password from a `secret` object, qemu's passwordid). With verify_peer
+  (qemu's verify-peer, default on) clients must present a certificate signed by that CA.
+- psk: the directory holds keys.psk, lines of `username:hexkey` (GnuTLS psktool's format,
+  which libnbd's tls-psk-file also reads). The server looks up the key of the username the
+  client sends; a username that is not there, or that the authz list refuses, fails the
+  TLS handshake. The server callback is SSLContext.set_psk_server_callback (Python 3.13);
+  before 3.13 the standard library has none, and the sslpsk3 package provides the same
+  call on a subclass of SSLContext (it works with asyncio's memory-BIO TLS, so the server
+  needs nothing else).
+Who may connect after TLS is decided by authz.py.
 """
 
 import os
@@ -24,93 +28,136 @@ import ssl
 from dataclasses import dataclass
 
 from ..errors import QnbdError
+from .authz import AuthzList, NameList, distinguished_name
 
 MODES = ("off", "on", "require")
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca-cert.pem", "server-cert.pem", "server-key.pem"
-
-# RFC 4514 section 3 short names, as GnuTLS (and so qemu's authz identities) print them;
-# other attributes keep the name Python's ssl gives them.
-_SHORT_NAMES = {
-    "commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
-    "localityName": "L", "stateOrProvinceName": "ST", "countryName": "C",
-    "streetAddress": "STREET", "domainComponent": "DC", "userId": "UID",
-    "emailAddress": "EMAIL",
-}
+PSK_FILE = "keys.psk"
+# GnuTLS's NORMAL priority with PSK key exchanges added, as qemu's tls-creds-psk asks for
+# (crypto/tlssession.c); TLS 1.3 PSK uses the SHA-256 suites through the same callback.
+PSK_CIPHERS = "ECDHE-PSK:DHE-PSK:PSK"
 
 
 @dataclass
 class TlsConfig:
-    creds: str                       # the tls-creds-x509 directory
+    creds: str                       # the tls-creds-x509 or tls-creds-psk directory
     mode: str = "require"
     verify_peer: bool = True
-    authz: tuple[str, ...] = ()      # allowed client DNs or CNs; empty: any verified client
+    authz: tuple[str, ...] = ()      # qnbd's names (authz.NameList); empty: anyone verified
+    psk: bool = False                # `creds` holds keys.psk (qemu's tls-creds-psk)
+    authz_list: AuthzList | None = None   # qemu's --tls-authz ID (an authz object)
+    key_password: bytes | None = None     # tls-creds-x509 passwordid
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise QnbdError(f"Invalid TLS mode '{self.mode}' (expected {'|'.join(MODES)})")
-        if self.authz and not self.verify_peer:
+        if self.authz and not self.verify_peer and not self.psk:
             raise QnbdError("--tls-authz needs client certificates to be verified "
                             "(verify-peer on)")
-
-
-def load_authz(value: str) -> list[str]:
-    """One --tls-authz value: a name, or @FILE with one name a line (# comments).
-    Names are given one per option because distinguished names contain commas."""
-    if not value.startswith("@"):
-        return [value]
-    try:
-        with open(value[1:], encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
-    except OSError as e:
-        raise QnbdError(f"--tls-authz {value[1:]}: {e.strerror}") from None
-    return [line for line in lines if line and not line.startswith("#")]
 
 
 def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     """The context every STARTTLS upgrade uses; errors in the files are one-line
     QnbdErrors at startup, not at the first client."""
+    if cfg.psk:
+        return _psk_server_context(cfg)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     # "MUST support TLS version 1.2 ... MAY support older versions but SHOULD NOT do so by
     # default" (proto.md "TLS versions").
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     path = lambda name: os.path.join(cfg.creds, name)  # noqa: E731
     try:
-        ctx.load_cert_chain(path(SERVER_CERT), path(SERVER_KEY))
+        ctx.load_cert_chain(path(SERVER_CERT), path(SERVER_KEY), password=cfg.key_password)
         if cfg.verify_peer:
             ctx.load_verify_locations(cafile=path(CA_CERT))
             ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise QnbdError(f"TLS credentials in '{cfg.creds}' cannot be loaded: {why}") from None
+        raise QnbdError(f"TLS credentials in '{cfg.creds}' cannot be loaded: {_why(e)}") from None
     return ctx
 
 
-def distinguished_name(peercert: dict) -> str:
-    """The subject of `SSLSocket.getpeercert()` as an RFC 4514 string: most specific
-    RDN first (the reverse of the certificate's order), with special characters escaped."""
-    rdns = []
-    for rdn in reversed(peercert.get("subject", ())):
-        rdns.append("+".join(f"{_SHORT_NAMES.get(k, k)}={_escape(v)}" for k, v in rdn))
-    return ",".join(rdns)
+def _why(e: Exception) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
 
 
-def _escape(value: str) -> str:
-    out = "".join("\\" + c if c in ',+"\\<>;=' else c for c in value)
-    if out[:1] in ("#", " "):
-        out = "\\" + out
-    if out.endswith(" ") and not out.endswith("\\ "):
-        out = out[:-1] + "\\ "
-    return out
+def read_psk_file(path: str) -> dict[str, bytes]:
+    """keys.psk: `username:hexkey` a line (GnuTLS psktool, qemu tls-creds-psk)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise QnbdError(f"Unable to access credentials {path}: {e.strerror}") from None
+    keys = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        name, sep, key = line.partition(":")
+        try:
+            keys[name] = bytes.fromhex(key.strip())
+        except ValueError:
+            sep = ""
+        if not sep or not keys.get(name):
+            raise QnbdError(f"{path}:{n}: expected username:hexkey")
+    return keys
+
+
+def _psk_context_class():
+    if hasattr(ssl.SSLContext, "set_psk_server_callback"):  # Python 3.13
+        return ssl.SSLContext
+    try:
+        from sslpsk3.sslpsk3 import SSLPSKContext, SSLPSKObject
+    except ImportError:
+        raise QnbdError("TLS-PSK needs Python 3.13 or the sslpsk3 package "
+                        "(pip install sslpsk3)") from None
+
+    class OnceObject(SSLPSKObject):
+        """sslpsk3 installs the callbacks (SSL_set_accept_state included) at every
+        do_handshake call; a non-blocking handshake, as asyncio's, calls it once per
+        flight, and OpenSSL refuses a second SSL_set_accept_state mid-handshake."""
+
+        def do_handshake(self):
+            if not getattr(self, "_psk_installed", False):
+                self.context.setup_psk_callbacks(self)
+                self._psk_installed = True
+            return ssl.SSLObject.do_handshake(self)
+
+    class Context(SSLPSKContext):
+        sslobject_class = OnceObject
+
+    return Context
+
+
+def _psk_server_context(cfg: TlsConfig) -> ssl.SSLContext:
+    keys = read_psk_file(os.path.join(cfg.creds, PSK_FILE))
+    ctx = _psk_context_class()(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(PSK_CIPHERS)
+    names = NameList(cfg.authz) if cfg.authz else None
+
+    def key_for(identity: str | None) -> bytes:
+        # An unknown or refused username gets no key: the handshake fails, as GnuTLS
+        # fails it for a username missing from the file.
+        username = identity or ""
+        if cfg.authz_list is not None and not cfg.authz_list.allows(username):
+            return b""
+        if names is not None and username not in names.names:
+            return b""
+        return keys.get(username, b"")
+
+    ctx.set_psk_server_callback(key_for)
+    return ctx
 
 
 def refusal(cfg: TlsConfig, peercert: dict | None) -> str | None:
-    """Why a client that completed the TLS handshake may not go on, or None."""
-    if not cfg.authz:
+    """Why a client that completed the TLS handshake may not go on, or None. (PSK clients
+    were checked during the handshake, by the key lookup.)"""
+    if cfg.psk or (not cfg.authz and cfg.authz_list is None):
         return None
     if not peercert:
         return "no client certificate"
     dn = distinguished_name(peercert)
-    cns = {v for rdn in peercert.get("subject", ()) for k, v in rdn if k == "commonName"}
-    if dn in cfg.authz or cns & set(cfg.authz):
+    if cfg.authz_list is not None and cfg.authz_list.allows(dn):
         return None
-    return f"client certificate '{dn}' is not in the TLS authorization list"
+    if cfg.authz and NameList(cfg.authz).allows_certificate(peercert):
+        return None
+    return f"TLS x509 authz check for {dn} is denied"

@@ -1,21 +1,27 @@
 """The life cycle of an image's persistent bitmaps (docs/DESIGN.md rule 9); their on-disk
 structures are in bitmap_format.py.
 
-Open read-write: load every usable bitmap, set in_use on disk (durable) before any write.
+Open: read the directory and the tables (bounded by qemu's constraints), never the bits:
+a usable bitmap's data is paged on demand (bitmap_data.py). Read-write: set in_use on disk
+(durable) before any write.
 While open: `mark` dirties the enabled (auto) bitmaps for every write, zero and discard.
-Clean close: `store` writes each loaded bitmap to new clusters, then a new directory, then
-points the header at it (Barrier.BEFORE_HEADER: data, tables, directory and their
-refcounts durable first, rule 2), and only then hands back the old tables, data and
-directory for release (rule 3: the header no longer names them).
+Clean close: `store` writes the chunks that changed to new clusters (unchanged chunks keep
+their clusters), new tables, then a new directory, then points the header at it
+(Barrier.BEFORE_HEADER: data, tables, directory and their refcounts durable first, rule 2),
+and only then hands back the old tables, data and directory for release (rule 3: the
+header no longer names them).
 """
 
 import logging
+from array import array
+from collections.abc import Callable
 from dataclasses import replace
 
 from ..block.storage import Barrier, Storage
 from ..errors import ImageError
 from . import bitmap_format as bm
 from . import header as hdr
+from .bitmap_data import ChunkReader, DirtyBitmap
 from .header_update import HeaderWriter
 from .layout import Layout
 from .metadata_map import MetadataMap
@@ -35,12 +41,13 @@ class PersistentBitmaps:
         self.refcounts = refcounts
         self.read_only = read_only
         self.entries: list[bm.DirectoryEntry] = []  # directory order, as stored next
-        self.loaded: dict[str, bm.DirtyBitmap] = {}
-        self._on_disk: dict[str, tuple[int, list[int]]] = {}  # name -> (table offset, table)
+        self.loaded: dict[str, DirtyBitmap] = {}
+        self._on_disk: dict[str, tuple[int, array]] = {}  # name -> (table offset, table)
+        self._reader = ChunkReader(storage, layout.cluster_size)
         self._directory: tuple[int, int] | None = None  # (offset, size) on disk
         self._drop_extension = False
         self._changed = False
-        self._tracking: list[bm.DirtyBitmap] = []
+        self._tracking: list[DirtyBitmap] = []
         self._load()
         if not read_only and self.loaded:
             self._mark_in_use()
@@ -75,9 +82,8 @@ class PersistentBitmaps:
             for data in bm.data_clusters(table):
                 self.metadata.add_range(data, cs)
             if entry.usable:
-                bitmap = bm.DirtyBitmap(entry, disk_size)
-                bitmap.load(storage, table, cs)
-                self.loaded[entry.name] = bitmap
+                self.loaded[entry.name] = DirtyBitmap(entry, disk_size, cs, self._reader,
+                                                      table)
         self._retrack()
 
     def _retrack(self) -> None:
@@ -100,7 +106,7 @@ class PersistentBitmaps:
         for bitmap in self._tracking:
             bitmap.set_range(offset, length)
 
-    def get(self, name: str) -> bm.DirtyBitmap:
+    def get(self, name: str) -> DirtyBitmap:
         """A consistent bitmap by name, for export; one-line errors as qemu-nbd's."""
         if name in self.loaded:
             return self.loaded[name]
@@ -123,12 +129,13 @@ class PersistentBitmaps:
         if granularity is None:
             # qemu's default: the cluster size, at least 4 KiB.
             granularity = max(4096, layout.cluster_size)
-        gbits = bm.check_new_bitmap(name, granularity, self.entries, layout.version)
+        gbits = bm.check_new_bitmap(name, granularity, self.entries, layout.version,
+                                    layout.size, layout.cluster_size)
         flags = bm.FLAG_IN_USE | (0 if disabled else bm.FLAG_AUTO)
         entry = bm.DirectoryEntry(name, 0, bm.table_entries(layout.size, granularity,
                                                             layout.cluster_size), flags, gbits)
         self.entries.append(entry)
-        self.loaded[name] = bm.DirtyBitmap(entry, layout.size)
+        self.loaded[name] = DirtyBitmap(entry, layout.size, layout.cluster_size)
         self._changed = True
         self._retrack()
 
@@ -155,10 +162,24 @@ class PersistentBitmaps:
         self._changed = True
         self._retrack()
 
-    def merge(self, name: str, source: bm.DirtyBitmap) -> None:
+    def merge(self, name: str, source: DirtyBitmap) -> None:
         self._require_writable()
         self.get(name).merge_from(source)
         self._changed = True
+
+    def check_resizable(self) -> None:
+        """qcow2_truncate_bitmaps_check: every bitmap must be loaded to follow a resize
+        (one left in use, or unusable, would keep a table of the old size)."""
+        if any(e.name not in self.loaded for e in self.entries):
+            raise ImageError("Cannot resize qcow2 with persistent bitmaps that were not "
+                             "loaded")
+
+    def resize(self, size: int) -> None:
+        """The loaded bitmaps follow the image's new size; stored on close, as any
+        change (their tables are allocated anew there, at the new size)."""
+        for bitmap in self.loaded.values():
+            bitmap.resize(size)
+            self._changed = True
 
     def _entry_index(self, name: str) -> int:
         for i, e in enumerate(self.entries):
@@ -173,32 +194,27 @@ class PersistentBitmaps:
         the old tables, data and directory, (offset, length) each, for the caller to
         release. Every cluster is allocated before anything is written: an allocation
         refused as inconsistent (it would land on metadata) then leaves the file as it
-        was."""
+        was. Data clusters of unchanged chunks are named by the new tables too: never
+        rewritten, never released (the old tables and the new ones agree on them)."""
         if not self._changed:
             return []
-        cs = self.layout.cluster_size
-        writes: list[tuple[int, bytes]] = []
-        releases = []
+        writes: list[tuple[int, Callable[[], bytes]]] = []  # (offset, what to write there)
         new_entries = []
+        tables: dict[str, array] = {}
         for entry in self.entries:
             bitmap = self.loaded.get(entry.name)
             if bitmap is None:
                 new_entries.append(entry)  # inconsistent or unusable: kept untouched
                 continue
-            table = [self._place_data(bitmap.bits[i:i + cs], writes)
-                     for i in range(0, len(bitmap.bits), cs)]
+            table = array("Q", bitmap.table_to_store(lambda chunk: self._place_chunk(chunk,
+                                                                                     writes)))
+            tables[entry.name] = table
             table_offset = self._place(bm.encode_table(table), writes) if table else 0
             new_entries.append(replace(bitmap.entry, table_offset=table_offset,
                                        table_size=len(table),
                                        flags=bitmap.entry.flags & ~bm.FLAG_IN_USE))
         kept = {e.name for e in new_entries if e.name not in self.loaded}
-        for name, (table_offset, table) in self._on_disk.items():
-            if name in kept:
-                continue
-            releases.append((table_offset, len(table) * 8))
-            releases.extend((data, cs) for data in bm.data_clusters(table))
-        if self._directory:
-            releases.append(self._directory)
+        releases = self._old_clusters(kept, tables)
         h = self.header
         if new_entries:
             directory = bm.encode_directory(new_entries)
@@ -209,25 +225,60 @@ class PersistentBitmaps:
         else:
             h.set_extension(hdr.EXT_BITMAPS, None)
             h.autoclear_features &= ~hdr.AUTOCLEAR_BITMAPS
-        for offset, data in writes:
+        for offset, produce in writes:
+            data = produce()
             self.storage.pwrite(data, offset)
             self.metadata.add_range(offset, len(data))
         self.refcounts.cache.flush(Barrier.BEFORE_HEADER)
         self.header_writer.rewrite()
-        self._changed = False
+        self._after_store(new_entries, tables)
         return [(offset, length) for offset, length in releases if length]
 
-    def _place_data(self, chunk, writes: list) -> int:
-        """A bitmap data cluster, or 0 where all its bits are clear (qcow2.rst "Bitmap
-        table": an entry of 0 reads as all zeros)."""
-        if chunk.count(0) == len(chunk):
-            return 0
-        return self._place(chunk, writes)
+    def _old_clusters(self, kept: set[str], tables: dict[str, array]) -> list[tuple[int, int]]:
+        """What the stored directory stops naming: old directory, old tables, and their
+        data clusters that no new table reuses."""
+        cs = self.layout.cluster_size
+        reused = {d for t in tables.values() for d in bm.data_clusters(t)}
+        releases = [self._directory] if self._directory else []
+        for name, (table_offset, table) in self._on_disk.items():
+            if name in kept:
+                continue
+            releases.append((table_offset, len(table) * 8))
+            releases.extend((d, cs) for d in bm.data_clusters(table) if d not in reused)
+        return releases
 
-    def _place(self, data, writes: list) -> int:
+    def _after_store(self, entries: list[bm.DirectoryEntry], tables: dict[str, array]) -> None:
+        """The stored state becomes the base: released clusters may now be reused for
+        guest data, so nothing read from them may stay cached."""
+        self._reader.forget()
+        self.entries = entries
+        for entry in entries:
+            bitmap = self.loaded.get(entry.name)
+            if bitmap is not None:
+                bitmap.entry = entry
+                bitmap.stored(tables[entry.name])
+                self._on_disk[entry.name] = (entry.table_offset, tables[entry.name])
+        self._on_disk = {e.name: self._on_disk[e.name] for e in entries
+                         if e.name in self._on_disk}
+        self._directory = None
+        ext = self.header.extension(hdr.EXT_BITMAPS)
+        if ext is not None:
+            _nb, size, offset = bm.parse_extension(ext)
+            self._directory = (offset, size)
+        self._retrack()
+        self._changed = False
+
+    def _place_chunk(self, produce: Callable[[], bytes], writes: list) -> int:
+        """Allocate a data cluster for a chunk whose bytes `produce()` gives at write time."""
+        offset = self.refcounts.allocate(1)
+        writes.append((offset, produce))
+        return offset
+
+    def _place(self, data: bytes, writes: list) -> int:
         """Allocate clusters for `data` (zero-padded) and queue its write."""
         cs = self.layout.cluster_size
         count = max(1, -(-len(data) // cs))
         offset = self.refcounts.allocate(count)
-        writes.append((offset, bytes(data) + bytes(count * cs - len(data))))
+        padded = data + bytes(count * cs - len(data))
+        writes.append((offset, lambda: padded))
         return offset

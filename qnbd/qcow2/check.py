@@ -259,12 +259,13 @@ class _Checker:
     def walk_l2(self, l2_offset: int, fix: int, active: bool) -> None:
         r = self.result
         version = self.h.version
+        external = self.h.external_data
         table = self.read_table(l2_offset, self.cs)
         next_contiguous = 0
         for i, e in enumerate(table):
             if not e:
                 continue
-            kind = classify(e, version)
+            kind = classify(e, version, external)
             if kind != COMPRESSED and e & L2E_STANDARD_RESERVED_MASK:
                 self.corruption(f"ERROR found l2 entry with reserved bits set: {e:x}")
             if kind == COMPRESSED:
@@ -282,7 +283,7 @@ class _Checker:
                     r.fragmented_clusters += 1
                 continue
             offset = e & L2E_OFFSET_MASK
-            if kind not in (DATA, ZERO) or not offset:
+            if kind not in (DATA, ZERO) or not (offset or external and kind == DATA):
                 continue
             if offset % self.cs:
                 if kind == ZERO and fix & FIX_ERRORS and self.fix_unaligned_zero(
@@ -296,7 +297,8 @@ class _Checker:
                 if next_contiguous and offset != next_contiguous:
                     r.fragmented_clusters += 1
                 next_contiguous = offset + self.cs
-            self.inc(offset, self.cs)
+            if not external:  # qcow2.rst: data file clusters are not refcounted
+                self.inc(offset, self.cs)
 
     def fix_unaligned_zero(self, l2_offset: int, table, i: int) -> bool:
         """A preallocated zero cluster at an unaligned offset holds no data: make it a
@@ -457,6 +459,8 @@ class _Checker:
 
     def _check_copied_l2(self, l2_offset: int, repair: bool) -> None:
         r = self.result
+        if self.h.external_data:
+            return  # data file clusters have no refcount to agree with
         table = self.read_table(l2_offset, self.cs)
         changed = 0
         for j, e in enumerate(table):

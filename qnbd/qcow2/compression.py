@@ -1,4 +1,4 @@
-"""Decompression of compressed clusters (qcow2.rst, "compression_type").
+"""Compression and decompression of compressed clusters (qcow2.rst, "compression_type").
 
 Deflate clusters are raw deflate streams without zlib headers; zstd clusters are one zstd
 frame. Both may be followed by unrelated bytes (the next cluster's data can share the last
@@ -30,3 +30,18 @@ def decompress(data: bytes, cluster_size: int, compression_type: int) -> bytes:
         raise IOFailure("compressed cluster is damaged: it decompresses to "
                         f"{len(out)} bytes instead of {cluster_size}")
     return out
+
+
+def compress(data: bytes, compression_type: int) -> bytes | None:
+    """One cluster compressed as qemu's qcow2-threads.c does it, or None when that saves
+    nothing: qemu then writes the cluster uncompressed (qcow2_co_compress with a
+    destination of cluster_size - 1 bytes)."""
+    if compression_type == COMPRESSION_DEFLATE:
+        # qcow2_compress: raw deflate, default level, 4 KiB window (-12), memLevel 9.
+        c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+        out = c.compress(data) + c.flush()
+    elif compression_type == COMPRESSION_ZSTD:
+        out = zstandard.ZstdCompressor().compress(data)  # default level, one frame
+    else:
+        raise IOFailure(f"unknown compression type {compression_type}")
+    return out if len(out) < len(data) else None

@@ -14,10 +14,10 @@ Spec: qemu docs/interop/qcow2.rst, "Header", "Host cluster management", "Cluster
 
 from array import array
 
-from .. import fileio
 from ..block.chain import resolve_backing
 from ..block.options import parse_bool, parse_int, parse_size_option, parse_text
 from ..errors import ImageError
+from ..lock import create_locked
 from . import header as hdr
 from .entries import encode_table
 from .refcount import SubByteBlock, WordBlock
@@ -36,6 +36,8 @@ CREATE_OPTIONS = {
     "backing_file": ("backing_file", parse_text),
     "backing_fmt": ("backing_fmt", parse_text),
     "compression_type": ("compression_type", parse_text),
+    "data_file": ("data_file", parse_text),
+    "data_file_raw": ("data_file_raw", parse_bool),
 }
 
 
@@ -43,6 +45,7 @@ def create(path: str, size: int | None = None, *, compat: str = "1.1",
            cluster_size: int = 65536, refcount_bits: int = 16,
            lazy_refcounts: bool = False, backing_file: str | None = None,
            backing_fmt: str | None = None, compression_type: str = "zlib",
+           data_file: str | None = None, data_file_raw: bool = False,
            open_backing=None) -> int:
     """Write a new empty qcow2 image at `path` (an existing file is overwritten, as with
     qemu-img). `size` may be None with a backing file: the backing file's size is used.
@@ -55,14 +58,20 @@ def create(path: str, size: int | None = None, *, compat: str = "1.1",
                         backing_file=backing_file, backing_fmt=backing_fmt,
                         compression_type=compression_type,
                         backing_size=_backing_size(path, backing_file, backing_fmt,
-                                                   open_backing))
+                                                   open_backing),
+                        data_file=data_file, data_file_raw=data_file_raw)
+    if data_file is not None:
+        # qemu-img creates the data file as a raw image of the virtual size; its name
+        # is resolved against the new image's directory, as qnbd opens it (rule 13).
+        _create_data_file(resolve_backing(path, data_file), header.size)
     _write(path, header)
     return header.size
 
 
 def new_header(size: int | None, *, compat: str, cluster_size: int, refcount_bits: int,
                lazy_refcounts: bool, backing_file: str | None, backing_fmt: str | None,
-               compression_type: str, backing_size: int | None = None) -> hdr.Header:
+               compression_type: str, backing_size: int | None = None,
+               data_file: str | None = None, data_file_raw: bool = False) -> hdr.Header:
     """Validate the options and return the header of the new image, with its layout."""
     version = VERSIONS.get(compat)
     if version is None:
@@ -89,6 +98,13 @@ def new_header(size: int | None, *, compat: str, cluster_size: int, refcount_bit
                              "compatibility level 1.1 and above (use compat=1.1)")
     if backing_fmt and not backing_file:
         raise ImageError("Backing format cannot be used without backing file")
+    if data_file is not None and version == 2:
+        raise ImageError("External data files are only supported with compatibility level "
+                         "1.1 and above (use version=v3 or greater)")
+    if data_file_raw and data_file is None:
+        raise ImageError("data-file-raw requires data-file")
+    if data_file_raw and backing_file is not None:
+        raise ImageError("Backing file and data-file-raw cannot be used at the same time")
     if backing_file is not None:
         if not backing_file:
             raise ImageError("Backing file name is empty")
@@ -125,6 +141,11 @@ def new_header(size: int | None, *, compat: str, cluster_size: int, refcount_bit
                        else hdr.V2_HEADER_LENGTH),
         compression_type=compression,
         backing_file=backing_file, backing_format=backing_fmt)
+    if data_file is not None:
+        header.incompatible_features |= hdr.INCOMPAT_DATA_FILE
+        header.set_extension(hdr.EXT_DATA_FILE, data_file.encode())
+        if data_file_raw:
+            header.autoclear_features |= hdr.AUTOCLEAR_DATA_FILE_RAW
     header.encode()  # fail now, with one line, if the header does not fit cluster 0
     return header
 
@@ -166,6 +187,16 @@ def _backing_size(path: str, backing_file: str | None, backing_fmt: str | None,
         device.close()
 
 
+def _create_data_file(path: str, size: int) -> None:
+    f = create_locked(path)
+    try:
+        f.truncate(size)
+    except OSError as e:
+        raise ImageError(f"Could not resize '{path}': {e.strerror}") from None
+    finally:
+        f.close()
+
+
 def _write(path: str, h: hdr.Header) -> None:
     cs = h.cluster_size
     table, blocks = _refcount_layout(cs, h.refcount_bits, h.l1_size)
@@ -182,7 +213,7 @@ def _write(path: str, h: hdr.Header) -> None:
     reftable = array("Q", ((first_block + b) * cs for b in range(blocks)))
     end = h.l1_table_offset + h.l1_size * 8 if h.l1_size else (first_block + blocks) * cs
 
-    f = fileio.create_file(path)
+    f = create_locked(path)
     try:
         f.pwrite(h.encode(), 0)
         f.pwrite(encode_table(reftable), h.refcount_table_offset)

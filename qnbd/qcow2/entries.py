@@ -53,12 +53,14 @@ class CompressedLayout:
         return offset, sectors * 512 - (offset & 511)
 
 
-def classify(entry: int, version: int) -> int:
-    """Kind of a standard-format L2 entry (zero flag only exists from version 3)."""
+def classify(entry: int, version: int, external: bool = False) -> int:
+    """Kind of a standard-format L2 entry (zero flag only exists from version 3). With an
+    external data file (`external`), guest cluster 0 maps to host offset 0: COPIED with
+    a zero offset is allocated there (qcow2.rst, "Standard Cluster Descriptor")."""
     if entry & OFLAG_COMPRESSED:
         return COMPRESSED
     if version >= 3 and entry & OFLAG_ZERO:
         return ZERO
-    if entry & L2E_OFFSET_MASK:
+    if entry & L2E_OFFSET_MASK or external and entry & OFLAG_COPIED:
         return DATA
     return UNALLOCATED

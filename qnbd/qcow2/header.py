@@ -70,10 +70,11 @@ KNOWN_FEATURE_NAMES = (
     (FEATURE_AUTOCLEAR, 1, "raw external data"),
 )
 # Incompatible bits this engine implements; any other set bit refuses the open (rule 1).
-SUPPORTED_INCOMPATIBLE = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION
+SUPPORTED_INCOMPATIBLE = (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION
+                          | INCOMPAT_DATA_FILE)
 # Autoclear bits whose meaning this engine keeps true while writing (bitmaps.py keeps the
 # bitmaps consistent); any other set bit is cleared before the first write (rule 1).
-MAINTAINED_AUTOCLEAR = AUTOCLEAR_BITMAPS
+MAINTAINED_AUTOCLEAR = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW  # writer.py keeps it
 
 # Header extension types
 EXT_END = 0x00000000
@@ -137,6 +138,22 @@ class Header:
     @property
     def corrupt(self) -> bool:
         return bool(self.incompatible_features & INCOMPAT_CORRUPT)
+
+    @property
+    def external_data(self) -> bool:
+        """Guest data lives in an external data file (qcow2.rst, incompatible bit 2)."""
+        return bool(self.incompatible_features & INCOMPAT_DATA_FILE)
+
+    @property
+    def data_file_raw(self) -> bool:
+        """The data file alone is a valid raw image (autoclear bit 1)."""
+        return bool(self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
+
+    @property
+    def data_file(self) -> str | None:
+        """The external data file's name from its header extension, if any."""
+        raw = self.extension(EXT_DATA_FILE)
+        return None if raw is None else _decode_name(raw, "data file")
 
     @property
     def lazy_refcounts(self) -> bool:
@@ -320,13 +337,25 @@ def _check_features(h: Header) -> None:
         raise ImageError("compression type field and compression type bit disagree")
     if h.compression_type not in COMPRESSION_NAMES:
         raise UnsupportedFeature(f"unknown compression type {h.compression_type}")
+    # qcow2.rst, incompatible bit 2 and autoclear bit 1.
+    if h.data_file_raw and not h.external_data:
+        raise ImageError("the raw external data bit is set without an external data file")
+    if h.external_data and h.nb_snapshots:
+        raise ImageError("internal snapshots are not supported with an external data file")
+    if h.data_file_raw and h.backing_file is not None:
+        raise ImageError("a backing file cannot be used with a raw external data file")
+    if h.data_file is not None and ("\0" in h.data_file or not h.data_file):
+        raise ImageError("data file name is empty or contains a NUL byte")
 
 
 def _check_table(name: str, offset: int, length: int, cs: int, file_size: int) -> None:
     if offset % cs:
         raise ImageError(f"{name} offset 0x{offset:x} is not aligned to a cluster")
-    if offset + length > file_size:
+    if offset >= file_size:
         raise ImageError(f"{name} offset 0x{offset:x} is past the end of the file")
+    if offset + length > file_size:  # the offset is fine: say so (issue 16)
+        raise ImageError(f"{name} (0x{offset:x}, {length} bytes) runs past the end of the "
+                         f"file ({file_size} bytes)")
 
 
 def _check_layout(h: Header, file_size: int) -> None:

@@ -18,6 +18,9 @@ _REFTABLE_LOCATION = struct.Struct(">QI")  # refcount_table_offset, refcount_tab
 _INCOMPATIBLE = hdr.field_offset("incompatible_features")
 _AUTOCLEAR = hdr.field_offset("autoclear_features")
 _REFTABLE = hdr.field_offset("refcount_table_offset")
+_L1_LOCATION = struct.Struct(">IQ")  # l1_size, l1_table_offset
+_L1 = hdr.field_offset("l1_size")
+_SIZE = hdr.field_offset("size")
 
 
 class HeaderWriter:
@@ -39,6 +42,17 @@ class HeaderWriter:
         self.header.refcount_table_offset = offset
         self.header.refcount_table_clusters = clusters
         self._write(_REFTABLE_LOCATION.pack(offset, clusters), _REFTABLE)
+
+    def move_l1(self, offset: int, entries: int) -> None:
+        """Both fields in one write, as qcow2_grow_l1_table does: a crash leaves either
+        the old table or the new one, never a mix."""
+        self.header.l1_table_offset = offset
+        self.header.l1_size = entries
+        self._write(_L1_LOCATION.pack(entries, offset), _L1)
+
+    def set_size(self, size: int) -> None:
+        self.header.size = size
+        self._write(_U64.pack(size), _SIZE)
 
     def rewrite(self) -> None:
         """The header cluster's contents (fields, extensions, backing name)."""

@@ -24,12 +24,13 @@ from . import header as hdr
 from ..block.check_result import FIX_ALL
 from .bitmap_lifecycle import PersistentBitmaps
 from .check import check_storage
+from .compression import compress
 from .header_update import HeaderWriter
 from .layout import Layout
 from .mapping import Mapper
 from .metadata_map import MetadataMap
 from .refcount import Refcounts
-from .snapshots import read_table as read_snapshot_table
+from .snapshots import find as find_snapshot, read_table as read_snapshot_table
 from .tables import ClusterTables
 from .writer import ClusterWriter
 
@@ -45,20 +46,34 @@ class Qcow2Image:
 
     @classmethod
     def open(cls, path: str, read_only: bool = True, *, open_backing=None,
-             l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
+             data_file_path=None, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
              refcount_cache_bytes: int = DEFAULT_REFCOUNT_CACHE_BYTES,
-             force_share: bool = False):
-        """open_backing(image_path, name, fmt) opens the backing file the header names
-        (qnbd/block/chain.py applies the policy, loop and depth rules)."""
+             force_share: bool = False, snapshot: str | None = None):
+        """open_backing(image_path, name, fmt) opens the backing file the header names;
+        data_file_path(image_path, name) resolves an external data file's name
+        (qnbd/block/chain.py applies the policy, loop and depth rules to both).
+        snapshot: an internal snapshot to show instead of the active layer, read-only
+        (qemu-nbd -l, qemu's bdrv_snapshot_load_tmp), named as snapshots.find() reads it."""
+        if snapshot is not None and not read_only:
+            raise ImageError("an internal snapshot can only be loaded read-only")
         file = fileio.open_file(path, writable=not read_only)
+        files = [file]
         try:
             lock_image(file, not read_only, force_share)  # rule 11, before any read
             storage = Storage(file)
+            data_storage = storage
+            h = hdr.read(storage)
+            if h.external_data:
+                data = _open_data_file(path, h, data_file_path, read_only, force_share)
+                files.append(data)
+                data_storage = Storage(data)
             if not read_only:
                 repair_if_dirty(storage, path)
-            image = cls(path, storage, read_only, l2_cache_bytes, refcount_cache_bytes)
+            image = cls(path, storage, read_only, l2_cache_bytes, refcount_cache_bytes,
+                        data_storage, snapshot)
         except BaseException:
-            file.close()
+            for f in files:
+                f.close()
             raise
         try:
             if image.header.backing_file:
@@ -72,7 +87,8 @@ class Qcow2Image:
         return image
 
     def __init__(self, path: str, storage: Storage, read_only: bool, l2_cache_bytes: int,
-                 refcount_cache_bytes: int):
+                 refcount_cache_bytes: int, data_storage: Storage,
+                 snapshot: str | None = None):
         self.path = path
         self.storage = storage
         self.read_only = read_only
@@ -93,22 +109,14 @@ class Qcow2Image:
             if h.dirty:
                 raise ImageError(f"'{path}' has the dirty bit set and needs repair "
                                  "(qemu-img check -r all) before it is opened read-write")
-        # Guest data lives in the image file itself (no external data file).
-        self.data_storage = storage
-        self._storages = (storage,)
+        # Guest data lives in the image file itself, or in an external data file (rule 13).
+        self.data_storage = data_storage
+        self._storages = (storage,) if data_storage is storage else (storage, data_storage)
         self.header_writer = HeaderWriter(storage, h)
         self.metadata = metadata = MetadataMap(layout.cluster_bits, self.mark_corrupt)
         metadata.add_range(0, cs)
         self.refcounts = Refcounts(storage, h, self.header_writer, metadata,
                                    self.mark_corrupt, refcount_cache_bytes // cs)
-        self.tables = ClusterTables(storage, h, layout, self.refcounts, self.mark_corrupt,
-                                    l2_cache_bytes // cs, self.data_storage)
-        metadata.add_range(h.l1_table_offset, h.l1_size * 8)
-        for offset in self.tables.l2_offsets():
-            metadata.add(offset >> layout.cluster_bits)
-        metadata.add_range(h.refcount_table_offset, h.refcount_table_clusters * cs)
-        for offset in self.refcounts.block_offsets():
-            metadata.add(offset >> layout.cluster_bits)
         self.snapshots = []
         if h.nb_snapshots:
             self.snapshots, table_bytes = read_snapshot_table(
@@ -116,10 +124,23 @@ class Qcow2Image:
             metadata.add_range(h.snapshots_offset, table_bytes)
             for snap in self.snapshots:
                 metadata.add_range(snap.l1_offset, snap.l1_size * 8)
+        # A loaded snapshot is read through its own L1 table (qcow2_snapshot_load_tmp).
+        self.loaded_snapshot = None if snapshot is None else find_snapshot(self.snapshots,
+                                                                           snapshot)
+        l1 = (h.l1_table_offset, h.l1_size) if self.loaded_snapshot is None else \
+            (self.loaded_snapshot.l1_offset, self.loaded_snapshot.l1_size)
+        self.tables = ClusterTables(storage, h, layout, self.refcounts, self.mark_corrupt,
+                                    l2_cache_bytes // cs, self.data_storage, l1)
+        metadata.add_range(h.l1_table_offset, h.l1_size * 8)
+        for offset in self.tables.l2_offsets():
+            metadata.add(offset >> layout.cluster_bits)
+        metadata.add_range(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        for offset in self.refcounts.block_offsets():
+            metadata.add(offset >> layout.cluster_bits)
         self.mapper = Mapper(layout, self.tables, self.data_storage, h.compression_type,
                              self.mark_corrupt)
         self.writer = ClusterWriter(layout, self.tables, self.refcounts, self.mapper,
-                                    metadata, self.data_storage)
+                                    metadata, self.data_storage, h.data_file_raw)
 
     # -- corruption (rule 7) -----------------------------------------------------------
 
@@ -128,8 +149,10 @@ class Qcow2Image:
         if self._corrupt:
             return
         self._corrupt = True
+        if self.read_only:
+            return  # nothing is marked: the IOFailure raised with `reason` says it all
         log.error("%s: %s; marking the image corrupt", self.path, reason)
-        if self.read_only or self.version < 3:
+        if self.version < 3:
             return
         try:
             self.header_writer.set_incompatible(hdr.INCOMPAT_CORRUPT, True)
@@ -148,12 +171,34 @@ class Qcow2Image:
         length = min(length, self.size - offset)
         return self.mapper.extents(offset, self.mapper.status_span(offset, length))
 
+    def layer_status(self, offset: int, length: int):
+        return self.mapper.layer_status(offset, min(length, self.size - offset),
+                                        self.data_storage.path)
+
     def write(self, offset: int, data, fua: bool = False) -> None:
         self._check_writable()
         view = memoryview(data).cast("B")
         self.bitmaps.mark(offset, len(view))
         self.writer.write(offset, view)
         self._after_update(fua)
+
+    def write_compressed(self, offset: int, data) -> None:
+        """One whole guest cluster at a cluster-aligned offset (the image's last cluster
+        may be shorter; it is padded with zeros, as qemu pads it), stored compressed when
+        that saves space and as an ordinary write otherwise (qcow2_co_pwritev_compressed).
+        For qemu-img convert -c: the cluster must not be allocated yet."""
+        cs = self.cluster_size
+        if offset % cs or not (len(data) == cs or 0 < len(data) and
+                               offset + len(data) == self.size):
+            raise IOFailure("compressed writes take one whole, aligned cluster")
+        self._check_writable()
+        packed = compress(bytes(data).ljust(cs, b"\0"), self.header.compression_type)
+        if packed is None:
+            self.write(offset, data)
+            return
+        self.bitmaps.mark(offset, len(data))
+        self.writer.write_compressed(offset, packed)
+        self._after_update(False)
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool = False,
                      fast: bool = False, fua: bool = False) -> None:
@@ -192,6 +237,61 @@ class Qcow2Image:
         if fua or self.writer.too_many_releases():
             self.flush()
 
+    # -- resize ------------------------------------------------------------------------
+
+    def resize(self, size: int) -> None:
+        """qemu-img resize (qcow2_co_truncate, no preallocation). Shrinking is refused
+        where it would drop anything this image holds (qemu would discard it): only an
+        unallocated tail may be cut off. Growing extends the L1 table when it must and,
+        where a longer backing file would show through the new space, makes that space
+        read as zeros first (qemu: BDRV_REQ_ZERO_WRITE). The header's size is written
+        last, so a crash leaves the old size. Persistent bitmaps follow the new size (as
+        qemu's): a grown end starts clean."""
+        self._check_writable()
+        old = self.size
+        if size % 512:
+            raise ImageError("The new size must be a multiple of 512")
+        if self.snapshots and self.version < 3:
+            # v2 snapshot entries do not record their disk size (qcow2_co_truncate).
+            raise ImageError("Can't resize a v2 image which has snapshots")
+        self.bitmaps.check_resizable()
+        if size < old:
+            self._check_tail_unallocated(size)
+        self.flush()
+        entries = -(-size >> self.layout.table_shift)
+        if entries > len(self.tables.l1):
+            self.writer.queue_release(*self.tables.grow_l1(entries, self.header_writer))
+            self.metadata.add_range(self.tables.l1_offset, entries * 8)
+        self._set_size(size)
+        if size > old and self.backing is not None and self.backing.size > old:
+            # Straight to the writer, as qemu zeroes inside qcow2_co_truncate: the new
+            # space is not a guest write, the bitmaps do not mark it.
+            self.writer.write_zeroes(old, min(size, self.backing.size) - old, False, False)
+        self.flush()
+        self.header_writer.set_size(size)
+        # Bitmaps are in use on disk while the image is open (rule 9): they are stored
+        # at the new size on close.
+        self.bitmaps.resize(size)
+
+    def _check_tail_unallocated(self, size: int) -> None:
+        """Nothing this image holds past `size` (its last cluster stays, whole)."""
+        cs = self.cluster_size
+        pos = min(-(-size // cs) * cs, self.size)
+        while pos < self.size:
+            for e in self.layer_status(pos, self.size - pos):
+                if e.data or e.host_offset is not None:
+                    raise ImageError(f"'{self.path}' holds data at offset {pos}, past the "
+                                     "new size: nothing was changed (qnbd only shrinks "
+                                     "over an unallocated tail)")
+                pos += e.length
+
+    def _set_size(self, size: int) -> None:
+        """The parts this image wired share one Layout: they all get the new one."""
+        self.size = size
+        self.layout = Layout(self.version, size, self.layout.cluster_bits)
+        for part in (self.tables, self.mapper, self.writer, self.bitmaps):
+            part.layout = self.layout
+
     # -- flush and close ---------------------------------------------------------------
 
     def flush(self) -> None:
@@ -229,7 +329,8 @@ class Qcow2Image:
                     self.header_writer.set_incompatible(hdr.INCOMPAT_DIRTY, False)
         finally:
             self._closed = True
-            self.storage.close()
+            for storage in self._storages:
+                storage.close()
             if self.backing is not None:
                 self.backing.close()
 
@@ -238,6 +339,24 @@ class Qcow2Image:
         for offset, length in releases:
             self.writer.queue_release(offset, length)
         self.flush()
+
+
+def _open_data_file(path: str, h: hdr.Header, data_file_path, read_only: bool,
+                    force_share: bool):
+    """The external data file (qcow2.rst, "External data file name"), locked as QEMU
+    locks a data child: it holds guest data, not format metadata (rule 11)."""
+    if h.data_file is None:
+        raise ImageError(f"'{path}' uses an external data file but does not name it")
+    if data_file_path is None:
+        raise ImageError(f"'{path}' uses an external data file, which this open cannot "
+                         "resolve")
+    data = fileio.open_file(data_file_path(path, h.data_file), writable=not read_only)
+    try:
+        lock_image(data, not read_only, force_share, data_child=True)
+    except BaseException:
+        data.close()
+        raise
+    return data
 
 
 def repair_if_dirty(storage: Storage, path: str) -> None:

@@ -14,10 +14,11 @@ class Layout:
     version: int
     size: int  # virtual disk size in bytes
     cluster_bits: int
+    external: bool = False  # guest data in an external data file, at the guest offset
 
     @classmethod
     def of(cls, header: Header) -> "Layout":
-        return cls(header.version, header.size, header.cluster_bits)
+        return cls(header.version, header.size, header.cluster_bits, header.external_data)
 
     @cached_property
     def cluster_size(self) -> int:

@@ -4,11 +4,13 @@ qcow2-cluster.c does for reads (qcow2_get_host_offset).
 
 A range maps to runs [guest offset, length, kind, value]: DATA (host-contiguous, value
 the host offset), COMPRESSED (one cluster a run, value the L2 entry), ZERO (value the
-preallocated host offset or 0) and UNALLOCATED (the backing file shows through, or
-zeros). Reads, block status and copy-on-write all start from the same runs.
+preallocated host offset, host-contiguous, or 0 for none) and UNALLOCATED (the backing
+file shows through, or zeros). Reads, block status, copy-on-write and qemu-img map's
+view (layer_status) all start from the same runs.
 """
 
-from ..block.base import HOLE, ZERO as ZERO_FLAG, Extent
+from ..block.base import HOLE, ZERO as ZERO_FLAG, Extent, LayerExtent
+from ..block.extents import append_extent, backing_extents
 from ..block.storage import Storage
 from ..errors import IOFailure
 from .compression import decompress
@@ -40,6 +42,7 @@ class Mapper:
         table_shift = layout.table_shift
         l2_mask = (1 << layout.l2_bits) - 1
         version = layout.version
+        external = layout.external
         l2_for_read = self.tables.l2_for_read
         runs: list[list] = []
         pos, end = offset, offset + length
@@ -56,19 +59,23 @@ class Mapper:
                 entry = table[i]
                 in_cluster = pos & (cs - 1)
                 n = min(cs - in_cluster, table_end - pos)
-                kind = classify(entry, version)
+                kind = classify(entry, version, external)
                 if kind == DATA:
                     host = entry & L2E_OFFSET_MASK
                     if host & (cs - 1):
                         self.bad_entry(entry)
                     value = host + in_cluster
                 elif kind == COMPRESSED:
+                    if external:
+                        self.bad_entry(entry, "a compressed cluster in an image with an "
+                                       "external data file")
                     runs.append([pos, n, COMPRESSED, entry])
                     pos += n
                     i += 1
                     continue
                 elif kind == ZERO:
-                    value = entry & L2E_OFFSET_MASK
+                    host = entry & L2E_OFFSET_MASK
+                    value = host + in_cluster if host else 0
                 else:
                     value = 0
                 _append_run(runs, pos, n, kind, value)
@@ -76,8 +83,8 @@ class Mapper:
                 i += 1
         return runs
 
-    def bad_entry(self, entry: int):
-        reason = f"L2 entry 0x{entry:016x} points to an unaligned cluster"
+    def bad_entry(self, entry: int, what: str = "an unaligned cluster"):
+        reason = f"L2 entry 0x{entry:016x} points to {what}"
         self._mark_corrupt(reason)
         raise IOFailure(reason)
 
@@ -182,48 +189,53 @@ class Mapper:
         extents: list[Extent] = []
         for guest, n, kind, _value in self.map(offset, length):
             if kind == UNALLOCATED and self.backing is not None:
-                for e in self._backing_extents(guest, n):
-                    _append_extent(extents, e)
+                for e in backing_extents(self.backing, guest, n):
+                    append_extent(extents, e)
             elif kind == UNALLOCATED:
-                _append_extent(extents, Extent(n, HOLE | ZERO_FLAG, 0))
+                append_extent(extents, Extent(n, HOLE | ZERO_FLAG, 0))
             elif kind == ZERO:
-                _append_extent(extents, Extent(n, HOLE | ZERO_FLAG, 1))
+                append_extent(extents, Extent(n, HOLE | ZERO_FLAG, 1))
             else:
-                _append_extent(extents, Extent(n, 0, 1))
+                append_extent(extents, Extent(n, 0, 1))
         return extents
+
+    def layer_status(self, offset: int, length: int, path: str) -> list[LayerExtent]:
+        """This image alone (qcow2_co_block_status): data and zero clusters are allocated
+        here, with their host offset in `path` when they have one (compressed clusters
+        have none); unallocated clusters leave the answer to the backing file."""
+        out = []
+        for _guest, n, kind, value in self.map(offset, self.status_span(offset, length)):
+            if kind == UNALLOCATED:
+                out.append(LayerExtent(n, False, False, None, None))
+            elif kind == COMPRESSED:
+                out.append(LayerExtent(n, True, False, None, None))
+            else:
+                host = value or None
+                out.append(LayerExtent(n, kind == DATA, kind == ZERO, host,
+                                       path if host is not None else None))
+        return out
 
     def reads_zero(self, offset: int, length: int) -> bool:
         return all(e.flags & ZERO_FLAG for e in self.extents(offset, length))
-
-    def _backing_extents(self, offset: int, length: int):
-        end = offset + length
-        covered = min(end, self.backing.size)
-        while offset < covered:
-            extents = self.backing.block_status(offset, covered - offset)
-            if not extents:
-                break
-            for e in extents:
-                n = min(e.length, covered - offset)
-                yield Extent(n, e.flags, e.depth + 1 if e.depth else 0)
-                offset += n
-                if offset >= covered:
-                    break
-        if end > offset:
-            yield Extent(end - offset, HOLE | ZERO_FLAG, 0)
 
 
 def _append_run(runs: list, pos: int, n: int, kind: int, value: int) -> None:
     if runs:
         last = runs[-1]
-        if last[2] == kind and (kind != DATA or last[3] + last[1] == value) \
-                and (kind != ZERO or bool(last[3]) == bool(value)):
+        if _continues(last, kind, value):
             last[1] += n
             return
     runs.append([pos, n, kind, value])
 
 
-def _append_extent(extents: list, e: Extent) -> None:
-    if extents and extents[-1].flags == e.flags and extents[-1].depth == e.depth:
-        extents[-1] = Extent(extents[-1].length + e.length, e.flags, e.depth)
-    else:
-        extents.append(e)
+def _continues(last: list, kind: int, value: int) -> bool:
+    """Whether a run of `kind` at host `value` extends `last`: host-contiguous runs only,
+    and zero runs with a host cluster never with those without (qemu-img map shows where
+    each run lies, and whether it lies anywhere)."""
+    if last[2] != kind:
+        return False
+    if kind not in (DATA, ZERO):
+        return True
+    if not last[3] or not value:
+        return not last[3] and not value
+    return last[3] + last[1] == value

@@ -28,6 +28,10 @@ REFTABLE_ENTRY_RESERVED = 0x1FF
 _U64 = struct.Struct(">Q")
 
 
+class ReleaseRefused(IOFailure):
+    """A reference to drop that the refcounts do not record; nothing was changed."""
+
+
 class WordBlock:
     """A refcount block of 8-, 16-, 32- or 64-bit entries, as a native array."""
 
@@ -228,9 +232,16 @@ class Refcounts:
 
     def release(self, offset: int, length: int) -> list[int]:
         """Drop one reference from every cluster touched by the byte range; returns the
-        clusters that became free."""
+        clusters that became free. A range holding a cluster with no reference to drop
+        (refcount 0, or no refcount block: e.g. a damaged compressed descriptor pointing
+        past the image) changes nothing and raises ReleaseRefused: qemu's update_refcount
+        fails such a decrease as a whole too (undoing what it had done)."""
         first = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
+        for c in range(first, last + 1):
+            if self.get(c) == 0:
+                raise ReleaseRefused(f"cluster 0x{c << self.cluster_bits:x} has no "
+                                     "reference to drop")
         return [c for c in range(first, last + 1) if self.add(c, -1) == 0]
 
     def _next_free(self, cluster: int) -> int:

@@ -1,14 +1,22 @@
-"""The internal snapshot table: qcow2.rst, "Snapshots". Read-only here: the engine needs
-where snapshot metadata lies (to protect it) and that the table is sane."""
+"""The internal snapshot table: qcow2.rst, "Snapshots". Read-only here: where snapshot
+metadata lies (to protect it), that the table is sane, what qemu-img info and snapshot -l
+list, and which snapshot a user's `-l` names (qemu's block/snapshot.c)."""
 
 import struct
 from typing import NamedTuple
 
-from ..errors import ImageError
+from ..block.options import split_options
+from ..errors import ImageError, printable
 
-_ENTRY = struct.Struct(">QIHHIIQII")  # fixed part, bytes 0-39
+# Fixed part of an entry, bytes 0-39: L1 table offset and size, id and name lengths,
+# date (seconds, nanoseconds), VM clock (ns), VM state size (32 bits), extra data size.
+_ENTRY = struct.Struct(">QIHHIIQII")
+# Extra data, as far as it goes (qcow2.rst): 64-bit VM state size, virtual disk size,
+# icount. Older writers wrote less; what is missing has its default.
+_EXTRA = struct.Struct(">QQq")
 MAX_EXTRA_DATA = 1024  # qemu's QCOW_MAX_SNAPSHOT_EXTRA_DATA
 MAX_TABLE_BYTES = 64 << 20  # qemu's QCOW_MAX_SNAPSHOTS_SIZE
+SNAPSHOT_OPT_BASE = "snapshot."  # qemu-nbd/qemu-img -l snapshot.id=…,snapshot.name=…
 
 
 class Snapshot(NamedTuple):
@@ -16,6 +24,12 @@ class Snapshot(NamedTuple):
     name: str
     l1_offset: int
     l1_size: int
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    vm_state_size: int = 0
+    disk_size: int | None = None  # None: not recorded (extra data shorter than 16 bytes)
+    icount: int = -1  # -1: not recorded
 
 
 def read_table(file, offset: int, count: int, cluster_size: int,
@@ -27,11 +41,12 @@ def read_table(file, offset: int, count: int, cluster_size: int,
         raw = file.pread(_ENTRY.size, pos)
         if len(raw) < _ENTRY.size:
             raise ImageError(f"snapshot table entry {n} is past the end of the file")
-        l1_offset, l1_size, id_len, name_len, _s, _ns, _vmclock, _vmsize, extra = \
-            _ENTRY.unpack(raw)
-        if extra > MAX_EXTRA_DATA:
-            raise ImageError(f"snapshot {n} has {extra} bytes of extra data (too many)")
-        pos += _ENTRY.size + extra
+        l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_size, \
+            extra_len = _ENTRY.unpack(raw)
+        if extra_len > MAX_EXTRA_DATA:
+            raise ImageError(f"snapshot {n} has {extra_len} bytes of extra data (too many)")
+        extra = file.pread(extra_len, pos + _ENTRY.size)
+        pos += _ENTRY.size + extra_len
         names = file.pread(id_len + name_len, pos)
         pos += id_len + name_len
         # The entry's bytes must be in the file; its padding need not be (qemu does not
@@ -41,7 +56,47 @@ def read_table(file, offset: int, count: int, cluster_size: int,
         pos += -(pos - offset) % 8
         if l1_offset % cluster_size or l1_offset + l1_size * 8 > file_size:
             raise ImageError(f"snapshot {n} L1 table offset 0x{l1_offset:x} is invalid")
-        snapshots.append(Snapshot(names[:id_len].decode("utf-8", "replace"),
-                                  names[id_len:].decode("utf-8", "replace"),
-                                  l1_offset, l1_size))
+        # Each extra field counts only if the entry holds all of it (qcow2_read_snapshots).
+        large, disk, icount = _EXTRA.unpack(extra[:_EXTRA.size].ljust(_EXTRA.size, b"\0"))
+        have = len(extra) // 8
+        snapshots.append(Snapshot(
+            names[:id_len].decode("utf-8", "replace"), names[id_len:].decode("utf-8", "replace"),
+            l1_offset, l1_size, date_sec, date_nsec, vm_clock,
+            large if have >= 1 else vm_size, disk if have >= 2 else None,
+            icount if have >= 3 else -1))
     return snapshots, pos - offset
+
+
+def parse_selector(text: str) -> tuple[str | None, str | None, bool]:
+    """A user's snapshot argument as qemu-nbd -l and qemu-img convert -l read it:
+    "snapshot.id=ID,snapshot.name=NAME" (either or both), else one ID or NAME.
+    Returns (id, name, either): with `either`, the one value is tried as an id, then
+    as a name (bdrv_snapshot_load_tmp_by_id_or_name)."""
+    if not text.startswith(SNAPSHOT_OPT_BASE):
+        return text, text, True
+    values = {}
+    for key, value in split_options(text):
+        if key not in ("snapshot.id", "snapshot.name"):
+            raise ImageError(f"Invalid parameter '{printable(key)}' (known: snapshot.id, "
+                             "snapshot.name)")
+        values[key] = value
+    return values.get("snapshot.id"), values.get("snapshot.name"), False
+
+
+def find(snapshots: list[Snapshot], selector: str) -> Snapshot:
+    """The snapshot a -l argument names (qcow2's find_snapshot_by_id_and_name: with an id
+    and a name, both must match)."""
+    sid, name, either = parse_selector(selector)
+    if either:
+        candidates = [s for s in snapshots if s.id == sid] or \
+            [s for s in snapshots if s.name == name]
+    else:
+        candidates = [s for s in snapshots
+                      if (sid is None or s.id == sid) and (name is None or s.name == name)]
+        if sid is None and name is None:
+            raise ImageError("Failed to load snapshot: snapshot.id and snapshot.name are "
+                             "both missing")
+    if not candidates:
+        raise ImageError(f"Failed to load snapshot '{printable(selector)}': Can't find "
+                         "snapshot")
+    return candidates[0]

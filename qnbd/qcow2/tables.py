@@ -20,19 +20,26 @@ from .layout import Layout
 
 class ClusterTables:
     def __init__(self, storage: Storage, header: Header, layout: Layout, refcounts,
-                 mark_corrupt, l2_capacity: int, data_storage: Storage):
+                 mark_corrupt, l2_capacity: int, data_storage: Storage,
+                 l1: tuple[int, int] | None = None):
         """refcounts: where the refcount table lies, and the cache L2 tables come after;
-        mark_corrupt(reason): rule 7."""
+        mark_corrupt(reason): rule 7; l1: (offset, entries) of the L1 table when it is not
+        the header's (an internal snapshot's, read-only)."""
         self.storage = storage
         self.layout = layout
         self._header = header
         self._refcounts = refcounts
         self._mark_corrupt = mark_corrupt
-        raw = storage.pread(header.l1_size * 8, header.l1_table_offset)
-        if len(raw) != header.l1_size * 8:
-            raise ImageError(f"L1 table at 0x{header.l1_table_offset:x} is past the end "
-                             "of the file")
+        self.l1_offset, l1_size = l1 or (header.l1_table_offset, header.l1_size)
+        raw = storage.pread(l1_size * 8, self.l1_offset)
+        if len(raw) != l1_size * 8:
+            raise ImageError(f"L1 table at 0x{self.l1_offset:x} is past the end of the file")
         self.l1 = decode_table(raw)
+        # A snapshot taken before the image grew has a shorter table: what it does not
+        # map is unallocated (qcow2.rst, "Snapshots": l1_size may differ).
+        needed = -(-header.size >> layout.table_shift)
+        if len(self.l1) < needed:
+            self.l1.extend([0] * (needed - len(self.l1)))
         self._l1_dirty: set[int] = set()
         lazy = header.lazy_refcounts and header.version >= 3
         self.l2_cache = TableCache(
@@ -60,10 +67,29 @@ class ClusterTables:
         self.l2_cache.write_dirty()
         if self._l1_dirty:
             self.l2_cache.flush(Barrier.BEFORE_L1)  # rule 4: tables before L1 entries
-            l1_offset = self._header.l1_table_offset
             for i in sorted(self._l1_dirty):
-                self.storage.pwrite(encode_table(self.l1[i:i + 1]), l1_offset + 8 * i)
+                self.storage.pwrite(encode_table(self.l1[i:i + 1]), self.l1_offset + 8 * i)
             self._l1_dirty.clear()
+
+    def grow_l1(self, entries: int, header_writer) -> tuple[int, int]:
+        """Move the L1 table to new clusters with `entries` entries (qcow2_grow_l1_table,
+        exact size). The new table and the refcounts of its clusters are durable before
+        the header points to it (rules 2 and 4). Returns the old table's (offset, bytes),
+        to be released once the header change is durable (rule 3). No L1 entry may be
+        dirty (the caller has flushed)."""
+        assert not self._l1_dirty
+        cs = self.layout.cluster_size
+        table = array("Q", self.l1)
+        table.extend([0] * (entries - len(table)))
+        clusters = -(-entries * 8 // cs)
+        offset = self._refcounts.allocate(clusters)
+        self.storage.pwrite(encode_table(table).ljust(clusters * cs, b"\0"), offset)
+        self._refcounts.cache.write_dirty()
+        self.storage.sync(Barrier.BEFORE_HEADER)
+        old = (self.l1_offset, len(self.l1) * 8)
+        header_writer.move_l1(offset, entries)
+        self.l1, self.l1_offset = table, offset
+        return old
 
     def _load_l2(self, offset: int) -> array:
         cs = self.layout.cluster_size

@@ -7,19 +7,27 @@ data is written before the entry changes, and reaches the disk before the entry 
 the L2 cache's barrier (rule 4); a cluster that loses its last reference is not freed at
 once but queued until the change that dropped the reference is durable (rule 3), then
 released by `apply_releases` and its space punched out of the file.
+
+With an external data file (rule 13) guest clusters sit at their guest offset in that
+file and are not refcounted: nothing is allocated or released for them, and with
+`data_file_raw` every zeroed range is zeroed in the data file too, so that the file
+alone stays the guest's disk.
 """
 
+import logging
 from array import array
 
 from ..block.storage import Storage
-from ..errors import NotFast
-from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED,
-                      OFLAG_ZERO, UNALLOCATED, ZERO, classify)
+from ..errors import IOFailure, NotFast
+from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
+                      OFLAG_COPIED, OFLAG_ZERO, UNALLOCATED, ZERO, classify)
 from .layout import Layout
 from .mapping import Mapper
 from .metadata_map import MetadataMap
-from .refcount import Refcounts
+from .refcount import Refcounts, ReleaseRefused
 from .tables import ClusterTables
+
+log = logging.getLogger("qnbd.qcow2")
 
 # Released clusters wait for a flush (rule 3); past this many, writes flush by themselves
 # so that discarded space returns without waiting for the client.
@@ -28,14 +36,18 @@ MAX_PENDING_RELEASES = 4096
 
 class ClusterWriter:
     def __init__(self, layout: Layout, tables: ClusterTables, refcounts: Refcounts,
-                 mapper: Mapper, metadata: MetadataMap, data: Storage):
+                 mapper: Mapper, metadata: MetadataMap, data: Storage,
+                 raw_data_file: bool = False):
         self.layout = layout
+        self.raw_data_file = raw_data_file
         self.tables = tables
         self.refcounts = refcounts
         self.mapper = mapper
         self.metadata = metadata
         self.data = data
         self.pending_releases: list[tuple[int, int]] = []
+        # The byte after the last compressed data written, to pack the next one there.
+        self._compressed_end = 0
 
     # -- releases (rule 3) -------------------------------------------------------------
 
@@ -44,6 +56,8 @@ class ClusterWriter:
 
     def _release_entry(self, entry: int, kind: int) -> None:
         """Queue the drop of the reference an L2 entry held."""
+        if self.layout.external:
+            return  # data clusters of an external data file are not refcounted
         if kind == COMPRESSED:
             self.queue_release(*self.layout.compressed.host_range(entry))
         elif kind in (DATA, ZERO) and entry & L2E_OFFSET_MASK:
@@ -56,10 +70,18 @@ class ClusterWriter:
         """Drop the queued references; the caller has made their removal durable."""
         pending, self.pending_releases = self.pending_releases, []
         self.mapper.forget_compressed()
+        self._compressed_end = 0  # its cluster may be freed now, and reused for anything
         cb = self.layout.cluster_bits
         freed = []
         for offset, length in pending:
-            freed.extend(self.refcounts.release(offset, length))
+            try:
+                freed.extend(self.refcounts.release(offset, length))
+            except ReleaseRefused as e:
+                # As qemu's qcow2_free_clusters: one line, the range is leaked, the flush
+                # goes on (the reference is already gone from disk; nothing else depends
+                # on this refcount, and no metadata was written on its account).
+                log.error("%s: could not release host range 0x%x+%d: %s; leaked",
+                          self.data.path, offset, length, e)
         for cluster in sorted(freed):
             if cluster in self.metadata.clusters:
                 self.metadata.remove(cluster)
@@ -102,11 +124,12 @@ class ClusterWriter:
 
     def _write_in_table(self, l1_index: int, pos: int, data: memoryview) -> None:
         layout = self.layout
-        cs, version = layout.cluster_size, layout.version
+        cs, version, external = layout.cluster_size, layout.version, layout.external
         table_offset, table = self._l2_for_write(l1_index)
         i = layout.l2_index(pos)
         last = layout.l2_index(pos + len(data) - 1)
-        writes = _WriteGather(self.data, self.metadata)
+        # Rule 8 guards the image file; a data file holds no metadata to overlap.
+        writes = _WriteGather(self.data, None if external else self.metadata)
         updates = []
         fresh: list[int] = []  # clusters allocated ahead, as one run, for what follows
         done = 0
@@ -116,14 +139,18 @@ class ClusterWriter:
             n = min(cs - in_cluster, len(data) - done)
             chunk = data[done:done + n]
             entry = table[i]
-            kind = classify(entry, version)
+            kind = classify(entry, version, external)
             host = entry & L2E_OFFSET_MASK
             if host & (cs - 1) and kind in (DATA, ZERO):
                 self.mapper.bad_entry(entry)  # never write (or free) at an unaligned offset
+            if external and kind == DATA and host != guest - in_cluster:
+                self.mapper.bad_entry(entry, "a data file offset other than its guest offset")
             if kind == DATA and entry & OFLAG_COPIED:
                 writes.add(host + in_cluster, chunk)
             else:
-                if not _owned(entry, kind):
+                if external:
+                    host = guest - in_cluster  # qcow2.rst: host offset = guest offset
+                elif not _owned(entry, kind):
                     if not fresh:
                         fresh = self._allocate_run(table, i, last)
                     host = fresh.pop()
@@ -169,6 +196,51 @@ class ClusterWriter:
 
     def _reads_zero_before_write(self, kind: int) -> bool:
         return kind == ZERO or (kind == UNALLOCATED and self.mapper.backing is None)
+
+    # -- compressed clusters -----------------------------------------------------------
+
+    def write_compressed(self, guest: int, data: bytes) -> None:
+        """Map the guest cluster at `guest` to compressed `data` (qcow2.rst, "Compressed
+        Clusters Descriptor"). As in qemu (qcow2_alloc_compressed_cluster_offset),
+        compression never overwrites: the cluster must be unallocated or a zero cluster
+        without a host cluster, so no reference is dropped."""
+        layout = self.layout
+        l1_index, i = guest >> layout.table_shift, layout.l2_index(guest)
+        current = self.tables.l2_for_read(l1_index)
+        if current is not None and current[i] & (L2E_OFFSET_MASK | OFLAG_COMPRESSED):
+            raise IOFailure(f"cannot write a compressed cluster at 0x{guest:x}: the "
+                            "cluster is already allocated")
+        host = self._allocate_bytes(len(data))
+        self.metadata.check_data_write(host, len(data))
+        self.data.pwrite(data, host)
+        table_offset, table = self._l2_for_write(l1_index)
+        # Rule 4: the entry changes after the data is written (the L2 cache's barrier).
+        sectors = ((host + len(data) - 1) >> 9) - (host >> 9)  # additional 512 B sectors
+        table[i] = host | OFLAG_COMPRESSED | (sectors << layout.compressed.shift)
+        self.tables.l2_cache.mark_dirty(table_offset, table)
+
+    def _allocate_bytes(self, size: int) -> int:
+        """Host bytes for compressed data, packed after the previous compressed data as
+        qemu's qcow2_alloc_bytes packs them: every host cluster the data touches takes one
+        reference for it (what qemu-img check counts), a new cluster only when the rest
+        of the current one is too short; data may run on into the next cluster when that
+        is the one allocated."""
+        cb, cs = self.layout.cluster_bits, self.layout.cluster_size
+        offset = self._compressed_end
+        refcounts = self.refcounts
+        if offset and refcounts.get(offset >> cb) >= refcounts.max_refcount:
+            offset = 0  # no room for one more reference (1-bit refcounts: never)
+        free = -offset % cs
+        if free >= size:
+            refcounts.add(offset >> cb, 1)
+        else:
+            new = refcounts.allocate(1)  # its refcount: this data's reference
+            if free and new == offset + free:
+                refcounts.add(offset >> cb, 1)
+            else:
+                offset = new
+        self._compressed_end = offset + size
+        return offset
 
     # -- zeroes and discard ------------------------------------------------------------
 
@@ -235,6 +307,8 @@ class ClusterWriter:
                 pos = table_end  # nothing mapped here and nothing shows through
                 continue
             table_offset, table = self._l2_for_write(l1_index)
+            if self.raw_data_file:
+                self._zero_in_data_file(pos, table_end)
             i = layout.l2_index(pos)
             changed = False
             for _ in range((table_end - pos) >> cb):
@@ -242,7 +316,8 @@ class ClusterWriter:
                 new = self._zeroed_entry(entry, trim)
                 if new != entry:
                     if not new & L2E_OFFSET_MASK:
-                        self._release_entry(entry, classify(entry, layout.version))
+                        self._release_entry(entry, classify(entry, layout.version,
+                                                            layout.external))
                     table[i] = new
                     changed = True
                 i += 1
@@ -250,9 +325,22 @@ class ClusterWriter:
                 self.tables.l2_cache.mark_dirty(table_offset, table)
             pos = table_end
 
+    def _zero_in_data_file(self, start: int, end: int) -> None:
+        """data_file_raw: the data file reads as zeros where the guest does (punched,
+        or written where the file system cannot punch); before the entries change, and
+        synced before them by the L2 cache's barrier (rule 13)."""
+        end = min(end, self.layout.size)
+        if end <= start or self.data.punch_hole(start, end - start):
+            return
+        zeros = bytes(min(1 << 20, end - start))
+        while start < end:
+            n = min(len(zeros), end - start)
+            self.data.pwrite(memoryview(zeros)[:n], start)
+            start += n
+
     def _zeroed_entry(self, entry: int, trim: bool) -> int:
         version = self.layout.version
-        kind = classify(entry, version)
+        kind = classify(entry, version, self.layout.external)
         host = entry & L2E_OFFSET_MASK
         if host & (self.layout.cluster_size - 1) and kind in (DATA, ZERO):
             self.mapper.bad_entry(entry)  # keeping or freeing it would hit wrong clusters
@@ -275,7 +363,7 @@ class _WriteGather:
     """Coalesces writes to consecutive host offsets into one pwritev; every write is
     checked against the metadata map first (rule 8)."""
 
-    def __init__(self, data: Storage, metadata: MetadataMap):
+    def __init__(self, data: Storage, metadata: MetadataMap | None):
         self.data = data
         self.metadata = metadata
         self.start = 0
@@ -287,7 +375,8 @@ class _WriteGather:
             self.flush()
         if not self.buffers:
             self.start = self.end = host
-        self.metadata.check_data_write(host, len(data))
+        if self.metadata is not None:
+            self.metadata.check_data_write(host, len(data))
         self.buffers.append(data)
         self.end += len(data)
 

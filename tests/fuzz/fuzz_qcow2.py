@@ -7,7 +7,8 @@ Damages a qemu-made image with two bitmaps that recorded a write (the base of
 test_qcow2_broken.py's bitmap fuzzing) in its header, refcount table and block, L1 and L2
 tables, bitmaps extension, bitmap directory, bitmap table and bitmap data, then opens,
 reads and closes it with test_qcow2_broken.try_open_and_read: success or a one-line
-project error within 5 s, and a failed file left as it was. A failing input stops the run
+project error within 5 s and within its memory budget (RLIMIT_AS: an allocation sized by
+the damaged file fails the input), and a failed file left as it was. A failing input stops the run
 (crash-* file); reproduce it by writing the damaged image out and add it to tests/corpus/.
 """
 

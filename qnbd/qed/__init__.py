@@ -1,0 +1,1 @@
+"""The QED format (qemu docs/interop/qed_spec.txt): the second format of the registry."""
