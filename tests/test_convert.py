@@ -293,3 +293,14 @@ def test_bitmap_copy_refusals(tmp_path, case, message):
     assert rc == 1 and message in err and err.count("\n") == 1
     if case == "existing":
         assert [b["name"] for b in _bitmaps(out)] == ["a"]
+
+
+def test_compressed_into_a_data_file_image_is_refused(tmp_path):
+    """qcow2.rst "External data file": no compressed clusters there."""
+    src = SHAPES[0].build(tmp_path)
+    target = tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'd.raw'}",
+             target, "12M")
+    rc, _, err = qnbd("convert", "-c", "-n", src, target)
+    assert rc == 1 and "not supported with external data files" in err
+    assert qemu_img_check(target).returncode == 0
