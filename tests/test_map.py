@@ -96,3 +96,14 @@ def test_external_data_file(tmp_path, monkeypatch, raw):
     for output in ("json", "human"):
         out = _assert_same(f"--output={output}", "x.qcow2")
     assert "d.raw" in out
+
+
+def test_qed_over_a_raw_backing_file(tmp_path, monkeypatch):
+    """The QED engine answers for its layer too (qemu's bdrv_qed_co_block_status)."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "raw", "b.raw", "3M")
+    qemu_io("b.raw", "raw", "write -P 1 0 3M")
+    qemu_img("create", "-q", "-f", "qed", "-b", "b.raw", "-F", "raw", "q.qed", "4M")
+    qemu_io("q.qed", "qed", "write -P 2 64k 64k", "write -z 1M 128k", "write -P 3 3M 4k")
+    _assert_same("--output=json", "q.qed")
+    assert "b.raw" in _assert_same("--output=human", "q.qed")
