@@ -210,7 +210,8 @@ def test_power_cuts_while_storing_bitmaps(tmp_path, monkeypatch):
     closing = False
     monkeypatch.setattr(qnbd.fileio, "open_file", real_open)
     rng = random.Random(16)
-    cuts = [files[image] for iv in intervals for _what, files in crash_states(iv, rng)]
+    cuts = [contents[image] for iv in intervals
+            for _what, contents in crash_states(iv, rng)]
     assert len(cuts) >= 12
     ranges = [(0, 4 << 20), (40 << 20, 65536)] + session
     expected = {"fine": expected_dirty(ranges, 512, size),

@@ -65,7 +65,7 @@ def test_explicit_raw_lifts_the_restriction(tmp_path, serve, planted_header):
         assert f.read(512) == planted_header
 
 
-# Containers without a driver here (QED has had one since issue 12).
+# (QED has a driver since issue 12: probed as qed, tests/test_qed_cli.py.)
 FOREIGN = [("vmdk", []), ("vdi", []), ("vpc", []), ("vhdx", []),
            ("vmdk", ["-o", "subformat=streamOptimized"])]
 

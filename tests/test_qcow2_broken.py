@@ -283,7 +283,7 @@ V3_FIELD_CASES = [
     ("incompat-bit-10-unnamed", dict(incompatible_features=1 << 10),
      "Unsupported qcow2 feature(s): bit 10"),
     ("incompat-bit-63", dict(incompatible_features=1 << 63), "bit 63"),
-    # The bit without the extension naming the file (external data files are supported).
+    # The data file bit without the extension naming the file: nothing to open.
     ("external-data-file", dict(incompatible_features=INCOMPAT_DATA_FILE),
      "uses an external data file but does not name it"),
     ("extended-l2", dict(incompatible_features=INCOMPAT_EXTL2),

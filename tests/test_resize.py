@@ -200,13 +200,12 @@ def test_power_cuts_while_growing_the_l1_table(tmp_path, monkeypatch):
     recorder = Recorder(lambda r: intervals.append(r.interval(None)))
     real_open = fileio.open_file
     monkeypatch.setattr(fileio, "open_file",
-                        lambda path, writable: recorder.wrap(real_open(path, writable))
-                        if writable else real_open(path, writable))
+                        lambda path, writable: recorder.wrap(real_open(path, writable)))
     dev = open_image(image, "qcow2", read_only=False)
     dev.resize(40 * MiB)
     dev.close()
     monkeypatch.setattr(fileio, "open_file", real_open)
-    states = [files[image] for iv in intervals for _what, files in
+    states = [contents[image] for iv in intervals for _what, contents in
               crash_states(iv, random.Random(1))]
     assert len(states) >= 10
     for i, content in enumerate(states):
@@ -219,3 +218,13 @@ def test_power_cuts_while_growing_the_l1_table(tmp_path, monkeypatch):
         p = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", path, expected, check=False)
         assert p.returncode == 0, f"state {i}: {p.stdout}"
         path.unlink()
+
+
+def test_images_with_a_data_file_are_refused_untouched(tmp_path):
+    image = str(tmp_path / "x.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'd.raw'}", image,
+             "4M")
+    before = open(image, "rb").read()
+    rc, _, err = qnbd("resize", image, "+1M")
+    assert rc == 1 and "external data file" in err and err.count("\n") == 1
+    assert open(image, "rb").read() == before
