@@ -177,7 +177,7 @@ class Connection(asyncio.Protocol):
             self.transport = await server.loop.start_tls(raw, self, server.ssl_context,
                                                          server_side=True)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
-            log.info("%s: TLS handshake failed: %s", self.peer, e or type(e).__name__)
+            log.info("%s: TLS handshake failed: %s", self.peer, str(e) or type(e).__name__)
             raw.abort()
             self.connection_lost(e)
             return
