@@ -1,0 +1,17 @@
+"""What `qnbd serve` runs beside the NBD listeners (issue 15): the control socket and the
+metrics endpoint, as `services` of qnbd.nbd.server.serve (which knows nothing of them)."""
+
+from ..control.service import control_service
+from ..errors import QnbdError
+
+
+def serve_services(config) -> list:
+    services = []
+    metrics = None
+    if config.metrics is not None:
+        raise QnbdError("--metrics is not implemented yet")
+    if config.control is not None:
+        if not config.control.startswith("/"):
+            raise QnbdError("control socket path must be absolute")
+        services.append(control_service(config.control, metrics))
+    return services
