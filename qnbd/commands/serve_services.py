@@ -7,11 +7,12 @@ from ..errors import QnbdError
 
 def serve_services(config) -> list:
     services = []
-    metrics = None
     if config.metrics is not None:
-        raise QnbdError("--metrics is not implemented yet")
+        from ..control.metrics_http import metrics_service, parse_address
+        services.append(metrics_service(*parse_address(config.metrics)))
     if config.control is not None:
         if not config.control.startswith("/"):
             raise QnbdError("control socket path must be absolute")
-        services.append(control_service(config.control, metrics))
+        from ..control.metrics import snapshot
+        services.append(control_service(config.control, snapshot))
     return services

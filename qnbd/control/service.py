@@ -104,7 +104,8 @@ class ControlService:
 def control_service(path: str, metrics=None):
     """A `services` entry for qnbd.nbd.server.serve: starts the control socket."""
     async def start(server):
-        service = ControlService(server, path, metrics=metrics and metrics(server))
+        service = ControlService(server, path,
+                                 metrics=metrics and (lambda: metrics(server)))
         await service.start(server.loop)
         return service.close
     return start

@@ -7,6 +7,7 @@ nbdkit computes its eflags from the backend's can_* answers.
 from ..errors import QnbdError
 from . import protocol as p
 from .contexts import MetaContext, contexts_for
+from .stats import ExportStats
 
 
 def transmission_flags(export, structured: bool, extended: bool = False,
@@ -43,6 +44,8 @@ class Catalog:
         self.exports = exports
         self.by_name = {e.name: e for e in exports}
         self._contexts = {id(e): contexts_for(e) for e in exports}
+        # Request statistics by export name, shared by the export's connections.
+        self.stats = {e.name: ExportStats() for e in exports}
         self.shutting_down = False
 
     def find(self, name: str):

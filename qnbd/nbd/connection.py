@@ -155,7 +155,8 @@ class Connection(asyncio.Protocol):
         session = event.session
         session.export.clients += 1
         log.info("%s: serving export %r", self.peer, session.export.name)
-        self.tx = Transmission(session, self.server.config.max_request, self.peer)
+        self.tx = Transmission(session, self.server.config.max_request, self.peer,
+                               self.server.catalog.stats.get(session.export.name))
         idle = self.server.config.idle_timeout
         if idle:
             self.active_at = self.server.loop.time()
