@@ -4,6 +4,8 @@
     qnbd ctl PATH bitmap-add EXPORT NAME [-g SIZE] [--disabled]
     qnbd ctl PATH bitmap-remove|bitmap-clear|bitmap-enable|bitmap-disable EXPORT NAME
     qnbd ctl PATH bitmap-merge EXPORT NAME SOURCE [SOURCE ...]
+    qnbd ctl PATH checkpoint EXPORT NAME [--bitmap PREV]
+    qnbd ctl PATH release EXPORT@NAME
 
 A refused request prints one line, `qnbd ctl: CODE: message`, and exits 1.
 """
@@ -39,6 +41,14 @@ def add_parser(sub):
     merge.add_argument("export")
     merge.add_argument("name")
     merge.add_argument("sources", nargs="+", metavar="SOURCE")
+    cp = cmds.add_parser("checkpoint", help="start bitmap NAME and export EXPORT@NAME, "
+                         "the image as it is now, read-only")
+    cp.add_argument("export")
+    cp.add_argument("name")
+    cp.add_argument("--bitmap", metavar="PREV", help="the previous checkpoint's bitmap: it "
+                    "stops changing and EXPORT@NAME offers it as qemu:dirty-bitmap:PREV")
+    rel = cmds.add_parser("release", help="drop a checkpoint's export EXPORT@NAME")
+    rel.add_argument("export", metavar="EXPORT@NAME")
     return p
 
 
@@ -57,6 +67,12 @@ def run(args) -> int:
             params["disabled"] = True
     elif command == "bitmap-merge":
         params["sources"] = args.sources
+    elif command == "checkpoint":
+        params = {"export": args.export, "name": args.name}
+        if args.bitmap is not None:
+            params["bitmap"] = args.bitmap
+    elif command == "release":
+        params = {"export": args.export}
     result = request(args.path, command, params)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -66,6 +82,8 @@ def run(args) -> int:
         _print_clients(result)
     elif command == "metrics":
         print(json.dumps(result, indent=2))
+    elif command == "checkpoint":
+        print(result["export"])
     return 0
 
 

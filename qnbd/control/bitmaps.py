@@ -29,22 +29,29 @@ def persistent(export):
     return bitmaps
 
 
+def busy_names(catalog, bitmaps) -> set[str]:
+    """Bitmaps of an image offered as qemu:dirty-bitmap by any export: the export itself
+    (-B) or a checkpoint's view of it (the same DirtyBitmap objects)."""
+    offered = {id(b) for e in catalog.exports for b in e.bitmaps}
+    return {name for name, b in bitmaps.loaded.items() if id(b) in offered}
+
+
 def describe(export) -> list[dict]:
     """The image's bitmaps as `exports` lists them (no bits are read)."""
     image = getattr(export.device, "base", export.device)
     bitmaps = getattr(image, "bitmaps", None)
     if bitmaps is None:
         return []
-    exported = {b.name for b in export.bitmaps}
+    exported = {b.name for b in export.bitmaps}  # by this export (-B)
     return [{"name": e.name, "granularity": e.granularity, "enabled": e.auto,
              "consistent": e.name in bitmaps.loaded, "exported": e.name in exported}
             for e in bitmaps.describe()]
 
 
-def run(export, command: str, args: dict) -> dict:
+def run(catalog, export, command: str, args: dict) -> dict:
     bitmaps = persistent(export)
     name = args["name"]
-    if command != "bitmap-add" and any(b.name == name for b in export.bitmaps):
+    if command != "bitmap-add" and name in busy_names(catalog, bitmaps):
         raise ControlError(BUSY, f"bitmap {printable(name)!r} is exported "
                            f"(qemu:dirty-bitmap:{printable(name)}) and cannot be changed")
     try:

@@ -9,6 +9,7 @@ sits above qnbd.nbd, which knows nothing of it (docs/DESIGN.md "Layers").
 import logging
 
 from . import bitmaps
+from .checkpoints import Checkpoints
 from .protocol import INTERNAL, UNKNOWN_EXPORT, ControlError, Request
 
 log = logging.getLogger("qnbd.control")
@@ -18,6 +19,7 @@ class Handlers:
     def __init__(self, server, metrics=None):
         self.server = server
         self.metrics = metrics   # a callable returning the metrics as JSON, or None
+        self.checkpoints = Checkpoints(server.catalog)
 
     def run(self, request: Request):
         """The result of a validated request, or ControlError."""
@@ -33,8 +35,18 @@ class Handlers:
                 return self.metrics()
             if command.startswith("bitmap-"):
                 export = self._export(request.args["export"])
-                result = bitmaps.run(export, command, request.args)
+                result = bitmaps.run(self.server.catalog, export, command, request.args)
                 log.info("control: %s %s %s", command, export.name, request.args["name"])
+                return result
+            if command == "checkpoint":
+                export = self._export(request.args["export"])
+                result = self.checkpoints.create(export, request.args["name"],
+                                                 request.args.get("bitmap"))
+                log.info("control: checkpoint %s", result["export"])
+                return result
+            if command == "release":
+                result = self.checkpoints.release(request.args["export"])
+                log.info("control: released %s", result["export"])
                 return result
         except ControlError:
             raise
@@ -52,7 +64,8 @@ class Handlers:
     def _export_info(self, export) -> dict:
         return {"name": export.name, "image": export.config.image,
                 "size": export.size, "read_only": export.read_only,
-                "clients": export.clients, "bitmaps": bitmaps.describe(export)}
+                "clients": export.clients, "bitmaps": bitmaps.describe(export),
+                "checkpoints": self.checkpoints.of(export)}
 
     def _clients(self) -> list[dict]:
         out = []

@@ -56,6 +56,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, bool]]] = {
     "bitmap-enable": _BITMAP,
     "bitmap-disable": _BITMAP,
     "bitmap-merge": {**_BITMAP, "sources": (list, True)},
+    "checkpoint": {**_BITMAP, "bitmap": (str, False)},
+    "release": _EXPORT,
 }
 
 
