@@ -195,6 +195,16 @@ def test_checkpoint_refusals_are_one_line_and_change_nothing(tmp_path, serve):
     assert r.returncode == 1 and r.stderr.startswith("qnbd ctl: busy: ")
     h.shutdown()
     ctl(path, "release", "disk@cp1")
+    # SIGTERM with a view and its client still there: a clean stop all the same.
+    ctl(path, "checkpoint", "disk", "cp2", "--bitmap", "cp1")
+    assert "checkpoints: disk@cp2" in ctl(path, "exports").stdout
+    h = connect(server.uri_for("disk@cp2"), "qemu:dirty-bitmap:cp1")
+    h.pread(4096, 0)
+    code, err = server.stop()
+    assert code == 0, err
+    assert {b["name"]: sorted(b["flags"]) for b in info_bitmaps(img)} == \
+        {"b0": [], "cp1": [], "cp2": ["auto"]}
+    check_clean(img)
     # Read-only exports take no checkpoint.
     ro = str(tmp_path / "ro.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", ro, str(SIZE))

@@ -10,6 +10,7 @@
 A refused request prints one line, `qnbd ctl: CODE: message`, and exits 1.
 """
 
+import argparse
 import datetime
 import json
 
@@ -26,6 +27,12 @@ def add_parser(sub):
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
     p.add_argument("path", metavar="PATH", help="the server's control socket")
     cmds = p.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
+    # --json after the command too (`qnbd ctl PATH exports --json`); SUPPRESS keeps a
+    # --json given before it.
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                           help="print the reply as JSON")
+    cmds.add_parser = _with_parents(cmds.add_parser, json_flag)
     for name in _SIMPLE:
         cmds.add_parser(name, help=f"list the server's {name}")
     add = cmds.add_parser("bitmap-add", help="add a persistent bitmap to a live export")
@@ -50,6 +57,12 @@ def add_parser(sub):
     rel = cmds.add_parser("release", help="drop a checkpoint's export EXPORT@NAME")
     rel.add_argument("export", metavar="EXPORT@NAME")
     return p
+
+
+def _with_parents(add_parser, parent):
+    def add(name, **kw):
+        return add_parser(name, parents=[parent], **kw)
+    return add
 
 
 def run(args) -> int:
@@ -92,6 +105,8 @@ def _print_exports(exports) -> None:
         mode = "read-only" if e["read_only"] else "read-write"
         print(f"{e['name'] or '(default)'}: {e['image']} ({e['size']} bytes, {mode}, "
               f"{e['clients']} client(s))")
+        if e.get("checkpoints"):
+            print(f"    checkpoints: {', '.join(e['checkpoints'])}")
         for b in e["bitmaps"]:
             flags = [f for f, on in (("enabled", b["enabled"]), ("disabled", not b["enabled"]),
                                      ("inconsistent", not b["consistent"]),

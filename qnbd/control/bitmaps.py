@@ -14,6 +14,7 @@ A bitmap exported with -B is busy, as in qemu (BDRV_BITMAP_BUSY): it is not remo
 cleared, merged into, enabled or disabled under its readers.
 """
 
+from ..block.cbw import PointInTime
 from ..errors import QnbdError, printable
 from .protocol import BUSY, FAILED, NOT_SUPPORTED, ControlError
 
@@ -43,6 +44,10 @@ def describe(export) -> list[dict]:
     if bitmaps is None:
         return []
     exported = {b.name for b in export.bitmaps}  # by this export (-B)
+    if isinstance(export.device, PointInTime):
+        # A checkpoint's view: only the bitmap it offers is its business.
+        return [{"name": b.name, "granularity": b.granularity, "enabled": b.entry.auto,
+                 "consistent": True, "exported": True} for b in export.bitmaps]
     return [{"name": e.name, "granularity": e.granularity, "enabled": e.auto,
              "consistent": e.name in bitmaps.loaded, "exported": e.name in exported}
             for e in bitmaps.describe()]
