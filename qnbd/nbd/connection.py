@@ -47,6 +47,7 @@ class Connection(asyncio.Protocol):
         self.closing = False
         self.lost = False
         self.upgrade: asyncio.Task | None = None
+        self.raw = None                      # the socket's transport under TLS
         self.early: list | None = None       # bytes received while TLS starts
         self.budget = server.config.max_queued_bytes
         self.blocked = False                 # the transport asked us to stop writing
@@ -84,8 +85,14 @@ class Connection(asyncio.Protocol):
         """Reply bytes that may wait for this client (the server shares its cap)."""
         self.budget = budget
         if self.transport is not None and not self.lost:
-            share = budget // 2 if self.upgrade is not None else budget
-            self.transport.set_write_buffer_limits(high=share)
+            if self.raw is None:
+                self.transport.set_write_buffer_limits(high=budget)
+                return
+            # Under TLS, encrypted bytes wait in the TLS layer and in the socket's buffer:
+            # half the budget each.
+            self.raw.set_write_buffer_limits(high=budget // 2)
+            if self.transport is not self.raw:
+                self.transport.set_write_buffer_limits(high=budget // 2)
 
     def data_received(self, data):
         self.bytes_in += len(data)
@@ -171,7 +178,8 @@ class Connection(asyncio.Protocol):
         server MUST terminate the session". The ACK is already in the transport's buffer,
         ahead of the first TLS record."""
         server = self.server
-        raw = self.transport
+        raw = self.raw = self.transport
+        self.set_budget(self.budget)
         try:
             self.transport = await server.loop.start_tls(raw, self, server.ssl_context,
                                                          server_side=True)

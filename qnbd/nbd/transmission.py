@@ -43,8 +43,8 @@ MAX_FILTER = 8 + 4 * 1024
 def allowed_flags(session: Session) -> dict[int, int]:
     """Command -> flags it may carry in this session (proto.md "Command flags").
     FUA is valid on every command once SEND_FUA is advertised; PAYLOAD_LEN only with
-    extended headers, on WRITE (where it is required) and on BLOCK_STATUS once
-    NBD_FLAG_BLOCK_STATUS_PAYLOAD was advertised."""
+    extended headers, on WRITE and on BLOCK_STATUS once NBD_FLAG_BLOCK_STATUS_PAYLOAD was
+    advertised."""
     flags = session.flags
     fua = p.CMD_FLAG_FUA if flags & p.FLAG_SEND_FUA else 0
     zero = p.CMD_FLAG_NO_HOLE | (p.CMD_FLAG_FAST_ZERO if flags & p.FLAG_SEND_FAST_ZERO else 0)
@@ -82,9 +82,6 @@ def check(session: Session, allowed: dict[int, int], size: int, req: Request,
         return p.EINVAL, f"unknown command {cmd}"
     if req.flags & ~valid:
         return p.EINVAL, f"invalid flags {req.flags:#x} for command {cmd}"
-    if cmd == p.CMD_WRITE and session.extended and not req.flags & p.CMD_FLAG_PAYLOAD_LEN:
-        # "The command NBD_CMD_WRITE MUST use the flag NBD_CMD_FLAG_PAYLOAD_LEN".
-        return p.EINVAL, "NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN"
     if cmd in _WRITES and session.flags & p.FLAG_READ_ONLY:
         return p.EPERM, "export is read-only"
     if cmd in _DATA and req.length > max_request:
