@@ -12,6 +12,7 @@ from qnbd.control import protocol as cp
     (b"", cp.BAD_JSON),
     (b"{", cp.BAD_JSON),
     (b"\xff", cp.BAD_JSON),
+    (b"[" * 60000, cp.BAD_JSON),            # deeper than the decoder recurses
     (b"3", cp.BAD_REQUEST),
     (b'{"command": 3}', cp.BAD_REQUEST),
     (b'{"command": "exports", "extra": 1}', cp.BAD_REQUEST),

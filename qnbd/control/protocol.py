@@ -75,6 +75,8 @@ def parse(line: bytes) -> Request:
         doc = json.loads(line)
     except (ValueError, UnicodeDecodeError) as e:
         raise ControlError(BAD_JSON, f"request is not JSON: {e}") from None
+    except RecursionError:   # "[[[[...": nesting deeper than the decoder goes
+        raise ControlError(BAD_JSON, "request is not JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise ControlError(BAD_REQUEST, "request must be a JSON object")
     rid = doc.get("id")

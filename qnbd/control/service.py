@@ -85,6 +85,9 @@ class ControlService:
             request = protocol.parse(line)
         except protocol.ControlError as e:
             return protocol.error(e.code, e.message, getattr(e, "id", None))
+        except Exception as e:   # a bug costs this request one line, never the server
+            log.error("control: bad request not parsed", exc_info=e)
+            return protocol.error(protocol.INTERNAL, "internal error")
         try:
             return protocol.ok(self.handlers.run(request), request.id)
         except protocol.ControlError as e:
