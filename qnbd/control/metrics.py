@@ -14,7 +14,7 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily,
                                     GaugeMetricFamily, HistogramMetricFamily)
 from prometheus_client.exposition import generate_latest
 
-from ..nbd.stats import BUCKETS, COMMANDS, ERRORS
+from ..nbd.stats import COMMANDS, ERRORS
 
 
 def snapshot(server) -> dict:
@@ -62,16 +62,14 @@ class ServerCollector:
             for err, count in sorted(stats.errors.items()):
                 errors.add_metric([name, ERRORS.get(err, str(err))], count)
             for i, command in enumerate(COMMANDS):
-                if not stats.requests[i]:
+                count, buckets = stats.histogram(i)
+                if not count:
                     continue
-                requests.add_metric([name, command], stats.requests[i])
+                requests.add_metric([name, command], count)
                 nbytes.add_metric([name, command], stats.bytes[i])
-                cumulative, buckets = 0, []
-                for bound, count in zip(BUCKETS + (float("inf"),), stats.latency[i]):
-                    cumulative += count
-                    buckets.append(("+Inf" if bound == float("inf") else repr(bound),
-                                    cumulative))
-                latency.add_metric([name, command], buckets, stats.latency_ns[i] / 1e9)
+                latency.add_metric([name, command],
+                                   [("+Inf" if le == float("inf") else repr(le), n)
+                                    for le, n in buckets], stats.latency_ns[i] / 1e9)
         yield from (requests, nbytes, latency, errors, clients, cbw)
 
 

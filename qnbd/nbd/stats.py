@@ -1,5 +1,6 @@
 """Per-export request statistics (issue 15, metrics), kept as plain integers on the hot
-path: one call per request, two clock reads, a bisect and a few list increments. Turning
+path: one call per request, two clock reads and three list increments (the latency
+bucket is the bit length of the nanoseconds: power-of-two buckets, no search). Turning
 them into Prometheus text or JSON happens only when someone asks
 (qnbd/control/metrics.py), never per request.
 
@@ -7,8 +8,6 @@ Latency is the time the transmission core spends answering a request on the even
 (docs/DESIGN.md "I/O model": requests run inline, in order), not the time on the wire; a
 READ streamed in pieces counts its first piece.
 """
-
-from bisect import bisect_left
 
 from . import protocol as p
 
@@ -19,35 +18,47 @@ _UNKNOWN = len(COMMANDS) - 1
 ERRORS = {p.EPERM: "EPERM", p.EIO: "EIO", p.ENOMEM: "ENOMEM", p.EINVAL: "EINVAL",
           p.ENOSPC: "ENOSPC", p.EOVERFLOW: "EOVERFLOW", p.ENOTSUP: "ENOTSUP",
           p.ESHUTDOWN: "ESHUTDOWN"}
-# Histogram upper bounds, seconds (Prometheus `le`), and the same in nanoseconds.
-BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
-           25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0)
-_BOUNDS_NS = tuple(int(b * 1e9) for b in BUCKETS)
+# A duration of ns nanoseconds lands in slot ns.bit_length(): ns < 2**slot. Slots per
+# command (a 64-bit count of nanoseconds has at most 64 bits, 65 slots with 0).
+_SLOTS = 65
+# The exposed buckets: le = 2**k ns for k in FIRST..LAST (about 1 µs to 17 s); faster
+# requests count in the first, slower ones only in +Inf.
+FIRST, LAST = 10, 34
+BUCKETS = tuple((2 ** k) / 1e9 for k in range(FIRST, LAST + 1))
 
 
 class ExportStats:
-    __slots__ = ("requests", "bytes", "latency", "latency_ns", "errors",
-                 "copy_before_write_bytes")
+    __slots__ = ("bytes", "latency", "latency_ns", "errors", "copy_before_write_bytes")
 
     def __init__(self):
         n = len(COMMANDS)
-        self.requests = [0] * n
         self.bytes = [0] * n          # bytes the requests covered (offset ranges)
-        # Per command: counts per bucket, the last one past the largest bound (+Inf).
-        self.latency = [[0] * (len(BUCKETS) + 1) for _ in range(n)]
+        self.latency = [0] * (n * _SLOTS)   # [command * _SLOTS + ns.bit_length()]
         self.latency_ns = [0] * n
         self.errors: dict[int, int] = {}
         self.copy_before_write_bytes = 0
 
     def record(self, cmd: int, length: int, ns: int) -> None:
         i = cmd if cmd < _UNKNOWN else _UNKNOWN
-        self.requests[i] += 1
         self.bytes[i] += length
-        self.latency[i][bisect_left(_BOUNDS_NS, ns)] += 1
         self.latency_ns[i] += ns
+        self.latency[i * _SLOTS + ns.bit_length()] += 1
 
     def error(self, err: int) -> None:
         self.errors[err] = self.errors.get(err, 0) + 1
+
+    def histogram(self, i: int) -> tuple[int, list[tuple[float, int]]]:
+        """(count, [(le seconds, cumulative count)...]) for command index i, the last
+        bucket +Inf."""
+        slots = self.latency[i * _SLOTS:(i + 1) * _SLOTS]
+        cumulative = sum(slots[:FIRST + 1])
+        buckets = [(BUCKETS[0], cumulative)]
+        for k in range(FIRST + 1, LAST + 1):
+            cumulative += slots[k]
+            buckets.append((BUCKETS[k - FIRST], cumulative))
+        total = sum(slots)
+        buckets.append((float("inf"), total))
+        return total, buckets
 
     def snapshot(self) -> dict:
         """The numbers as JSON (the control socket's `metrics`): cumulative histogram
@@ -56,14 +67,13 @@ class ExportStats:
                "errors": {ERRORS.get(e, str(e)): n for e, n in sorted(self.errors.items())},
                "copy_before_write_bytes": self.copy_before_write_bytes}
         for i, name in enumerate(COMMANDS):
-            if not self.requests[i]:
+            count, buckets = self.histogram(i)
+            if not count:
                 continue
-            out["requests"][name] = self.requests[i]
+            out["requests"][name] = count
             out["bytes"][name] = self.bytes[i]
-            cumulative, buckets = 0, {}
-            for bound, count in zip(BUCKETS + (float("inf"),), self.latency[i]):
-                cumulative += count
-                buckets["+Inf" if bound == float("inf") else repr(bound)] = cumulative
-            out["latency"][name] = {"count": self.requests[i],
-                                    "sum": self.latency_ns[i] / 1e9, "buckets": buckets}
+            out["latency"][name] = {
+                "count": count, "sum": self.latency_ns[i] / 1e9,
+                "buckets": {"+Inf" if le == float("inf") else repr(le): n
+                            for le, n in buckets}}
         return out
