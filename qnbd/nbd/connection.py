@@ -22,6 +22,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 
 from . import tls
 from .handshake import Close, Handshake, Ready, Send, StartTLS
@@ -54,6 +55,10 @@ class Connection(asyncio.Protocol):
         self.scheduled = False               # a _process call is queued for the next turn
         self.active_at = 0.0                 # last time the client sent or took data
         self.idle_timer = None
+        # What the control socket's `clients` reports: wall-clock start, bytes each way.
+        self.since = time.time()
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     # --- asyncio callbacks ---
 
@@ -90,6 +95,7 @@ class Connection(asyncio.Protocol):
                 self.transport.set_write_buffer_limits(high=budget // 2)
 
     def data_received(self, data):
+        self.bytes_in += len(data)
         if self.early is not None:
             self.early.append(data)
         elif self.tx is not None:
@@ -156,7 +162,8 @@ class Connection(asyncio.Protocol):
         session = event.session
         session.export.clients += 1
         log.info("%s: serving export %r", self.peer, session.export.name)
-        self.tx = Transmission(session, self.server.config.max_request, self.peer)
+        self.tx = Transmission(session, self.server.config.max_request, self.peer,
+                               self.server.catalog.stats.get(session.export.name))
         idle = self.server.config.idle_timeout
         if idle:
             self.active_at = self.server.loop.time()
@@ -238,6 +245,7 @@ class Connection(asyncio.Protocol):
             self.abort()
             return
         if out:
+            self.bytes_out += made
             transport.writelines(out)   # may call pause_writing
         if pieces is not None and not self.blocked:
             # More work may be waiting: let the other connections have this turn first.

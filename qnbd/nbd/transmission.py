@@ -22,12 +22,14 @@ for. Its reply is, by the session's reply form:
 import array
 import logging
 import sys
+from time import perf_counter_ns
 
 from ..errors import IOFailure
 from . import protocol as p
 from .handshake import Session
 from .replies import codec
 from .requests import DEFAULT_MAX_REQUEST, ProtocolError, Request, RequestParser
+from .stats import ExportStats
 
 log = logging.getLogger("qnbd.serve")
 
@@ -104,8 +106,9 @@ class Transmission:
     """One session's transmission phase: request bytes and an export in, reply pieces out."""
 
     def __init__(self, session: Session, max_request: int = DEFAULT_MAX_REQUEST,
-                 peer: str = "?"):
+                 peer: str = "?", stats: ExportStats | None = None):
         self.session = session
+        self.stats = stats if stats is not None else ExportStats()
         self.export = session.export
         self.max_request = max_request
         self.peer = peer
@@ -144,13 +147,17 @@ class Transmission:
         req = self.parser.pop()
         if req is None:
             return None
+        start = perf_counter_ns()
         err, msg = check(self.session, self.allowed, self.export.size, req, self.max_request)
         if err:
-            return self._error(req, err, msg)
-        try:
-            return _DISPATCH[req.cmd](self, req)
-        except Exception as e:
-            return self._failed(req, e)
+            out = self._error(req, err, msg)
+        else:
+            try:
+                out = _DISPATCH[req.cmd](self, req)
+            except Exception as e:
+                out = self._failed(req, e)
+        self.stats.record(req.cmd, req.length, perf_counter_ns() - start)
+        return out
 
     def _failed(self, req: Request, e: Exception) -> list:
         """Engine failures cost the request an NBD error, never the session."""
@@ -167,6 +174,7 @@ class Transmission:
         return self._error(req, err, msg)
 
     def _error(self, req: Request, err: int, message: str) -> list:
+        self.stats.error(err)
         if err == p.EIO:
             log.warning("%s: command %d at %d+%d: %s", self.peer, req.cmd, req.offset,
                         req.length, message)
