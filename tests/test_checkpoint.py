@@ -12,7 +12,6 @@ import random
 import struct
 import threading
 
-import pytest
 
 from bitmaputil import expected_dirty, info_bitmaps, qemu_dirty_map
 from ctlutil import ControlClient, control_path, ctl

@@ -5,11 +5,9 @@ us (qemu-img info, qemu-nbd -B reading the stored bits), and rule 9 (docs/DESIGN
 hold meanwhile: in use on disk while open, cleared by the clean close.
 """
 
-import json
 import os
 import stat
 
-import pytest
 
 from bitmaputil import expected_dirty, info_bitmaps, qemu_dirty_map, qnbd
 from ctlutil import ControlClient, control_path, ctl, ctl_json
