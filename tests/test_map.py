@@ -1,6 +1,8 @@
 """`qnbd map` against `qemu-img map`, run side by side on images qemu-img made: the same
 extents, JSON and text, down backing chains of qcow2 and raw files."""
 
+import json
+
 import pytest
 
 from cli_util import qnbd
@@ -42,7 +44,7 @@ def test_zero_clusters_keeping_their_allocation(tmp_path):
     qemu_io(image, "qcow2", "write -P 7 0 4M", "write -z 1M 1M", "write -z -u 3M 64k",
             "discard 2M 128k")
     out = _assert_same("--output=json", image)
-    assert '"zero": true, "data": false, "offset"' in out
+    assert any(e["zero"] and not e["data"] and "offset" in e for e in json.loads(out))
     _assert_same(image)
 
 

@@ -16,6 +16,7 @@ class MapEntry(NamedTuple):
     data: bool
     offset: int | None  # host offset in `file`, when the run lies there as it reads
     file: str | None
+    compressed: bool = False  # stored compressed (BDRV_BLOCK_COMPRESSED)
 
 
 def chain_status(device, offset: int, length: int, depth: int = 0):
@@ -23,7 +24,8 @@ def chain_status(device, offset: int, length: int, depth: int = 0):
     pos = offset
     for e in _layer_status(device, offset, length):
         if e.data or e.zero:
-            yield MapEntry(pos, e.length, depth, True, e.zero, e.data, e.host_offset, e.file)
+            yield MapEntry(pos, e.length, depth, True, e.zero, e.data, e.host_offset, e.file,
+                           e.compressed)
         else:
             yield from _below(device, pos, e.length, depth)
         pos += e.length

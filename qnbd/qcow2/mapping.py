@@ -208,7 +208,7 @@ class Mapper:
             if kind == UNALLOCATED:
                 out.append(LayerExtent(n, False, False, None, None))
             elif kind == COMPRESSED:
-                out.append(LayerExtent(n, True, False, None, None))
+                out.append(LayerExtent(n, True, False, None, None, compressed=True))
             else:
                 # Data at host offset 0 exists in an external data file; a zero run's 0
                 # means no host cluster (qcow2_get_cluster_type).
