@@ -8,7 +8,8 @@ from . import __version__
 from .errors import QnbdError
 
 # Subcommand name -> module under qnbd.commands.
-COMMANDS = ("serve", "create", "info", "bitmap", "check", "map", "convert", "snapshot", "resize")
+COMMANDS = ("serve", "create", "info", "bitmap", "check", "map", "convert", "snapshot", "resize",
+            "ctl")
 
 
 class QemuStyleParser(argparse.ArgumentParser):

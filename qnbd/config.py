@@ -3,7 +3,8 @@ options (qemu-nbd's) or from a TOML file (`qnbd serve --config FILE`, see config
 
 The file format:
 
-    [server]            persistent, pid_file
+    [server]            persistent, pid_file, control = PATH (the control socket, issue 15;
+                        also accepted at the top of the file), metrics = "ADDR:PORT"
     [limits]            max_connections, handshake_timeout, idle_timeout, max_queued_bytes,
                         max_queued_total, max_request
     [tls]               creds = DIR, mode = "off"|"on"|"require", verify_peer,
@@ -68,6 +69,8 @@ class ServerConfig:
     max_queued_total: int = DEFAULT_MAX_QUEUED_TOTAL
     max_request: int = DEFAULT_MAX_REQUEST
     tls: TlsConfig | None = None
+    control: str | None = None       # the control socket's path (qnbd/control/)
+    metrics: str | None = None       # ADDR:PORT of the Prometheus endpoint
 
 
 class ConfigError(QnbdError):
@@ -96,7 +99,7 @@ _EXPORT_KEYS = {"image": str, "name": str, "format": str, "description": str,
                 "snapshot": bool, "shared": int, "bitmaps": list, "allocation_depth": bool,
                 "load_snapshot": str}
 _LISTEN_KEYS = {"unix": str, "address": str, "port": int}
-_SERVER_KEYS = {"persistent": bool, "pid_file": str}
+_SERVER_KEYS = {"persistent": bool, "pid_file": str, "control": str, "metrics": str}
 _LIMIT_KEYS = {"max_connections": int, "handshake_timeout": (int, float),
                "idle_timeout": (int, float), "max_queued_bytes": int,
                "max_queued_total": int, "max_request": int}
@@ -119,7 +122,7 @@ def load_config(path: str) -> ServerConfig:
 
 def parse_config(doc: dict) -> ServerConfig:
     _check_table(doc, "file", {"server": dict, "limits": dict, "listen": list, "export": list,
-                               "tls": dict})
+                               "tls": dict, "control": str, "metrics": str})
     server = _check_table(doc.get("server", {}), "server", _SERVER_KEYS)
     limits = _check_table(doc.get("limits", {}), "limits", _LIMIT_KEYS)
 
@@ -180,7 +183,8 @@ def parse_config(doc: dict) -> ServerConfig:
                         persistent=server.get("persistent", True),
                         max_connections=max_conn, handshake_timeout=timeout,
                         pid_file=server.get("pid_file"), idle_timeout=idle,
-                        tls=tls, **sizes)
+                        tls=tls, control=server.get("control", doc.get("control")),
+                        metrics=server.get("metrics", doc.get("metrics")), **sizes)
 
 
 def check_tls_only(config: ServerConfig) -> None:

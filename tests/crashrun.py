@@ -5,6 +5,7 @@ import json
 import os
 import random
 import subprocess
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -122,6 +123,26 @@ def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False):
     return image, intervals
 
 
+# The two workers of enumerate_crashes are threads of this process. A repair opens an image
+# read-write here, taking QEMU's locks (OFD locks, held by the open file description); a
+# process the other worker starts meanwhile gets a copy of the descriptor, which lives on
+# until that child execs. Our close then leaves the locks held, and the qemu-img check
+# that follows fails with 'Failed to get shared "write" lock'. So the repair and every
+# process start (Popen returns once the child has exec'd) take turns.
+_spawning = threading.Lock()
+
+
+def _run(*cmd, check=False, cwd=None) -> subprocess.CompletedProcess:
+    with _spawning:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=cwd)
+    out, err = p.communicate()
+    r = subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    if check:
+        r.check_returncode()
+    return r
+
+
 def _need_check(path: str) -> bool:
     with open(path, "rb") as f:
         return bool(f.read(24)[16] & 0x02)  # qed_spec.txt "Header": features, NEED_CHECK
@@ -142,18 +163,17 @@ def check_state(slot: str, image: str, contents: dict, ctx: Context, what: str,
             f.write(content)
     path = os.path.join(slot, os.path.basename(image))
     where = f"{what}, during {ctx.during}"
-    r = subprocess.run(["qemu-img", "info", "-f", fmt, "--output=json", path],
-                       capture_output=True, text=True, cwd=slot)
+    r = _run("qemu-img", "info", "-f", fmt, "--output=json", path, cwd=slot)
     if r.returncode:
         return f"{where}: qemu-img info fails: {r.stderr.strip()}"
     info = json.loads(r.stdout)
     repair = _need_check(path) if fmt == "qed" else info.get("dirty-flag", False)
     if repair:
-        open_image(path, fmt, read_only=False).close()
+        with _spawning:
+            open_image(path, fmt, read_only=False).close()
         if fmt == "qed" and _need_check(path):
             return f"{where}: NEED_CHECK still set after the repair"
-    r = subprocess.run(["qemu-img", "check", "-f", fmt, "--output=json", path],
-                       capture_output=True, text=True, cwd=slot)
+    r = _run("qemu-img", "check", "-f", fmt, "--output=json", path, cwd=slot)
     report = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
     if r.returncode not in (0, 3) or report.get("corruptions", 0):
         return f"{where}: qemu-img check rc {r.returncode}: {r.stdout}{r.stderr}"
@@ -162,7 +182,7 @@ def check_state(slot: str, image: str, contents: dict, ctx: Context, what: str,
         return f"{where}: leaks ({'NEED_CHECK clear' if fmt == 'qed' else 'repaired'}): " \
             f"{r.stdout}"
     out = os.path.join(slot, "content.raw")
-    run("qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", path, out, cwd=slot)
+    _run("qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", path, out, check=True, cwd=slot)
     with open(out, "rb") as f:
         data = f.read()
     if len(data) != len(ctx.flushed):
@@ -184,7 +204,8 @@ def _check_bitmaps(path: str, info: dict, data: bytes, start: bytes, where: str)
     for bitmap in bitmaps:
         if "in-use" in bitmap["flags"] or not changed:
             continue
-        dirty = qemu_dirty_map(path, bitmap["name"])
+        with _spawning:  # it starts processes
+            dirty = qemu_dirty_map(path, bitmap["name"])
         missed = [i for i in changed if not any(o <= i < o + n for o, n in dirty)]
         if missed:
             return (f"{where}: bitmap '{bitmap['name']}' is stored as consistent but "

@@ -16,7 +16,7 @@ import qnbd.fileio
 from qnbd.formats import open_image
 
 from bitmaputil import expected_dirty, info_bitmaps, qemu_dirty_map
-from crashsim import RecordingFile, crash_states
+from crashsim import Recorder, crash_states
 from nbdserver import connect, status
 from peers import qemu_img, qemu_io
 from qcow2util import EXT_BITMAPS, extension_locations
@@ -192,14 +192,15 @@ def test_power_cuts_while_storing_bitmaps(tmp_path, monkeypatch):
     intervals = []
     closing = False
 
-    def interval_closed(f):
-        if closing and f.path == image:
-            intervals.append(f.interval(None))
+    def interval_closed(recorder):
+        if closing:
+            intervals.append(recorder.interval(None))
 
+    recorder = Recorder(interval_closed)
     real_open = qnbd.fileio.open_file
     monkeypatch.setattr(qnbd.fileio, "open_file",
-                        lambda path, writable: RecordingFile(real_open(path, writable),
-                                                             interval_closed))
+                        lambda path, writable: recorder.wrap(real_open(path, writable))
+                        if writable else real_open(path, writable))
     dev = open_image(image, "qcow2", read_only=False)
     for offset, length in session:
         dev.write(offset, b"s" * length)
@@ -209,7 +210,8 @@ def test_power_cuts_while_storing_bitmaps(tmp_path, monkeypatch):
     closing = False
     monkeypatch.setattr(qnbd.fileio, "open_file", real_open)
     rng = random.Random(16)
-    cuts = [content for iv in intervals for _what, content in crash_states(iv, rng)]
+    cuts = [contents[image] for iv in intervals
+            for _what, contents in crash_states(iv, rng)]
     assert len(cuts) >= 12
     ranges = [(0, 4 << 20), (40 << 20, 65536)] + session
     expected = {"fine": expected_dirty(ranges, 512, size),

@@ -14,6 +14,7 @@ from bitmaputil import qemu_dirty_map
 from cli_util import qemu_img_check, qnbd, qnbd_ok
 from images import RAW, SHAPES
 from lockutil import leave_bitmaps_in_use
+from nbdserver import wait_for_socket
 from peers import qemu_img, qemu_io, run
 
 MiB = 1 << 20
@@ -293,3 +294,35 @@ def test_bitmap_copy_refusals(tmp_path, case, message):
     assert rc == 1 and message in err and err.count("\n") == 1
     if case == "existing":
         assert [b["name"] for b in _bitmaps(out)] == ["a"]
+
+
+def test_compressed_into_a_data_file_image_is_refused(tmp_path):
+    """qcow2.rst "External data file": no compressed clusters there."""
+    src = SHAPES[0].build(tmp_path)
+    target = tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'd.raw'}",
+             target, "12M")
+    rc, _, err = qnbd("convert", "-c", "-n", src, target)
+    assert rc == 1 and "not supported with external data files" in err
+    assert qemu_img_check(target).returncode == 0
+
+
+def test_from_qed_and_from_an_nbd_export(tmp_path):
+    """Sources of other drivers: QED (its own layer status) and an NBD export served by
+    qemu-nbd (block status only), as sparse as qemu-img makes them."""
+    src = str(tmp_path / "q.qed")
+    qemu_img("create", "-q", "-f", "qed", src, "8M")
+    qemu_io(src, "qed", "write -P 2 64k 64k", "write -P 3 3M 1M", "write -z 3M 64k")
+    sock = str(tmp_path / "s.sock")
+    server = subprocess.Popen(["qemu-nbd", "-r", "-f", "qed", "-k", sock, "-t", src])
+    try:
+        wait_for_socket(sock, server)
+        for name, source in (("qed", src), ("nbd", f"nbd+unix:///?socket={sock}")):
+            ours, theirs = tmp_path / f"{name}-ours.qcow2", tmp_path / f"{name}-theirs.qcow2"
+            qnbd_ok("convert", "-O", "qcow2", source, ours)
+            qemu_img("convert", "-O", "qcow2", source, theirs)
+            _compare(src, "qed", ours, "qcow2")
+            assert _layout(ours, "qcow2") == _layout(theirs, "qcow2")
+    finally:
+        server.kill()
+        server.wait()

@@ -283,8 +283,9 @@ V3_FIELD_CASES = [
     ("incompat-bit-10-unnamed", dict(incompatible_features=1 << 10),
      "Unsupported qcow2 feature(s): bit 10"),
     ("incompat-bit-63", dict(incompatible_features=1 << 63), "bit 63"),
+    # The data file bit without the extension naming the file: nothing to open.
     ("external-data-file", dict(incompatible_features=INCOMPAT_DATA_FILE),
-     "Unsupported qcow2 feature(s): external data file"),
+     "uses an external data file but does not name it"),
     ("extended-l2", dict(incompatible_features=INCOMPAT_EXTL2),
      "Unsupported qcow2 feature(s): extended L2 entries"),
     ("compression-bit-type-0", dict(incompatible_features=INCOMPAT_COMPRESSION),

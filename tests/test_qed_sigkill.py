@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 
+import nbd
 import pytest
 
 from images import MiB
@@ -68,6 +69,12 @@ def test_sigkill_under_write_load(serve, tmp_path, backing):
         seen.add(need_check)
         if need_check:
             again = serve(image, "-f", "qed")
+            # A client served proves the server has installed its signal handlers (the
+            # socket exists a moment before: a SIGTERM then would kill it outright).
+            h = nbd.NBD()
+            h.connect_uri(again.uri)
+            assert h.get_size() == SIZE
+            h.shutdown()
             code, err = again.stop()
             assert code == 0 and "repaired" in err, err
             assert not get_u64(image, FEATURES_AT) & F_NEED_CHECK

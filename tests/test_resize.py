@@ -14,7 +14,7 @@ from qnbd.formats import open_image
 
 from cli_util import qemu_img_check, qemu_img_info, qnbd, qnbd_ok
 from bitmaputil import qemu_dirty_map
-from crashsim import RecordingFile, crash_states
+from crashsim import Recorder, crash_states
 from images import RAW, SHAPES
 from lockutil import leave_bitmaps_in_use
 from peers import qemu_img, qemu_io, run
@@ -197,20 +197,15 @@ def test_power_cuts_while_growing_the_l1_table(tmp_path, monkeypatch):
     expected = tmp_path / "expected.raw"
     qemu_img("convert", "-O", "raw", image, expected)
     intervals = []
+    recorder = Recorder(lambda r: intervals.append(r.interval(None)))
     real_open = fileio.open_file
-
-    def recording_open(path, writable):
-        def closed(f):
-            if f.path == image:
-                intervals.append(f.interval(None))
-        return RecordingFile(real_open(path, writable), closed)
-
-    monkeypatch.setattr(fileio, "open_file", recording_open)
+    monkeypatch.setattr(fileio, "open_file",
+                        lambda path, writable: recorder.wrap(real_open(path, writable)))
     dev = open_image(image, "qcow2", read_only=False)
     dev.resize(40 * MiB)
     dev.close()
     monkeypatch.setattr(fileio, "open_file", real_open)
-    states = [content for iv in intervals for _what, content in
+    states = [contents[image] for iv in intervals for _what, contents in
               crash_states(iv, random.Random(1))]
     assert len(states) >= 10
     for i, content in enumerate(states):
@@ -223,3 +218,13 @@ def test_power_cuts_while_growing_the_l1_table(tmp_path, monkeypatch):
         p = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", path, expected, check=False)
         assert p.returncode == 0, f"state {i}: {p.stdout}"
         path.unlink()
+
+
+def test_images_with_a_data_file_are_refused_untouched(tmp_path):
+    image = str(tmp_path / "x.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'd.raw'}", image,
+             "4M")
+    before = open(image, "rb").read()
+    rc, _, err = qnbd("resize", image, "+1M")
+    assert rc == 1 and "external data file" in err and err.count("\n") == 1
+    assert open(image, "rb").read() == before

@@ -104,6 +104,11 @@ def _second_instance(program: str, image: str, work: str, pid_file: str):
     first = start(program, "-f", "raw", "-k", os.path.join(work, f"{program}1"), "-t",
                   "--pid-file", pid_file, image)
     wait_listening(os.path.join(work, f"{program}1"), first)
+    # qemu-nbd takes the pid file after its socket listens: wait for it.
+    deadline = time.monotonic() + 10
+    while not (os.path.exists(pid_file) and open(pid_file).read() == f"{first.pid}\n"):
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.01)
     second = subprocess.run(PROGRAMS[program] + ["-f", "raw", "-k",
                                                  os.path.join(work, f"{program}2"), "-t",
                                                  "--pid-file", pid_file, image],

@@ -10,7 +10,7 @@ import pytest
 
 from qnbd.formats import open_image
 
-from cli_util import qemu_img_info, qnbd, qnbd_ok
+from cli_util import qemu_img_info, qemu_img_info_text, qnbd, qnbd_ok
 from nbdserver import wait_for_socket
 from peers import check_clean, qemu_img, qemu_io, run
 
@@ -66,7 +66,7 @@ def test_info_lists_snapshots_as_qemu_img(image):
     ours = json.loads(out)
     assert ours == qemu_img_info(image)
     assert [s["name"] for s in ours["snapshots"]] == ["first", "second one", "2"]
-    assert qnbd_ok("info", image) == run("qemu-img", "info", image).stdout
+    assert qnbd_ok("info", image) == qemu_img_info_text(image)
 
 
 def test_snapshot_list_as_qemu_img(image):

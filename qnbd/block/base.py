@@ -33,6 +33,7 @@ class LayerExtent(NamedTuple):
 
     host_offset: where the bytes lie, contiguously, in the file `file` (None when they
     do not lie as they read, e.g. compressed clusters).
+    compressed: the bytes are stored compressed (BDRV_BLOCK_COMPRESSED).
     """
 
     length: int
@@ -40,6 +41,7 @@ class LayerExtent(NamedTuple):
     zero: bool
     host_offset: int | None
     file: str | None
+    compressed: bool = False
 
 
 class BlockDevice(Protocol):

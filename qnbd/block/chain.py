@@ -80,3 +80,21 @@ class BackingChain:
         except ImageError as e:
             # The name comes from the image: escape it to keep the message on one line.
             raise ImageError(f"could not open backing file: {printable(str(e))}") from None
+
+
+def backing_size(image_path: str, backing_file: str | None, backing_fmt: str | None,
+                 open_backing) -> int | None:
+    """The size of a new image's backing file, opened read-only as qemu-img create
+    does (`open_backing(path, fmt)`; None: -u, not opened)."""
+    if backing_file is None or open_backing is None:
+        return None
+    if not backing_fmt:
+        raise ImageError("Backing file specified without backing format")
+    try:
+        device = open_backing(resolve_backing(image_path, backing_file), backing_fmt)
+    except ImageError as e:
+        raise ImageError(f"Could not open backing image: {e}") from None
+    try:
+        return device.size
+    finally:
+        device.close()

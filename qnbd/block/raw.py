@@ -39,14 +39,20 @@ def create_raw(path: str, size: int | None, **options) -> int:
     if size is None:
         raise ImageError("Image creation needs a size parameter")
     size = _sectors(size)
+    create_sparse(path, size)
+    return size
+
+
+def create_sparse(path: str, size: int) -> None:
+    """`path` emptied (locked as qemu-img create locks it) and grown to `size` zeros,
+    taking no space: a raw image, or a qcow2 image's external data file."""
     f = create_locked(path)
     try:
         f.truncate(size)
     except OSError as e:
-        raise ImageError(f"Could not resize file: {e.strerror}") from None
+        raise ImageError(f"Could not resize '{path}': {e.strerror}") from None
     finally:
         f.close()
-    return size
 
 
 def raw_info(path: str, file, st) -> dict:

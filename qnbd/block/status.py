@@ -4,6 +4,8 @@ with that layer's depth, and whether any layer did (`present`)."""
 
 from typing import NamedTuple
 
+from .base import ZERO, LayerExtent
+
 
 class MapEntry(NamedTuple):
     start: int
@@ -14,24 +16,38 @@ class MapEntry(NamedTuple):
     data: bool
     offset: int | None  # host offset in `file`, when the run lies there as it reads
     file: str | None
+    compressed: bool = False  # stored compressed (BDRV_BLOCK_COMPRESSED)
 
 
 def chain_status(device, offset: int, length: int, depth: int = 0):
     """MapEntry runs covering at least a prefix of [offset, offset + length)."""
     pos = offset
-    for e in device.layer_status(offset, length):
+    for e in _layer_status(device, offset, length):
         if e.data or e.zero:
-            yield MapEntry(pos, e.length, depth, True, e.zero, e.data, e.host_offset, e.file)
+            yield MapEntry(pos, e.length, depth, True, e.zero, e.data, e.host_offset, e.file,
+                           e.compressed)
         else:
             yield from _below(device, pos, e.length, depth)
         pos += e.length
+
+
+def _layer_status(device, offset: int, length: int) -> list[LayerExtent]:
+    """The device's own layer_status; for devices without one (no backing file: NBD
+    and other protocols, windows, formats without the query), what block status says,
+    with no host offsets: allocated at depth 1, else neither data nor zero."""
+    own = getattr(device, "layer_status", None)
+    if own is not None:
+        return own(offset, length)
+    return [LayerExtent(e.length, e.depth == 1 and not e.flags & ZERO,
+                        e.depth == 1 and bool(e.flags & ZERO), None, None)
+            for e in device.block_status(offset, length)]
 
 
 def _below(device, offset: int, length: int, depth: int):
     """A run this layer leaves to its backing file. Without one, or past its end, the run
     reads as zeros at this depth, unallocated (bdrv_co_block_status adds
     BDRV_BLOCK_ZERO there, not BDRV_BLOCK_ALLOCATED)."""
-    backing = device.backing
+    backing = getattr(device, "backing", None)
     end = offset + length
     if backing is not None and offset < backing.size:
         covered = min(end, backing.size)

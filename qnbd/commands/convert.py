@@ -62,7 +62,8 @@ def run(args) -> int:
     plan = CopyPlan(zero_init=not args.no_create and backing is None,
                     target_has_backing=backing is not None,
                     sparse=_sparse(args.sparse), compress=args.compress)
-    if os.path.exists(args.target) and os.path.samefile(args.source, args.target):
+    if all(map(os.path.exists, (args.source, args.target))) and \
+            os.path.samefile(args.source, args.target):
         # Even with -U, where no lock would stop the target's creation.
         raise QnbdError(f"'{args.target}' is both the source and the target")
     src = formats.open_image(args.source, args.fmt, read_only=True,

@@ -5,6 +5,7 @@ import math
 import time
 
 from ..formats import chain_info, image_info
+from ..qemu_version import at_least
 
 
 def add_parser(subparsers):
@@ -75,17 +76,29 @@ def human(info: dict) -> str:
 
 def snapshot_list(snapshots: list[dict]) -> list[str]:
     """qemu's "Snapshot list:" table (block/qapi.c, bdrv_snapshot_dump): dates in local
-    time, the VM clock as hours:minutes:seconds.milliseconds."""
-    lines = ["Snapshot list:",
-             f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    time, the VM clock as hours:minutes:seconds.milliseconds. qemu 9.0 (commit "qemu-img:
+    Fix Column Width and Improve Formatting in snapshot list") renamed the "VM SIZE" and
+    "VM CLOCK" columns, changed the widths, padded the hours to four digits and shows a
+    missing icount as "--"; the installed qemu-img's layout is used."""
+    new = at_least(9)
+    if new:
+        head = f"{'ID':<7} {'TAG':<16} {'VM_SIZE':>8} {'DATE':>19} {'VM_CLOCK':>15} {'ICOUNT':>10}"
+    else:
+        head = f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
+    lines = ["Snapshot list:", head]
     for s in snapshots:
         date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
         secs = s["vm-clock-sec"]
-        clock = (f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
-                 f"{s['vm-clock-nsec'] // 10**6:03d}")
-        icount = str(s["icount"]) if "icount" in s else ""
-        lines.append(f"{s['id']:<9} {s['name']:<16} {size_to_str(s['vm-state-size']):>8}"
-                     f"{date:>20}{clock:>13}{icount:>11}")
+        clock = (f"{secs // 3600:0{4 if new else 2}d}:{secs // 60 % 60:02d}:"
+                 f"{secs % 60:02d}.{s['vm-clock-nsec'] // 10**6:03d}")
+        icount = str(s["icount"]) if "icount" in s else "--" if new else ""
+        size = size_to_str(s["vm-state-size"])
+        if new:
+            lines.append(f"{s['id']:<7} {s['name']:<16} {size:>8} {date:>19} {clock:>15}"
+                         f" {icount:>10}")
+        else:
+            lines.append(f"{s['id']:<9} {s['name']:<16} {size:>8}"
+                         f"{date:>20}{clock:>13}{icount:>11}")
     return lines
 
 

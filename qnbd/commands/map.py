@@ -7,6 +7,7 @@ import sys
 from ..block.status import MapEntry, chain_status
 from ..errors import QnbdError
 from ..formats import open_image
+from ..qemu_version import at_least
 from ..units import parse_size
 
 GiB = 1 << 30
@@ -43,16 +44,24 @@ def run(args) -> int:
         if args.max_length is not None:
             end = min(end, args.start_offset + args.max_length)
         write = _JsonWriter() if args.output == "json" else _HumanWriter()
-        for entry in merged(device, args.start_offset, end, write.coalesce):
+        for entry in merged(device, args.start_offset, end, write.coalesce,
+                            _reports_compressed()):
             write(entry)
         return write.close()
     finally:
         device.close()
 
 
-def merged(device, start: int, end: int, coalesce=None):
+def _reports_compressed() -> bool:
+    """qemu-img 8.2 and later (commit "qemu-img: map: report compressed data blocks")
+    print a "compressed" key in JSON and do not merge compressed runs with others."""
+    return at_least(8, 2)
+
+
+def merged(device, start: int, end: int, coalesce=None, compressed: bool = False):
     """Runs from `start` to `end`, adjacent runs that qemu-img map would merge merged
-    (entry_mergeable); `coalesce(current, next)` may rewrite the next run first."""
+    (entry_mergeable); `coalesce(current, next)` may rewrite the next run first;
+    `compressed`: runs stored compressed only merge with each other."""
     current = MapEntry(start, 0, 0, False, False, False, None, None)
     pos = start
     while pos < end:
@@ -61,7 +70,7 @@ def merged(device, start: int, end: int, coalesce=None):
             pos += entry.length
             if coalesce is not None and current.length:
                 entry = coalesce(current, entry)
-            if _mergeable(current, entry):
+            if _mergeable(current, entry, compressed):
                 current = current._replace(length=current.length + entry.length)
             else:
                 if current.length:
@@ -71,8 +80,8 @@ def merged(device, start: int, end: int, coalesce=None):
         yield current
 
 
-def _mergeable(a: MapEntry, b: MapEntry) -> bool:
-    return (a.length > 0 and (a.zero, a.data, a.depth, a.present, a.file)
+def _mergeable(a: MapEntry, b: MapEntry, compressed: bool = False) -> bool:
+    return (a.length > 0 and (not compressed or a.compressed == b.compressed) and (a.zero, a.data, a.depth, a.present, a.file)
             == (b.zero, b.data, b.depth, b.present, b.file)
             and (a.offset is None) == (b.offset is None)
             and (a.offset is None or a.offset + a.length == b.offset))
@@ -119,11 +128,14 @@ class _JsonWriter:
 
     def __init__(self):
         self.lines = []
+        self.compressed = _reports_compressed()
 
     def __call__(self, e: MapEntry) -> None:
         line = (f'{{ "start": {e.start}, "length": {e.length}, "depth": {e.depth}, '
                 f'"present": {_bool(e.present)}, "zero": {_bool(e.zero)}, '
                 f'"data": {_bool(e.data)}')
+        if self.compressed:
+            line += f', "compressed": {_bool(e.compressed)}'
         if e.offset is not None:
             line += f', "offset": {e.offset}'
         self.lines.append(line + "}")

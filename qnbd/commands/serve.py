@@ -17,6 +17,7 @@ from ..nbd.server import serve
 from ..nbd.tls import MODES as TLS_MODES
 from ..block.chain import BACKING_POLICIES
 from . import serve_values as v
+from .serve_services import serve_services
 from .serve_tls import cli_tls, list_creds
 
 # qemu-nbd options that qnbd does not implement yet: accepted by the parser only to be
@@ -116,6 +117,11 @@ def add_parser(subparsers):
                    "name; repeatable; @FILE: one name a line")
     p.add_argument("--tls-hostname", metavar="NAME",
                    help="with -L: the name the server's certificate must carry")
+    p.add_argument("--control", metavar="PATH",
+                   help="a control socket (unix, mode 0600) for `qnbd ctl PATH ...`: "
+                   "exports, clients, live bitmap changes, metrics")
+    p.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics on http://ADDR:PORT/metrics")
     p.add_argument("--fork", action="store_true",
                    help="run in the background; return once the server listens")
     p.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
@@ -171,6 +177,10 @@ def build_config(args) -> ServerConfig:
         if args.idle_timeout < 0:
             raise QnbdError("--idle-timeout must not be negative")
         config.idle_timeout = args.idle_timeout
+    if args.control is not None:
+        config.control = args.control
+    if args.metrics is not None:
+        config.metrics = args.metrics
     tls = cli_tls(args)
     if tls is not None:   # else the file's [tls] table, if any
         config.tls = tls
@@ -247,9 +257,10 @@ def run(args) -> int:
     if args.list:
         return _list_mode(args)
     config = build_config(args)
+    services = serve_services(config)
     if not args.fork:
-        return serve(config)
-    return _fork(config, args.verbose)
+        return serve(config, services=services)
+    return _fork(config, args.verbose, services)
 
 
 def _trace_file(trace: str | None) -> str | None:
@@ -262,7 +273,7 @@ def _trace_file(trace: str | None) -> str | None:
     return None
 
 
-def _fork(config, verbose: bool) -> int:
+def _fork(config, verbose: bool, services) -> int:
     """qemu-nbd --fork: the parent waits until the child listens (exit 0) or fails (exit 1
     with the child's reason). A pipe carries "ok" or the error message."""
     r, w = os.pipe()
@@ -295,7 +306,7 @@ def _fork(config, verbose: bool) -> int:
 
     code = 1
     try:
-        code = serve(config, on_ready=ready)
+        code = serve(config, on_ready=ready, services=services)
     except QnbdError as e:
         if ready_sent:
             logging.getLogger("qnbd.serve").error("%s", e)

@@ -7,6 +7,7 @@ nbdkit computes its eflags from the backend's can_* answers.
 from ..errors import QnbdError
 from . import protocol as p
 from .contexts import MetaContext, contexts_for
+from .stats import ExportStats
 
 
 def transmission_flags(export, structured: bool, extended: bool = False,
@@ -36,14 +37,39 @@ class Catalog:
 
     def __init__(self, exports):
         for export in exports:
-            # Names and descriptions travel as protocol strings (proto.md "Conventions").
-            for what, text in (("name", export.name), ("description", export.description)):
-                if len(text.encode()) > p.MAX_STRING:
-                    raise QnbdError(f"export {what} is longer than {p.MAX_STRING} bytes")
+            self.check(export)
         self.exports = exports
         self.by_name = {e.name: e for e in exports}
         self._contexts = {id(e): contexts_for(e) for e in exports}
+        # Request statistics by export name, shared by the export's connections.
+        self.stats = {e.name: ExportStats() for e in exports}
         self.shutting_down = False
+
+    @staticmethod
+    def check(export) -> None:
+        # Names and descriptions travel as protocol strings (proto.md "Conventions").
+        for what, text in (("name", export.name), ("description", export.description)):
+            if len(text.encode()) > p.MAX_STRING:
+                raise QnbdError(f"export {what} is longer than {p.MAX_STRING} bytes")
+
+    def add(self, export) -> None:
+        """An export that appears while serving (a checkpoint's view): the next
+        handshake finds it."""
+        self.check(export)
+        if export.name in self.by_name:
+            raise QnbdError(f"export {export.name!r} already exists")
+        self.exports.append(export)
+        self.by_name[export.name] = export
+        self._contexts[id(export)] = contexts_for(export)
+        self.stats[export.name] = ExportStats()
+
+    def remove(self, export) -> None:
+        """The export disappears from handshakes; sessions already using it keep their
+        own reference (the caller makes sure there are none)."""
+        self.exports.remove(export)
+        del self.by_name[export.name]
+        del self._contexts[id(export)]
+        del self.stats[export.name]
 
     def find(self, name: str):
         """The empty name is the default export: the one named "" or else the first

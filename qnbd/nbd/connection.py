@@ -26,6 +26,7 @@ import functools
 import logging
 import socket
 import ssl
+import time
 
 from ..block.plan import HostRead
 from . import tls
@@ -51,6 +52,7 @@ class Connection(asyncio.Protocol):
         self.closing = False
         self.lost = False
         self.upgrade: asyncio.Task | None = None
+        self.raw = None                      # the socket's transport under TLS
         self.early: list | None = None       # bytes received while TLS starts
         self.budget = server.config.max_queued_bytes
         self.blocked = False                 # the transport asked us to stop writing
@@ -61,6 +63,10 @@ class Connection(asyncio.Protocol):
         self.pending = 0                     # replies whose reads are in the pool
         self.reads = None                    # the server's ReadPool, once transmitting
         self.parked: list = []               # such replies done while another streams
+        # What the control socket's `clients` reports: wall-clock start, bytes each way.
+        self.since = time.time()
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     # --- asyncio callbacks ---
 
@@ -87,10 +93,17 @@ class Connection(asyncio.Protocol):
         """Reply bytes that may wait for this client (the server shares its cap)."""
         self.budget = budget
         if self.transport is not None and not self.lost:
-            share = budget // 2 if self.upgrade is not None else budget
-            self.transport.set_write_buffer_limits(high=share)
+            if self.raw is None:
+                self.transport.set_write_buffer_limits(high=budget)
+                return
+            # Under TLS, encrypted bytes wait in the TLS layer and in the socket's buffer:
+            # half the budget each.
+            self.raw.set_write_buffer_limits(high=budget // 2)
+            if self.transport is not self.raw:
+                self.transport.set_write_buffer_limits(high=budget // 2)
 
     def data_received(self, data):
+        self.bytes_in += len(data)
         if self.early is not None:
             self.early.append(data)
         elif self.tx is not None:
@@ -157,7 +170,8 @@ class Connection(asyncio.Protocol):
         session = event.session
         session.export.clients += 1
         log.info("%s: serving export %r", self.peer, session.export.name)
-        self.tx = Transmission(session, self.server.config.max_request, self.peer)
+        self.tx = Transmission(session, self.server.config.max_request, self.peer,
+                               self.server.catalog.stats.get(session.export.name))
         reads = self.reads = getattr(self.server, "reads", None)
         if reads is not None:
             self.tx.plans = True
@@ -177,12 +191,13 @@ class Connection(asyncio.Protocol):
         server MUST terminate the session". The ACK is already in the transport's buffer,
         ahead of the first TLS record."""
         server = self.server
-        raw = self.transport
+        raw = self.raw = self.transport
+        self.set_budget(self.budget)
         try:
             self.transport = await server.loop.start_tls(raw, self, server.ssl_context,
                                                          server_side=True)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
-            log.info("%s: TLS handshake failed: %s", self.peer, e or type(e).__name__)
+            log.info("%s: TLS handshake failed: %s", self.peer, str(e) or type(e).__name__)
             raw.abort()
             self.connection_lost(e)
             return
@@ -261,6 +276,7 @@ class Connection(asyncio.Protocol):
             out += self.parked
             self.parked = []
         if out:
+            self.bytes_out += made
             transport.writelines(out)   # may call pause_writing
         if pieces is not None and not self.blocked:
             # More work may be waiting: let the other connections have this turn first.

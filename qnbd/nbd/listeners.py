@@ -20,7 +20,7 @@ async def listen(loop, listener, factory):
             return await loop.create_unix_server(factory, sock=sock)
         return await loop.create_server(factory, sock=sock)
     if listener.unix is not None:
-        return await loop.create_unix_server(factory, sock=_bind_unix(listener.unix))
+        return await loop.create_unix_server(factory, sock=bind_unix(listener.unix))
     try:
         return await loop.create_server(factory, listener.address, listener.port,
                                         reuse_address=True)
@@ -29,8 +29,12 @@ async def listen(loop, listener, factory):
                         f"{e.strerror or e}") from None
 
 
-def _bind_unix(path: str) -> socket.socket:
+def bind_unix(path: str, mode: int | None = None) -> socket.socket:
+    """A listening unix socket at `path` (a stale one left by a dead server is replaced).
+    With `mode`, the socket file is created with those permissions, never wider even for
+    an instant (the umask is set around bind: the process is single-threaded here)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode) if mode is not None else None
     try:
         try:
             sock.bind(path)
@@ -43,6 +47,9 @@ def _bind_unix(path: str) -> socket.socket:
     except OSError as e:
         sock.close()
         raise QnbdError(f"Failed to bind socket to {path}: {e.strerror or e}") from None
+    finally:
+        if old_umask is not None:
+            os.umask(old_umask)
     return sock
 
 

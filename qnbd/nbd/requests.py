@@ -2,8 +2,10 @@
 
 Compact requests (28 bytes, 32-bit length; only NBD_CMD_WRITE carries a payload) are used
 unless NBD_OPT_EXTENDED_HEADERS was negotiated; then every request is 32 bytes with a 64-bit
-length, and a payload follows exactly when NBD_CMD_FLAG_PAYLOAD_LEN is set (extension-ext-header
-proto.md "Request message").
+length, and a payload follows when NBD_CMD_FLAG_PAYLOAD_LEN is set (extension-ext-header
+proto.md "Request message"). A WRITE always carries one: the spec asks clients to flag it,
+but qemu's client (10.0) does not, and reading its data as the next request would end the
+session.
 
 The parser keeps the stream in step whatever the requests mean: a payload larger than
 `max_payload` is skipped as it arrives, never buffered ("a server SHOULD gracefully consume
@@ -101,7 +103,7 @@ class RequestParser:
         pos += header.size
         if cmd == p.CMD_DISC:
             self.disconnected = True
-        if not (flags & p.CMD_FLAG_PAYLOAD_LEN if self.extended else cmd == p.CMD_WRITE):
+        if cmd != p.CMD_WRITE and not (self.extended and flags & p.CMD_FLAG_PAYLOAD_LEN):
             self.pos = pos
             return Request(cookie, cmd, flags, offset, length, None)
         if length > self.max_payload:

@@ -60,7 +60,8 @@ class Server:
 
     async def start(self, exports):
         """Listen on every listener, unless a signal asked to stop meanwhile."""
-        self.catalog = Catalog(exports)
+        if self.catalog is None:
+            self.catalog = Catalog(exports)
         if self.tls_mode != "off":
             self.ssl_context = tls.server_context(self.tls)
         factory = lambda: Connection(self)  # noqa: E731
@@ -155,11 +156,16 @@ class Server:
                 pass
 
 
-def serve(config, on_ready=None) -> int:
+def serve(config, on_ready=None, services=()) -> int:
     """Open the exports, listen, call `on_ready()` once clients can connect, and serve until
     SIGTERM/SIGINT (or, without persistent, until the last client leaves). Images are
-    flushed and closed on the way out."""
+    flushed and closed on the way out.
+
+    `services` are `async start(server) -> close()` callables run once the exports are open
+    and before the NBD listeners start (the control socket, the metrics endpoint): the
+    server knows nothing of them (docs/DESIGN.md "Layers": they sit above it)."""
     exports = []
+    closers = []
     tune_malloc()  # reply buffers are reused instead of page-faulted in per request
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -176,6 +182,11 @@ def serve(config, on_ready=None) -> int:
             pid_file = PidFile(config.pid_file)
         for cfg in config.exports:
             exports.append(Export.open(cfg))
+        server.catalog = Catalog(exports)
+        for start in services:
+            if server.stopping:
+                break
+            closers.append(await start(server))
         await server.start(exports)
         if on_ready and not server.stopping:
             on_ready()
@@ -184,6 +195,8 @@ def serve(config, on_ready=None) -> int:
     try:
         loop.run_until_complete(run())
     finally:
+        for close in closers:
+            close()
         try:
             server.reads.shutdown()   # no read may be out on a file being closed
             for export in exports:

@@ -22,12 +22,14 @@ for. Its reply is, by the session's reply form:
 import array
 import logging
 import sys
+from time import perf_counter_ns
 
 from ..errors import IOFailure
 from . import protocol as p
 from .handshake import Session
 from .replies import codec
 from .requests import DEFAULT_MAX_REQUEST, ProtocolError, Request, RequestParser
+from .stats import ExportStats
 
 log = logging.getLogger("qnbd.serve")
 
@@ -41,8 +43,8 @@ MAX_FILTER = 8 + 4 * 1024
 def allowed_flags(session: Session) -> dict[int, int]:
     """Command -> flags it may carry in this session (proto.md "Command flags").
     FUA is valid on every command once SEND_FUA is advertised; PAYLOAD_LEN only with
-    extended headers, on WRITE (where it is required) and on BLOCK_STATUS once
-    NBD_FLAG_BLOCK_STATUS_PAYLOAD was advertised."""
+    extended headers, on WRITE and on BLOCK_STATUS once NBD_FLAG_BLOCK_STATUS_PAYLOAD was
+    advertised."""
     flags = session.flags
     fua = p.CMD_FLAG_FUA if flags & p.FLAG_SEND_FUA else 0
     zero = p.CMD_FLAG_NO_HOLE | (p.CMD_FLAG_FAST_ZERO if flags & p.FLAG_SEND_FAST_ZERO else 0)
@@ -80,9 +82,6 @@ def check(session: Session, allowed: dict[int, int], size: int, req: Request,
         return p.EINVAL, f"unknown command {cmd}"
     if req.flags & ~valid:
         return p.EINVAL, f"invalid flags {req.flags:#x} for command {cmd}"
-    if cmd == p.CMD_WRITE and session.extended and not req.flags & p.CMD_FLAG_PAYLOAD_LEN:
-        # "The command NBD_CMD_WRITE MUST use the flag NBD_CMD_FLAG_PAYLOAD_LEN".
-        return p.EINVAL, "NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN"
     if cmd in _WRITES and session.flags & p.FLAG_READ_ONLY:
         return p.EPERM, "export is read-only"
     if cmd in _DATA and req.length > max_request:
@@ -107,8 +106,9 @@ class Transmission:
     """One session's transmission phase: request bytes and an export in, reply pieces out."""
 
     def __init__(self, session: Session, max_request: int = DEFAULT_MAX_REQUEST,
-                 peer: str = "?"):
+                 peer: str = "?", stats: ExportStats | None = None):
         self.session = session
+        self.stats = stats if stats is not None else ExportStats()
         self.export = session.export
         self.max_request = max_request
         self.peer = peer
@@ -169,13 +169,17 @@ class Transmission:
             self.held = req
             return None
         self.held = None
+        start = perf_counter_ns()
         err, msg = check(self.session, self.allowed, self.export.size, req, self.max_request)
         if err:
-            return self._error(req, err, msg)
-        try:
-            return _DISPATCH[req.cmd](self, req)
-        except Exception as e:
-            return self._failed(req, e)
+            out = self._error(req, err, msg)
+        else:
+            try:
+                out = _DISPATCH[req.cmd](self, req)
+            except Exception as e:
+                out = self._failed(req, e)
+        self.stats.record(req.cmd, req.length, perf_counter_ns() - start)
+        return out
 
     def read_failed(self, req: Request, e: Exception) -> list:
         """The reply to a planned READ whose HostReads failed (none of it was sent)."""
@@ -190,6 +194,7 @@ class Transmission:
         return self._error(req, err, msg)
 
     def _error(self, req: Request, err: int, message: str) -> list:
+        self.stats.error(err)
         if err == p.EIO:
             log.warning("%s: command %d at %d+%d: %s", self.peer, req.cmd, req.offset,
                         req.length, message)

@@ -14,7 +14,8 @@ Spec: qemu docs/interop/qcow2.rst, "Header", "Host cluster management", "Cluster
 
 from array import array
 
-from ..block.chain import resolve_backing
+from ..block.chain import backing_size, resolve_backing
+from ..block.raw import create_sparse
 from ..block.options import parse_bool, parse_int, parse_size_option, parse_text
 from ..errors import ImageError
 from ..lock import create_locked
@@ -57,13 +58,13 @@ def create(path: str, size: int | None = None, *, compat: str = "1.1",
                         refcount_bits=refcount_bits, lazy_refcounts=lazy_refcounts,
                         backing_file=backing_file, backing_fmt=backing_fmt,
                         compression_type=compression_type,
-                        backing_size=_backing_size(path, backing_file, backing_fmt,
+                        backing_size=backing_size(path, backing_file, backing_fmt,
                                                    open_backing),
                         data_file=data_file, data_file_raw=data_file_raw)
     if data_file is not None:
         # qemu-img creates the data file as a raw image of the virtual size; its name
         # is resolved against the new image's directory, as qnbd opens it (rule 13).
-        _create_data_file(resolve_backing(path, data_file), header.size)
+        create_sparse(resolve_backing(path, data_file), header.size)
     _write(path, header)
     return header.size
 
@@ -170,31 +171,8 @@ def _refcount_layout(cluster_size: int, refcount_bits: int, l1_size: int):
     return table, blocks
 
 
-def _backing_size(path: str, backing_file: str | None, backing_fmt: str | None,
-                  open_backing) -> int | None:
-    """Open the backing file read-only as qemu-img create does; return its size."""
-    if backing_file is None or open_backing is None:
-        return None
-    if not backing_fmt:
-        raise ImageError("Backing file specified without backing format")
-    try:
-        device = open_backing(resolve_backing(path, backing_file), backing_fmt)
-    except ImageError as e:
-        raise ImageError(f"Could not open backing image: {e}") from None
-    try:
-        return device.size
-    finally:
-        device.close()
 
 
-def _create_data_file(path: str, size: int) -> None:
-    f = create_locked(path)
-    try:
-        f.truncate(size)
-    except OSError as e:
-        raise ImageError(f"Could not resize '{path}': {e.strerror}") from None
-    finally:
-        f.close()
 
 
 def _write(path: str, h: hdr.Header) -> None:

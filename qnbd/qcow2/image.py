@@ -194,6 +194,10 @@ class Qcow2Image:
         if offset % cs or not (len(data) == cs or 0 < len(data) and
                                offset + len(data) == self.size):
             raise IOFailure("compressed writes take one whole, aligned cluster")
+        if self.data_storage is not self.storage:
+            # qcow2.rst "External data file": compressed clusters are not allowed.
+            raise IOFailure("Compression is not supported with external data files",
+                            errno.ENOTSUP)
         self._check_writable()
         packed = compress(bytes(data).ljust(cs, b"\0"), self.header.compression_type)
         if packed is None:
@@ -252,6 +256,9 @@ class Qcow2Image:
         qemu's): a grown end starts clean."""
         self._check_writable()
         old = self.size
+        if self.data_storage is not self.storage:
+            raise ImageError("resizing an image with an external data file is not "
+                             "supported yet")
         if size % 512:
             raise ImageError("The new size must be a multiple of 512")
         if self.snapshots and self.version < 3:

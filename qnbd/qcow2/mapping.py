@@ -229,9 +229,11 @@ class Mapper:
             if kind == UNALLOCATED:
                 out.append(LayerExtent(n, False, False, None, None))
             elif kind == COMPRESSED:
-                out.append(LayerExtent(n, True, False, None, None))
+                out.append(LayerExtent(n, True, False, None, None, compressed=True))
             else:
-                host = value or None
+                # Data at host offset 0 exists in an external data file; a zero run's 0
+                # means no host cluster (qcow2_get_cluster_type).
+                host = value if kind == DATA else value or None
                 out.append(LayerExtent(n, kind == DATA, kind == ZERO, host,
                                        path if host is not None else None))
         return out

@@ -5,7 +5,7 @@ the L1 table ends. qed_spec.txt, "Header" and "Tables".
 """
 
 from .. import fileio
-from ..block.chain import resolve_backing
+from ..block.chain import backing_size
 from ..block.options import parse_int, parse_size_option, parse_text
 from ..errors import ImageError
 from . import header as hdr
@@ -44,8 +44,8 @@ def create(path: str, size: int | None = None, *, cluster_size: int = DEFAULT_CL
         name = backing_file.encode()
         if hdr.HEADER_LENGTH + len(name) > cluster_size:
             raise ImageError("Backing file name too long for the header cluster")
-        backing_size = _backing_size(path, backing_file, backing_fmt, open_backing)
-        size = backing_size if size is None else size
+        base_size = backing_size(path, backing_file, backing_fmt, open_backing)
+        size = base_size if size is None else size
         features |= hdr.F_BACKING_FILE
         if backing_fmt == "raw":  # the only format QED records: never probe it
             features |= hdr.F_BACKING_FORMAT_NO_PROBE
@@ -75,20 +75,6 @@ def create(path: str, size: int | None = None, *, cluster_size: int = DEFAULT_CL
     return size
 
 
-def _backing_size(path: str, backing_file: str, backing_fmt: str | None,
-                  open_backing) -> int | None:
-    if open_backing is None:
-        return None
-    if not backing_fmt:
-        raise ImageError("Backing file specified without backing format")
-    try:
-        device = open_backing(resolve_backing(path, backing_file), backing_fmt)
-    except ImageError as e:
-        raise ImageError(f"Could not open backing image: {e}") from None
-    try:
-        return device.size
-    finally:
-        device.close()
 
 
 def describe(size: int, options: dict) -> str:

@@ -102,6 +102,9 @@ class QedImage:
         length = min(length, self.size - offset)
         return self.mapper.extents(offset, self.mapper.status_span(offset, length))
 
+    def layer_status(self, offset: int, length: int):
+        return self.mapper.layer_status(offset, min(length, self.size - offset), self.path)
+
     def write(self, offset: int, data, fua: bool = False) -> None:
         self._check_writable()
         self._guarded(self.writer.write, offset, memoryview(data).cast("B"))

@@ -8,7 +8,7 @@ ZERO (offset 1: zeros, the backing file does not show through) and UNALLOCATED (
 Reads, block status and the writer's copy-on-write all start from the same runs.
 """
 
-from ..block.base import HOLE, ZERO as ZERO_FLAG, Extent
+from ..block.base import HOLE, ZERO as ZERO_FLAG, Extent, LayerExtent
 from ..block.extents import append_extent, backing_extents
 from .tables import UNALLOCATED, ZERO, Tables
 
@@ -129,6 +129,16 @@ class Mapper:
             else:
                 append_extent(extents, Extent(n, 0, 1))
         return extents
+
+
+    def layer_status(self, offset: int, length: int, path: str) -> list[LayerExtent]:
+        """This image alone, for qemu-img map (qemu's bdrv_qed_co_block_status): data
+        clusters with their offset in `path`, zero clusters, and unallocated ones that
+        leave the answer to the backing file."""
+        return [LayerExtent(n, True, False, host, path) if kind == DATA
+                else LayerExtent(n, False, kind == ZERO, None, None)
+                for _guest, n, kind, host in self.map(offset,
+                                                      self.status_span(offset, length))]
 
 
 def _append(runs: list, pos: int, n: int, kind: int, host: int) -> None:

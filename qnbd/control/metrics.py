@@ -1,0 +1,83 @@
+"""Metrics (issue 15): the per-export request statistics the NBD layer keeps as plain
+integers (qnbd/nbd/stats.py), exposed as Prometheus metrics and as JSON (the control
+socket's `metrics`).
+
+prometheus_client is the Prometheus project's own Python library: it owns the text
+exposition format (escaping of label values, `_total`/`_bucket` naming, HELP/TYPE lines,
+OpenMetrics negotiation), which a hand-written formatter would have to get right and keep
+right. It is used only at scrape time, through a custom Collector that reads our counters:
+no prometheus_client object is touched per request, so the hot path stays two clock reads
+and a few integer increments.
+"""
+
+from prometheus_client.core import (CollectorRegistry, CounterMetricFamily,
+                                    GaugeMetricFamily, HistogramMetricFamily)
+from prometheus_client.exposition import generate_latest
+
+from ..nbd.stats import COMMANDS, ERRORS
+
+
+def snapshot(server) -> dict:
+    """Everything as JSON: per export, its clients and its request statistics."""
+    catalog = server.catalog
+    out = {}
+    for export in catalog.exports:
+        stats = catalog.stats.get(export.name)
+        entry = stats.snapshot() if stats is not None else {}
+        entry["clients"] = export.clients
+        out[export.name] = entry
+    return {"exports": out, "connections": len(server.active)}
+
+
+class ServerCollector:
+    """A prometheus_client Collector reading the server's statistics when scraped."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def collect(self):
+        catalog = self.server.catalog
+        requests = CounterMetricFamily("qnbd_requests", "NBD requests answered, by command",
+                                       labels=["export", "command"])
+        nbytes = CounterMetricFamily("qnbd_request_bytes", "Bytes covered by NBD requests "
+                                     "(read, written, zeroed, trimmed, queried), by command",
+                                     labels=["export", "command"])
+        latency = HistogramMetricFamily("qnbd_request_duration_seconds", "Time to answer "
+                                        "an NBD request on the event loop, by command",
+                                        labels=["export", "command"])
+        errors = CounterMetricFamily("qnbd_errors", "NBD error replies, by error",
+                                     labels=["export", "errno"])
+        clients = GaugeMetricFamily("qnbd_clients", "Clients in transmission, by export",
+                                    labels=["export"])
+        cbw = CounterMetricFamily("qnbd_copy_before_write_bytes", "Bytes copied into "
+                                  "checkpoint overlays before a write changed them",
+                                  labels=["export"])
+        for export in catalog.exports:
+            name = export.name
+            clients.add_metric([name], export.clients)
+            stats = catalog.stats.get(name)
+            if stats is None:
+                continue
+            cbw.add_metric([name], stats.copy_before_write_bytes)
+            for err, count in sorted(stats.errors.items()):
+                errors.add_metric([name, ERRORS.get(err, str(err))], count)
+            for i, command in enumerate(COMMANDS):
+                count, buckets = stats.histogram(i)
+                if not count:
+                    continue
+                requests.add_metric([name, command], count)
+                nbytes.add_metric([name, command], stats.bytes[i])
+                latency.add_metric([name, command],
+                                   [("+Inf" if le == float("inf") else repr(le), n)
+                                    for le, n in buckets], stats.latency_ns[i] / 1e9)
+        yield from (requests, nbytes, latency, errors, clients, cbw)
+
+
+def prometheus_text(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+def registry_for(server) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServerCollector(server))
+    return registry

@@ -1,0 +1,213 @@
+"""Checkpoints (issue 15): a live, consistent incremental backup while a client writes.
+
+The proof the issue asks for: one connection writes in a loop (each write tagged with its
+sequence number) while `checkpoint disk cp1` is taken; `disk@cp1`, read in full while the
+writes go on, must equal the model after exactly k1 writes for one k1 between the writes
+answered before the request was sent and those sent before its reply came. Then
+`checkpoint disk cp2 --bitmap cp1`: `qemu:dirty-bitmap:cp1` on `disk@cp2` is exactly the
+granules written between k1 and k2, and full + incremental restored equal the model at k2.
+"""
+
+import random
+import struct
+import threading
+
+
+from bitmaputil import expected_dirty, info_bitmaps, qemu_dirty_map
+from ctlutil import ControlClient, control_path, ctl
+from images import MiB
+from nbdserver import connect, status
+from peers import check_clean, qemu_img, qemu_io, run
+
+SIZE = 16 * MiB
+G = 64 * 1024
+
+
+class Writer(threading.Thread):
+    """Writes tagged data at random places until stopped; `sent` writes have begun,
+    `done` have been answered (both only grow)."""
+
+    def __init__(self, uri):
+        super().__init__()
+        self.h = connect(uri)
+        self.writes: list[tuple[int, bytes]] = []
+        self.sent = self.done = 0
+        self.halt = threading.Event()
+        self.rng = random.Random(15)
+
+    def run(self):
+        while not self.halt.is_set():
+            i = len(self.writes)
+            n = self.rng.randrange(1, 96 * 1024)
+            off = self.rng.randrange(0, SIZE - n)
+            data = (struct.pack(">I", i + 1) * (n // 4 + 1))[:n]
+            self.writes.append((off, data))
+            self.sent = i + 1
+            self.h.pwrite(data, off)
+            self.done = i + 1
+
+    def wait_for(self, n):
+        while self.done < n:
+            self.halt.wait(0.01)
+            assert self.is_alive()
+
+
+def ranges(writes):
+    return [(off, len(data)) for off, data in writes]
+
+
+def model(base: bytes, writes) -> bytearray:
+    image = bytearray(base)
+    for off, data in writes:
+        image[off:off + len(data)] = data
+    return image
+
+
+def instant(base, writes, lo, hi, seen: bytes) -> int:
+    """The one k in [lo, hi] whose model equals `seen`."""
+    image = model(base, writes[:lo])
+    for k in range(lo, hi + 1):
+        if k > lo:
+            off, data = writes[k - 1]
+            image[off:off + len(data)] = data
+        if image == seen:
+            return k
+    raise AssertionError(f"the view matches no state between write {lo} and {hi}")
+
+
+def checkpoint(c: ControlClient, writer: Writer, *args) -> tuple[int, int]:
+    lo = writer.done
+    reply = c.call("checkpoint", **dict(zip(("export", "name", "bitmap"), args)))
+    hi = writer.sent
+    assert reply["ok"], reply
+    return lo, hi
+
+
+def read_all(uri: str) -> bytes:
+    h = connect(uri)
+    data = b"".join(h.pread(4 * MiB, off) for off in range(0, SIZE, 4 * MiB))
+    h.shutdown()
+    return data
+
+
+def test_checkpoints_while_writing_then_full_and_incremental_restore(tmp_path, serve):
+    img = str(tmp_path / "disk.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", img, str(SIZE))
+    qemu_io(img, "qcow2", "write -P 0x11 0 6M", "write -P 0x22 10M 1M")
+    with open(str(tmp_path / "base.raw"), "wb"):
+        pass
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, str(tmp_path / "base.raw"))
+    base = (tmp_path / "base.raw").read_bytes()
+    path = control_path()
+    server = serve(img, "-x", "disk", "-e", "0", "--control", path)
+    c = ControlClient(path)
+    writer = Writer(server.uri_for("disk"))
+    writer.start()
+    try:
+        writer.wait_for(150)
+        lo1, hi1 = checkpoint(c, writer, "disk", "cp1")
+        # A full backup, read with a real peer while the writer goes on.
+        full = tmp_path / "full.raw"
+        run("nbdcopy", server.uri_for("disk@cp1"), str(full))
+        writer.wait_for(hi1 + 150)
+        seen1 = full.read_bytes()
+        assert read_all(server.uri_for("disk@cp1")) == seen1   # stable under writes
+        lo2, hi2 = checkpoint(c, writer, "disk", "cp2", "cp1")
+        writer.wait_for(hi2 + 50)
+    finally:
+        writer.halt.set()
+        writer.join()
+    writes = writer.writes
+    k1 = instant(base, writes, lo1, hi1, seen1)
+    seen2 = read_all(server.uri_for("disk@cp2"))
+    k2 = instant(base, writes, lo2, hi2, seen2)
+    assert k2 - k1 >= 150
+
+    # qemu:dirty-bitmap:cp1 on disk@cp2: exactly the granules written between.
+    want = expected_dirty(ranges(writes[k1:k2]), G, SIZE)
+    h = connect(server.uri_for("disk@cp2"), "qemu:dirty-bitmap:cp1")
+    got, pos = [], 0
+    while pos < SIZE:
+        ext = status(h, "qemu:dirty-bitmap:cp1", pos, SIZE - pos)
+        got += [(off, n) for off, n, f in ext if f & 1]
+        pos = ext[-1][0] + ext[-1][1]
+    merged = []
+    for off, n in got:
+        if merged and merged[-1][0] + merged[-1][1] == off:
+            merged[-1] = (merged[-1][0], merged[-1][1] + n)
+        else:
+            merged.append((off, n))
+    assert merged == want
+    # Full + incremental restored = the image at cp2.
+    restored = bytearray(seen1)
+    for off, n in merged:
+        restored[off:off + n] = h.pread(n, off)
+    h.shutdown()
+    assert restored == seen2 == model(base, writes[:k2])
+
+    # The live export went on: it holds every write.
+    assert read_all(server.uri_for("disk")) == model(base, writes)
+    metrics = c.call("metrics")["result"]["exports"]["disk"]
+    assert metrics["copy_before_write_bytes"] > 0
+    for name in ("disk@cp1", "disk@cp2"):
+        assert c.call("release", export=name)["ok"]
+    assert [e["name"] for e in c.call("exports")["result"]] == ["disk"]
+    c.close()
+    writer.h.shutdown()
+    code, err = server.stop()
+    assert code == 0, err
+    # Rule 9 through qemu: cp1 stopped at cp2 (disabled), cp2 records on.
+    assert {b["name"]: sorted(b["flags"]) for b in info_bitmaps(img)} == \
+        {"cp1": [], "cp2": ["auto"]}
+    assert qemu_dirty_map(img, "cp1") == want
+    assert qemu_dirty_map(img, "cp2") == expected_dirty(ranges(writes[k2:]), G, SIZE)
+    check_clean(img)
+
+
+def test_checkpoint_refusals_are_one_line_and_change_nothing(tmp_path, serve):
+    img = str(tmp_path / "disk.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", img, str(SIZE))
+    qemu_img("bitmap", "--add", img, "b0")
+    path = control_path()
+    server = serve(img, "-x", "disk", "-e", "0", "--control", path)
+    for args, code in ((("checkpoint", "nope", "cp"), "unknown-export"),
+                       (("checkpoint", "disk", "cp", "--bitmap", "missing"), "failed"),
+                       (("checkpoint", "disk", "b0"), "failed"),        # bitmap exists
+                       (("checkpoint", "disk", "cp", "--bitmap", "cp"), "failed"),
+                       (("release", "disk"), "failed"),                  # not a checkpoint
+                       (("release", "disk@none"), "unknown-export")):
+        r = ctl(path, *args, check=False)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"qnbd ctl: {code}: "), (args, r.stderr)
+    c = ControlClient(path)
+    assert [e["name"] for e in c.call("exports")["result"]] == ["disk"]
+    assert [b["name"] for b in c.call("exports")["result"][0]["bitmaps"]] == ["b0"]
+    # A view with a client is not released under it; twice the same name is refused.
+    assert ctl(path, "checkpoint", "disk", "cp1", "--bitmap", "b0").stdout == "disk@cp1\n"
+    r = ctl(path, "checkpoint", "disk", "cp1", check=False)
+    assert r.returncode == 1 and "already exists" in r.stderr
+    h = connect(server.uri_for("disk@cp1"))
+    assert h.is_read_only()
+    r = ctl(path, "release", "disk@cp1", check=False)
+    assert r.returncode == 1 and r.stderr.startswith("qnbd ctl: busy: ")
+    r = ctl(path, "bitmap-clear", "disk", "b0", check=False)   # offered by disk@cp1
+    assert r.returncode == 1 and r.stderr.startswith("qnbd ctl: busy: ")
+    h.shutdown()
+    ctl(path, "release", "disk@cp1")
+    # SIGTERM with a view and its client still there: a clean stop all the same.
+    ctl(path, "checkpoint", "disk", "cp2", "--bitmap", "cp1")
+    assert "checkpoints: disk@cp2" in ctl(path, "exports").stdout
+    h = connect(server.uri_for("disk@cp2"), "qemu:dirty-bitmap:cp1")
+    h.pread(4096, 0)
+    code, err = server.stop()
+    assert code == 0, err
+    assert {b["name"]: sorted(b["flags"]) for b in info_bitmaps(img)} == \
+        {"b0": [], "cp1": [], "cp2": ["auto"]}
+    check_clean(img)
+    # Read-only exports take no checkpoint.
+    ro = str(tmp_path / "ro.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", ro, str(SIZE))
+    path2 = control_path()
+    serve(ro, "-r", "--control", path2)
+    r = ctl(path2, "checkpoint", "", "cp", check=False)
+    assert r.returncode == 1 and r.stderr.startswith("qnbd ctl: not-supported: ")

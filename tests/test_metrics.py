@@ -1,0 +1,133 @@
+"""Metrics (issue 15): `--metrics ADDR:PORT` (Prometheus text) and the control socket's
+`metrics` (JSON) agree with what a libnbd client counted, scraped during its load and
+after it."""
+
+import socket
+import threading
+import urllib.request
+
+import nbd
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ctlutil import ControlClient, control_path
+from images import MiB
+from nbdserver import connect, run_serve
+from peers import qemu_img
+
+SIZE = 16 * MiB
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict:
+    """{(metric sample name, frozenset(labels)): value}"""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    out = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(samples, name, **labels):
+    return samples.get((name, frozenset(labels.items())), 0)
+
+
+def test_metrics_agree_with_the_client_during_and_after_load(tmp_path, serve):
+    img = str(tmp_path / "disk.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", img, str(SIZE))
+    port, path = free_port(), control_path()
+    server = serve(img, "-x", "disk", "--metrics", f"127.0.0.1:{port}", "--control", path)
+    h = connect(server.uri_for("disk"))
+    h.set_strict_mode(0)   # let a bad request reach the server, to be counted as an error
+    counts = {"read": 0, "write": 0, "write_zeroes": 0, "flush": 0}
+    nbytes = dict.fromkeys(counts, 0)
+    stop = threading.Event()
+    done_iterations = []
+
+    def load():
+        i = 0
+        while not stop.is_set() or i < 200:
+            off = (i * 7919 * 4096) % (SIZE - 65536)
+            h.pwrite(bytes([i % 251]) * 4096, off)
+            counts["write"] += 1
+            nbytes["write"] += 4096
+            h.pread(8192, off)
+            counts["read"] += 1
+            nbytes["read"] += 8192
+            if i % 10 == 0:
+                h.zero(65536, off)
+                counts["write_zeroes"] += 1
+                nbytes["write_zeroes"] += 65536
+                h.flush()
+                counts["flush"] += 1
+            i += 1
+        done_iterations.append(i)
+
+    t = threading.Thread(target=load)
+    t.start()
+    previous = 0
+    try:
+        for _ in range(5):   # scraped while the load runs: never behind what it saw before
+            samples = scrape(port)
+            writes = value(samples, "qnbd_requests_total", export="disk", command="write")
+            assert writes >= previous
+            previous = writes
+            assert value(samples, "qnbd_clients", export="disk") == 1
+    finally:
+        stop.set()
+        t.join()
+    assert done_iterations
+    with pytest.raises(nbd.Error) as e:
+        h.pread(4096, SIZE)             # past the end: EINVAL from the server
+    assert e.value.errno == "EINVAL"
+    samples = scrape(port)
+    for command, n in counts.items():
+        extra = 1 if command == "read" else 0   # the refused read
+        assert value(samples, "qnbd_requests_total", export="disk", command=command) == n + extra
+        assert value(samples, "qnbd_request_bytes_total", export="disk",
+                     command=command) == nbytes[command] + 4096 * extra
+        assert value(samples, "qnbd_request_duration_seconds_count", export="disk",
+                     command=command) == n + extra
+        assert value(samples, "qnbd_request_duration_seconds_bucket", export="disk",
+                     command=command, le="+Inf") == n + extra
+    assert value(samples, "qnbd_errors_total", export="disk", errno="EINVAL") == 1
+    # The same numbers as JSON through the control socket.
+    c = ControlClient(path)
+    metrics = c.call("metrics")["result"]
+    disk = metrics["exports"]["disk"]
+    assert disk["clients"] == 1 and disk["errors"] == {"EINVAL": 1}
+    for command, n in counts.items():
+        extra = 1 if command == "read" else 0
+        assert disk["requests"][command] == n + extra
+        assert disk["latency"][command]["buckets"]["+Inf"] == n + extra
+    h.shutdown()
+    c.close()
+
+
+def test_metrics_endpoint_refuses_what_it_does_not_serve(tmp_path, serve):
+    img = str(tmp_path / "disk.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", img, str(SIZE))
+    port = free_port()
+    serve(img, "--metrics", f"127.0.0.1:{port}")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
+    assert e.value.code == 404
+    # A head that never ends, then garbage: the server goes on answering.
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"x" * 20000)
+        assert s.recv(100) == b""
+    assert "qnbd_clients" in urllib.request.urlopen(
+        f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+@pytest.mark.parametrize("bad", ["nowhere", "127.0.0.1:0", "127.0.0.1:99999", ":x"])
+def test_bad_metrics_address_is_one_line(tmp_path, bad):
+    r = run_serve("--metrics", bad, "null-co://")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "--metrics" in r.stderr
