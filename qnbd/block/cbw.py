@@ -20,8 +20,8 @@ import tempfile
 
 from ..fileio import File
 from .base import Extent
+from .overlay import GRAIN, grain_runs, read_grains
 
-GRAIN = 64 * 1024
 # Saved per copy step: a write over a long range copies in pieces this large.
 COPY_CHUNK = 4 << 20
 
@@ -72,28 +72,10 @@ class PointInTime:
         return copied
 
     def _runs(self, offset: int, length: int):
-        """(start, length, saved) runs of grains alike."""
-        end = offset + length
-        while offset < end:
-            g = offset // GRAIN
-            mine = self.saved[g]
-            stop = g + 1
-            last = (end - 1) // GRAIN
-            while stop <= last and self.saved[stop] == mine:
-                stop += 1
-            n = min(stop * GRAIN, end) - offset
-            yield offset, n, mine
-            offset += n
+        return grain_runs(self.saved, offset, length)
 
     def read(self, offset: int, length: int) -> bytes:
-        parts = []
-        for start, n, mine in self._runs(offset, length):
-            if mine:
-                data = self.file.pread(n, start)
-                parts.append(data + bytes(n - len(data)))
-            else:
-                parts.append(self.source.read(start, n))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return read_grains(self.saved, self.file, self.source, offset, length)
 
     def block_status(self, offset: int, length: int):
         start, n, mine = next(self._runs(offset, min(length, self.size - offset)))

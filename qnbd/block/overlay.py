@@ -31,28 +31,10 @@ class SnapshotOverlay:
         self.mine = bytearray(-(-self.size // GRAIN))
 
     def _runs(self, offset: int, length: int):
-        """(start, length, in_overlay) runs of grains with the same owner."""
-        end = offset + length
-        while offset < end:
-            g = offset // GRAIN
-            owner = self.mine[g]
-            stop = g + 1
-            last = (end - 1) // GRAIN
-            while stop <= last and self.mine[stop] == owner:
-                stop += 1
-            n = min(stop * GRAIN, end) - offset
-            yield offset, n, owner
-            offset += n
+        return grain_runs(self.mine, offset, length)
 
     def read(self, offset: int, length: int) -> bytes:
-        parts = []
-        for start, n, mine in self._runs(offset, length):
-            if mine:
-                data = self.file.pread(n, start)
-                parts.append(data + bytes(n - len(data)))
-            else:
-                parts.append(self.base.read(start, n))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return read_grains(self.mine, self.file, self.base, offset, length)
 
     def _take(self, offset: int, length: int) -> None:
         """Claim the grains of a range, copying base content into the parts of the edge
@@ -106,3 +88,32 @@ class SnapshotOverlay:
     def close(self):
         self.file.close()
         self.base.close()
+
+
+def grain_runs(owned: bytearray, offset: int, length: int):
+    """(start, length, in the overlay file) runs of grains with the same owner, one byte
+    of `owned` a grain (shared with the checkpoint view, qnbd/block/cbw.py)."""
+    end = offset + length
+    while offset < end:
+        g = offset // GRAIN
+        owner = owned[g]
+        stop = g + 1
+        last = (end - 1) // GRAIN
+        while stop <= last and owned[stop] == owner:
+            stop += 1
+        n = min(stop * GRAIN, end) - offset
+        yield offset, n, owner
+        offset += n
+
+
+def read_grains(owned: bytearray, file, base, offset: int, length: int) -> bytes:
+    """The range read from the overlay `file` where its grains are owned, from `base`
+    elsewhere."""
+    parts = []
+    for start, n, mine in grain_runs(owned, offset, length):
+        if mine:
+            data = file.pread(n, start)
+            parts.append(data + bytes(n - len(data)))
+        else:
+            parts.append(base.read(start, n))
+    return parts[0] if len(parts) == 1 else b"".join(parts)
