@@ -109,6 +109,22 @@ class Mapper:
         """The range as (length, data) pieces, data None where it reads as zeros for
         certain (zero clusters, unallocated without a backing file to show through):
         what an NBD structured read sends as OFFSET_HOLE. One mapping pass."""
+        return self._pieces(offset, length, self.read_run)
+
+    def read_plan(self, offset: int, length: int) -> list:
+        """read_parts() with every data run left as a HostRead for the server to perform
+        (docs/DESIGN.md, "I/O model"; qnbd/block/plan.py): the mapping is done here, on
+        the caller's thread; compressed and backing pieces are read here, as before."""
+        file = self.data.file
+
+        def piece(guest, n, kind, value):
+            return HostRead(file, value, n) if kind == DATA else \
+                self.read_run(guest, n, kind, value)
+        return self._pieces(offset, length, piece)
+
+    def _pieces(self, offset: int, length: int, piece) -> list:
+        """(length, piece) for each run of map(), runs that read as zeros for certain
+        merged into (length, None); piece(guest, n, kind, value) gives the others."""
         parts: list = []
         backing = self.backing
         for guest, n, kind, value in self.map(offset, length):
@@ -119,27 +135,7 @@ class Mapper:
                 else:
                     parts.append((n, None))
             else:
-                parts.append((n, self.read_run(guest, n, kind, value)))
-        return parts
-
-    def read_plan(self, offset: int, length: int) -> list:
-        """read_parts() with every data run left as a HostRead for the server to perform
-        (docs/DESIGN.md, "I/O model"; qnbd/block/plan.py): the mapping is done here, on
-        the caller's thread; compressed and backing pieces are read here, as before."""
-        parts: list = []
-        backing = self.backing
-        file = self.data.file
-        for guest, n, kind, value in self.map(offset, length):
-            if kind == DATA:
-                parts.append((n, HostRead(file, value, n)))
-            elif kind == ZERO or (kind == UNALLOCATED and (
-                    backing is None or guest >= backing.size)):
-                if parts and parts[-1][1] is None:
-                    parts[-1] = (parts[-1][0] + n, None)
-                else:
-                    parts.append((n, None))
-            else:
-                parts.append((n, self.read_run(guest, n, kind, value)))
+                parts.append((n, piece(guest, n, kind, value)))
         return parts
 
     def read_run(self, guest: int, n: int, kind: int, value: int):
