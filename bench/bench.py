@@ -15,7 +15,8 @@ limit: fio with io_uring on the image file under the same conditions (buffered, 
 Each round runs every job once against each server, alternating which goes first, and
 prints per-job IOPS/bandwidth for both and the median ratio qnbd/qemu-nbd. Then: peak RSS
 serving a 1 TiB image after a random read/write load, time to open a 1 TiB image with
-a few GiB allocated, and time for `nbdinfo --map` over a 1 TiB sparse image.
+a few GiB allocated, time for `nbdinfo --map` over a 1 TiB sparse image, and `qnbd check`
+against `qemu-img check` of both 1 TiB images.
 """
 
 import argparse
@@ -207,6 +208,17 @@ def extras(work):
             results[kind]["map-1T-sparse-s"] = time.monotonic() - t0
         finally:
             server.stop()
+    results["qemu-img"] = {}
+    for image, name in ((big, "check-1T-2048-L2-s"), (sparse, "check-1T-sparse-s")):
+        times = {"qnbd": [], "qemu-img": []}
+        for _ in range(3):  # alternated, median: the whole command, startup included
+            for kind, cmd in (("qemu-img", ["qemu-img"]),
+                              ("qnbd", [sys.executable, "-m", "qnbd.cli"])):
+                t0 = time.monotonic()
+                sh(*cmd, "check", image)
+                times[kind].append(time.monotonic() - t0)
+        for kind, ts in times.items():
+            results[kind][name] = statistics.median(ts)
     return results
 
 

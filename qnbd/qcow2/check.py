@@ -23,8 +23,7 @@ rewrite structures are in repair.py. Every write goes through the image's Storag
 """
 
 from array import array
-
-import cachetools
+from itertools import chain, compress
 
 from .. import fileio
 from ..block.check_result import FIX_ALL, FIX_ERRORS, FIX_LEAKS, CheckResult, NoProgress, Progress
@@ -38,7 +37,8 @@ from .repair import last_nonzero
 from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L1E_RESERVED_MASK,
                       L2E_OFFSET_MASK, L2E_STANDARD_RESERVED_MASK, OFLAG_COPIED, OFLAG_ZERO,
                       ZERO, CompressedLayout, classify, decode_table, encode_table)
-from .refcount import REFTABLE_ENTRY_RESERVED, SubByteBlock, WordBlock
+from .refcount import REFTABLE_ENTRY_RESERVED, WordBlock
+from .stored_refcounts import StoredRefcounts, Unreadable
 from .snapshots import read_table as read_snapshot_table
 
 __all__ = ["FIX_ALL", "FIX_LEAKS", "check_image", "check_storage"]
@@ -46,6 +46,11 @@ __all__ = ["FIX_ALL", "FIX_LEAKS", "check_image", "check_storage"]
 # Computed refcounts are kept as refcount_bits-wide integers (refcount_order -> array
 # typecode), as QEMU does: never more than the image can store.
 _COUNT_TYPECODES = "BBBBHIQ"
+# The non-zero entries of active L2 tables kept from the reference walk for the COPIED
+# check, up to this many (8 bytes each), so that it need not read the tables again.
+_KEPT_L2_ENTRIES = 1 << 21
+_RUN = 256
+_ZERO_RUN = array("Q", bytes(8 * _RUN))
 def check_image(path: str, fix: int = 0, force_share: bool = False,
                 progress: Progress | None = None) -> CheckResult:
     """Open `path` (read-write only to repair), lock it as qemu-img check does, check,
@@ -73,58 +78,13 @@ def check_storage(storage: Storage, filename: str, fix: int = 0,
     return result
 
 
-class _Unreadable(Exception):
-    """A stored refcount cannot be read (its refcount block offset is invalid)."""
-
-
-class _StoredRefcounts:
-    """The refcounts the image claims, read straight from its refcount table and blocks
-    with refcount.py's block codecs; changes are kept until `write_back`."""
-
-    def __init__(self, file, h: hdr.Header):
-        self.file = file
-        self.cluster_size = h.cluster_size
-        self.bits = h.refcount_bits
-        self.per_block = h.cluster_size * 8 // self.bits
-        self.block_class = WordBlock if self.bits >= 8 else SubByteBlock
-        raw = file.pread(h.refcount_table_clusters * h.cluster_size, h.refcount_table_offset)
-        self.table = decode_table(raw + bytes(-len(raw) % 8))
-        self._clean = cachetools.LRUCache(256)
-        self._dirty: dict[int, object] = {}
-
-    def block(self, index: int):
-        """Refcount block of region `index`, or None where the table has no entry."""
-        if index >= len(self.table):
-            return None
-        offset = self.table[index] & ~REFTABLE_ENTRY_RESERVED
-        if not offset:
-            return None
-        if offset % self.cluster_size:
-            raise _Unreadable(f"refblock offset 0x{offset:x} is not aligned")
-        block = self._dirty.get(offset) or self._clean.get(offset)
-        if block is None:
-            # Past the end of the file reads as zeros, as QEMU's file driver does.
-            raw = self.file.pread(self.cluster_size, offset)
-            block = self.block_class(raw + bytes(self.cluster_size - len(raw)), self.bits)
-            self._clean[offset] = block
-        return block
-
-    def get(self, cluster: int) -> int:
-        index, i = divmod(cluster, self.per_block)
-        block = self.block(index)
-        return block.get(i) if block is not None else 0
-
-    def set(self, cluster: int, value: int) -> None:
-        index, i = divmod(cluster, self.per_block)
-        block = self.block(index)
-        block.set(i, value)
-        self._dirty[self.table[index] & ~REFTABLE_ENTRY_RESERVED] = block
-
-    def write_back(self) -> None:
-        for offset, block in sorted(self._dirty.items()):
-            self.file.pwrite(block.encode(), offset)
-        self.file.sync(Barrier.REPAIR)
-        self._dirty.clear()
+def _nonzero(table: array):
+    """(index, entry) of the non-zero entries. A sparse image's tables are mostly zeros:
+    all-zero runs of _RUN entries are skipped with one compare each, the rest filtered
+    in C, so a sparse 1 TiB image checks as fast as with qemu-img."""
+    runs = ((k, table[k:k + _RUN]) for k in range(0, len(table), _RUN))
+    return chain.from_iterable(compress(enumerate(run, k), run)
+                               for k, run in runs if run != _ZERO_RUN)
 
 
 class _Checker:
@@ -147,7 +107,7 @@ class _Checker:
     def reload_stored(self) -> None:
         """Read the stored refcounts again (after a rebuild switched the header)."""
         self.file_size = self.file.size()
-        self.stored = _StoredRefcounts(self.file, self.h)
+        self.stored = StoredRefcounts(self.file, self.h)
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -165,7 +125,7 @@ class _Checker:
         r = self.result
         r.total_clusters = -(-self.h.size // self.cs)
         try:
-            self.stored = _StoredRefcounts(self.file, self.h)
+            self.stored = StoredRefcounts(self.file, self.h)
             rebuild = self.calculate(fix)
             # First compare without repairing: a rebuild makes single repairs moot.
             before = (r.corruptions, r.leaks, len(r.messages))
@@ -196,6 +156,8 @@ class _Checker:
         self.counts = array(self.typecode, bytes(array(self.typecode).itemsize
                                                  * -(-self.file_size // self.cs)))
         self.refcount_structure = []
+        self.kept_l2: dict[int, array] = {}
+        self.kept_entries = 0
         self.inc(0, self.cs)  # header
         self.walk_l1(h.l1_table_offset, h.l1_size, fix, active=True)
         if h.nb_snapshots:
@@ -241,10 +203,8 @@ class _Checker:
         self.inc(offset, entries * 8)
         l1 = self.read_table(offset, entries * 8)
         if active:
-            self.progress.add_total(sum(1 for e in l1 if e))
-        for e in l1:
-            if not e:
-                continue
+            self.progress.add_total(len(l1) - l1.count(0))
+        for _i, e in _nonzero(l1):
             if e & L1E_RESERVED_MASK:
                 self.corruption(f"ERROR found L1 entry with reserved bits set: {e:x}")
             l2_offset = e & L1E_OFFSET_MASK
@@ -261,10 +221,11 @@ class _Checker:
         version = self.h.version
         external = self.h.external_data
         table = self.read_table(l2_offset, self.cs)
+        if active and self.kept_entries < _KEPT_L2_ENTRIES:
+            self.kept_l2[l2_offset] = kept = array("Q", compress(table, table))
+            self.kept_entries += len(kept)
         next_contiguous = 0
-        for i, e in enumerate(table):
-            if not e:
-                continue
+        for i, e in _nonzero(table):
             kind = classify(e, version, external)
             if kind != COMPRESSED and e & L2E_STANDARD_RESERVED_MASK:
                 self.corruption(f"ERROR found l2 entry with reserved bits set: {e:x}")
@@ -379,7 +340,7 @@ class _Checker:
             computed = counts[start:start + per_block]
             try:
                 block = self.stored.block(index)
-            except _Unreadable as e:
+            except Unreadable as e:
                 for c in range(start, start + len(computed)):
                     self.check_error(f"Can't get refcount for cluster {c}: {e}")
                 continue
@@ -437,7 +398,7 @@ class _Checker:
             fix & FIX_LEAKS and not (r.check_errors or r.corruptions or r.leaks))
         h = self.h
         l1 = self.read_table(h.l1_table_offset, h.l1_size * 8)
-        for i, e in enumerate(l1):
+        for i, e in _nonzero(l1):
             l2_offset = e & L1E_OFFSET_MASK
             if not l2_offset:
                 continue
@@ -461,9 +422,12 @@ class _Checker:
         r = self.result
         if self.h.external_data:
             return  # data file clusters have no refcount to agree with
-        table = self.read_table(l2_offset, self.cs)
+        # Kept entries lack their indices, which only a repair needs; a repair may also
+        # have changed the table since (fix_unaligned_zero).
+        kept = None if repair else self.kept_l2.get(l2_offset)
+        table = self.read_table(l2_offset, self.cs) if kept is None else kept
         changed = 0
-        for j, e in enumerate(table):
+        for j, e in _nonzero(table):
             kind = classify(e, self.h.version)
             offset = e & L2E_OFFSET_MASK
             if kind not in (DATA, ZERO) or not offset:
@@ -489,5 +453,5 @@ class _Checker:
     def _stored_or_none(self, offset: int):
         try:
             return self.stored.get(offset >> self.cb)
-        except _Unreadable:
+        except Unreadable:
             return None
