@@ -7,7 +7,8 @@ Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
   also release space; needs discard=unmap, as in qemu).
 - cache=writeback|none|writethrough|directsync|unsafe: what FUA and FLUSH cost.
   writeback/none honour them as asked; writethrough/directsync make every write FUA;
-  unsafe ignores FUA and FLUSH (fast, and not crash-safe). O_DIRECT is not used.
+  unsafe ignores FUA and FLUSH (fast, and not crash-safe). none/directsync open the
+  image files with O_DIRECT (buffered, with a notice, where the file system refuses).
 - snapshot: writes go to a throwaway overlay; the image itself is opened read-only.
 - load_snapshot (-l): export an internal snapshot of a qcow2 image (an id or a name, or
   "snapshot.id=ID,snapshot.name=NAME"), read-only as in qemu-nbd.
@@ -30,8 +31,10 @@ An Export says what it can do (`read_only`, `can_fast_zero`, `can_multi_conn`); 
 that into wire flags, and offering metadata contexts, is the NBD layer's job (qnbd/nbd/).
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+from . import fileio
 from .block.base import read_parts
 from .block.plan import read_plan
 from .block.chain import BACKING_POLICIES
@@ -43,6 +46,7 @@ from .formats import DRIVERS, open_image
 DISCARD_MODES = ("ignore", "unmap")
 DETECT_ZEROES_MODES = ("off", "on", "unmap")
 CACHE_MODES = ("writeback", "none", "writethrough", "directsync", "unsafe")
+DIRECT_CACHE_MODES = ("none", "directsync")   # O_DIRECT, as qemu's cache.direct=on
 
 
 @dataclass
@@ -110,17 +114,9 @@ class Export:
     @classmethod
     def open(cls, config: ExportConfig) -> "Export":
         config.validate()
-        loaded = config.load_snapshot
-        if config.snapshot:
-            base = open_image(config.image, config.format, read_only=True,
-                              backing_policy=config.backing, snapshot=loaded,
-                              **config.options)
-            device = SnapshotOverlay(base)
-        else:
-            device = open_image(config.image, config.format,
-                                read_only=config.read_only or loaded is not None,
-                                backing_policy=config.backing, snapshot=loaded,
-                                **config.options)
+        # cache.direct=on in qemu's terms: the page cache is bypassed (qnbd/direct_io.py).
+        with fileio.direct_opens() if config.cache in DIRECT_CACHE_MODES else nullcontext():
+            device = cls._open_device(config)
         try:
             if config.offset or config.size is not None:
                 device = Window(device, config.offset, config.size)
@@ -130,6 +126,18 @@ class Export:
             # image's bitmaps, and only a clean close clears it (docs/DESIGN.md rule 9).
             device.close()
             raise
+
+    @staticmethod
+    def _open_device(config: ExportConfig):
+        loaded = config.load_snapshot
+        if config.snapshot:
+            base = open_image(config.image, config.format, read_only=True,
+                              backing_policy=config.backing, snapshot=loaded,
+                              **config.options)
+            return SnapshotOverlay(base)
+        return open_image(config.image, config.format,
+                          read_only=config.read_only or loaded is not None,
+                          backing_policy=config.backing, snapshot=loaded, **config.options)
 
     def admit(self) -> str | None:
         """Why one more client may not use this export, or None."""

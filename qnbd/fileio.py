@@ -5,13 +5,17 @@ Every byte the engines read or write goes through a `File`. Tests replace `open_
 dropped or torn, as a power cut would.
 """
 
+import contextlib
+import contextvars
 import ctypes
 import ctypes.util
 import errno
 import fcntl
 import functools
+import logging
 import os
 
+from . import direct_io
 from .errors import ImageError
 
 # linux/falloc.h
@@ -25,6 +29,11 @@ F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 # preadv2 flag: fail with EAGAIN instead of waiting for the disk (Linux 4.14+).
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+log = logging.getLogger("qnbd.fileio")
+# Whether open_file opens with O_DIRECT (serve --cache=none|directsync): set around the
+# opening of a whole device, so that its backing chain and data file follow, as qemu's
+# cache.direct is inherited by the children of a node.
+_direct = contextvars.ContextVar("direct", default=False)
 
 
 class _Flock(ctypes.Structure):
@@ -43,12 +52,28 @@ class File:
         self.writable = writable
         # Whether preadv2(RWF_NOWAIT) works here (read_cached turns it off if not).
         self.nowait = _RWF_NOWAIT != 0
+        # O_DIRECT: every transfer aligned through qnbd/direct_io.py.
+        self.direct = False
+
+    def use_direct(self) -> bool:
+        """Switch to O_DIRECT; False (and buffered I/O) where the file system refuses."""
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            return False
+        self.direct = True
+        return True
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
     def pread(self, length: int, offset: int) -> bytes:
         """Read up to `length` bytes; short only at end of file."""
+        if self.direct:
+            buf = bytearray(length)
+            return bytes(memoryview(buf)[:direct_io.read(self.fd, memoryview(buf), offset)])
         data = os.pread(self.fd, length, offset)
         if len(data) == length or not data:
             return data
@@ -65,6 +90,8 @@ class File:
     def preadinto(self, buf, offset: int) -> int:
         """Fill `buf` (a writable buffer) from `offset`; returns bytes read (short at EOF)."""
         view = memoryview(buf)
+        if self.direct:
+            return direct_io.read(self.fd, view, offset)
         total = 0
         while total < len(view):
             n = os.preadv(self.fd, [view[total:]], offset + total)
@@ -80,6 +107,8 @@ class File:
         in a worker thread. Complete and short means end of file. Where the file system
         cannot tell (EOPNOTSUPP, EINVAL, or no RWF_NOWAIT at all) the read is done here,
         blocking, as before, and every later one too."""
+        if self.direct:
+            return 0, False   # no page cache to hit: the read pool reads it in a thread
         total = 0
         size = len(view)
         while total < size and self.nowait:
@@ -100,6 +129,9 @@ class File:
         return total, True
 
     def pwrite(self, data, offset: int) -> None:
+        if self.direct:
+            direct_io.write(self.fd, [data], offset)
+            return
         view = memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, offset)
@@ -107,6 +139,9 @@ class File:
             offset += n
 
     def pwritev(self, buffers: list, offset: int) -> None:
+        if self.direct:
+            direct_io.write(self.fd, buffers, offset)
+            return
         if len(buffers) == 1:
             self.pwrite(buffers[0], offset)
             return
@@ -177,7 +212,21 @@ def open_file(path: str, writable: bool) -> File:
         fd = os.open(path, flags)
     except OSError as e:
         raise ImageError(f"Could not open '{path}': {e.strerror}") from None
-    return File(path, fd, writable)
+    file = File(path, fd, writable)
+    if _direct.get() and not file.use_direct():
+        log.warning("%s: the file system does not support O_DIRECT; using buffered I/O",
+                    path)
+    return file
+
+
+@contextlib.contextmanager
+def direct_opens():
+    """Files opened within use O_DIRECT where the file system allows it."""
+    token = _direct.set(True)
+    try:
+        yield
+    finally:
+        _direct.reset(token)
 
 
 def create_file(path: str) -> File:

@@ -64,10 +64,11 @@ def wait_for_socket(path: str, proc: subprocess.Popen | None = None, timeout: fl
 class Server:
     """A running `qnbd serve -k SOCKET ... IMAGE`."""
 
-    def __init__(self, args, sock: str, env=None, pass_fds=()):
+    def __init__(self, args, sock: str, env=None, pass_fds=(), prefix=()):
+        """`prefix`: a command that runs the server (e.g. in another namespace)."""
         self.sock = sock
         self.uri = f"nbd+unix:///?socket={sock}"
-        self.proc = subprocess.Popen(serve_cmd(*args), stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([*prefix, *serve_cmd(*args)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
                                      pass_fds=pass_fds)
 

@@ -125,6 +125,7 @@ class _File:
     """A file whose reads always miss the page cache; preadinto may fail."""
 
     nowait = True
+    direct = False
 
     def __init__(self, data: bytes, fail: bool = False):
         self.data = data

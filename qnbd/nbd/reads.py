@@ -128,6 +128,9 @@ class ReadPool:
             return True
         state.out += 1
         self.out_bytes += size
+        if missing[0][0].direct:   # O_DIRECT: no page cache to retry, a thread reads it
+            self._to_thread((missing, export, state, size, done))
+            return False
         self.parked.append([missing, export, state, size, done, 0])
         if self.timer is None:
             self.timer = self.loop.call_later(RETRY_S, self._tick)
