@@ -11,6 +11,8 @@ rounds: before/after ratios measured side by side on a noisy machine.
 The cold-disk job reads a fully allocated 2 GiB image kept on the disk (--disk-dir, not
 tmpfs) with the page cache dropped before each run, and also measures the device's own
 limit: fio with io_uring on the image file under the same conditions (buffered, cold).
+The nbdcopy jobs copy 512 MiB with `nbdcopy --connections=4` out of and into a
+multi-conn export (-e 4); their "IOPS" column is MiB/s too.
 
 Each round runs every job once against each server, alternating which goes first, and
 prints per-job IOPS/bandwidth for both and the median ratio qnbd/qemu-nbd. Then: peak RSS
@@ -39,9 +41,14 @@ JOBS = {
     "randwrite-4k-alloc": (["--rw=randwrite", "--bs=4k", "--iodepth=16"], "empty"),
     "seqwrite-1M-alloc": (["--rw=write", "--bs=1M", "--iodepth=4"], "empty"),
     "cold-randread-4k": (["--rw=randread", "--bs=4k", "--iodepth=16"], "disk"),
+    # nbdcopy --connections=4 between a multi-conn export (-e 4) and /dev/shm: the whole
+    # 512 MiB image out to null:, or a 512 MiB raw file into an empty image.
+    "nbdcopy-from-4conn": (None, "full"),
+    "nbdcopy-to-4conn": (None, "empty"),
 }
 TARGETS = {"randread-4k": 2.0, "seqread-1M": 2.0, "randwrite-4k-alloc": 1.5,
-           "seqwrite-1M-alloc": 2.0, "cold-randread-4k": 2.0}
+           "seqwrite-1M-alloc": 2.0, "cold-randread-4k": 2.0, "nbdcopy-from-4conn": 1.0,
+           "nbdcopy-to-4conn": 1.0}
 DISK_IMAGE_SIZE = "2G"
 
 
@@ -55,17 +62,17 @@ class Server:
 
     baseline = None   # source tree of the "qnbd-base" server (--baseline)
 
-    def __init__(self, kind, image, sock):
+    def __init__(self, kind, image, sock, options=()):
         self.kind = kind
         self.sock = sock
         env = None
         if kind.startswith("qnbd"):
             cmd = [sys.executable, "-m", "qnbd.cli", "serve", "-f", "qcow2", "-t",
-                   "-k", sock, image]
+                   "-k", sock, *options, image]
             if kind == "qnbd-base":
                 env = dict(os.environ, PYTHONPATH=self.baseline)
         else:
-            cmd = ["qemu-nbd", "-f", "qcow2", "-t", "-k", sock, image]
+            cmd = ["qemu-nbd", "-f", "qcow2", "-t", "-k", sock, *options, image]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      env=env)
         deadline = time.monotonic() + 15
@@ -104,14 +111,22 @@ def fio(uri, options, runtime, size):
 
 
 def make_images(work):
+    """The full 512 MiB qcow2 image, and its raw source (nbdcopy-to-4conn copies it)."""
     full = os.path.join(work, "full.qcow2")
     raw = os.path.join(work, "full.raw")
     with open(raw, "wb") as f:
         for _ in range(512):
             f.write(os.urandom(MiB))
     sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, full)
-    os.unlink(raw)
-    return full
+    return {"full": full, "raw": raw}
+
+
+def nbdcopy(source, destination):
+    """(MiB/s as IOPS of 1 MiB, MiB/s) of one copy of 512 MiB with 4 connections."""
+    t0 = time.monotonic()
+    sh("nbdcopy", "--connections=4", source, destination)
+    rate = 512 / (time.monotonic() - t0)
+    return rate, rate
 
 
 def make_disk_image(disk_dir):
@@ -159,8 +174,13 @@ def run_job(kind, job, work, images, runtime):
     else:
         image = images[image_kind]
     sock = os.path.join(work, f"{kind}.sock")
-    server = Server(kind, image, sock)
+    copy = job.startswith("nbdcopy-")
+    server = Server(kind, image, sock, ["-e", "4"] if copy else ())
     try:
+        if job == "nbdcopy-from-4conn":
+            return nbdcopy(server.uri, "null:")
+        if job == "nbdcopy-to-4conn":
+            return nbdcopy(images["raw"], server.uri)
         # Random jobs read/write the whole image; sequential ones stay inside it.
         size = {"full": "512M", "empty": "4G", "disk": DISK_IMAGE_SIZE}[image_kind]
         if image_kind == "disk":
@@ -240,7 +260,7 @@ def main():
     work = tempfile.mkdtemp(prefix="qnbd-bench-", dir="/dev/shm")
     disk_work = None
     try:
-        images = {"full": make_images(work)}
+        images = make_images(work)
         if any(JOBS[job][1] == "disk" for job in jobs):
             disk_work = tempfile.mkdtemp(prefix="qnbd-bench-", dir=args.disk_dir)
             images["disk"] = make_disk_image(disk_work)
@@ -250,6 +270,7 @@ def main():
             kinds.append("qnbd-base")
         results = {job: {kind: [] for kind in kinds} for job in jobs}
         device = []
+        loads = [os.getloadavg()[0]]
         for r in range(args.rounds):
             # Each server goes first in turn (and last, with two).
             order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
@@ -258,6 +279,9 @@ def main():
                     results[job][kind].append(run_job(kind, job, work, images, args.runtime))
                 if JOBS[job][1] == "disk":
                     device.append(fio_file(images["disk"], JOBS[job][0], args.runtime))
+                loads.append(os.getloadavg()[0])
+        print(f"load average (1 min) during the rounds: {min(loads):.1f}-{max(loads):.1f}, "
+              f"median {statistics.median(loads):.1f}")
         print(f"{'job':22} {'qnbd IOPS':>11} {'qemu-nbd IOPS':>14} {'qnbd MiB/s':>11} "
               f"{'qemu MiB/s':>11} {'ratio':>6} {'target':>7}")
         for job in jobs:

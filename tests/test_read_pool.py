@@ -188,6 +188,36 @@ def test_pool_failure_is_reported_and_memory_bound_reads_inline():
         loop.close()
 
 
+@pytest.mark.parametrize("nowait", [True, False])
+def test_large_reads_go_to_a_thread_even_when_cached(tmp_path, nowait):
+    """A read of THREAD_BYTES or more is copied in a worker thread (beside the loop), from
+    a file that can tell a page-cache hit and from one that cannot (tmpfs); a smaller hit
+    is read inline."""
+    from qnbd import fileio
+    from qnbd.nbd.reads import THREAD_BYTES
+
+    path = tmp_path / "f"
+    data = random.Random(5).randbytes(2 * THREAD_BYTES)
+    path.write_bytes(data)
+    f = fileio.open_file(str(path), writable=False)
+    f.nowait = f.nowait and nowait
+    loop = asyncio.new_event_loop()
+    try:
+        pool = ReadPool(loop, workers=1)
+        small = [HostRead(f, 5, 4096)]
+        assert pool.fill(small, object(), None) and small == [data[5:4101]]
+        pieces = [b"hdr", HostRead(f, 7, THREAD_BYTES)]
+        result = loop.create_future()
+        assert not pool.fill(pieces, object(), result.set_result)
+        assert loop.run_until_complete(result) is None
+        assert pieces == [b"hdr", data[7:7 + THREAD_BYTES]]
+        assert pool.threads and pool.out_bytes == 0
+        pool.shutdown()
+    finally:
+        loop.close()
+        f.close()
+
+
 def test_transmission_plans_holds_writes_and_answers_failed_reads():
     """The sans-I/O side: with plans on, a READ's reply carries the engine's HostReads in
     place of its bytes; a write is held while may_mutate says no; a read whose HostReads

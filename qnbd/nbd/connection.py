@@ -31,6 +31,7 @@ import time
 from ..block.plan import HostRead
 from . import tls
 from .handshake import Close, Handshake, Ready, Send, StartTLS
+from .reads import THREAD_BYTES
 from .requests import ProtocolError
 from .transmission import Transmission
 
@@ -261,7 +262,8 @@ class Connection(asyncio.Protocol):
                     if self.reads.fill(pieces, tx.export, done):
                         out += pieces
                         if tx.export in self.reads.inline:
-                            tx.plans = False   # no RWF_NOWAIT here: as before the pool
+                            # No RWF_NOWAIT here: small reads as before the pool.
+                            tx.plan_min = THREAD_BYTES
                     else:
                         self.pending += 1
                 if made >= budget or tx.work >= turn_end:

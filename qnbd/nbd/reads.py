@@ -39,6 +39,11 @@ MAX_OUT_BYTES = 16 << 20
 # iteration, burning a shared core).
 RETRY_S = 0.001
 MAX_RETRIES = 20
+# A read this large goes to a worker thread at once, cached or not: copying it is work
+# enough to be worth a hand-off, and done there it runs beside the loop, on the other
+# core, while the loop sends replies (multi-connection copies, 1 MiB reads). So does
+# every read of an O_DIRECT file (there is no page cache to retry).
+THREAD_BYTES = 128 << 10
 
 
 class _Export:
@@ -67,8 +72,8 @@ class ReadPool:
         self.woken = False
         self.closed = False
         self.parked: list = []   # [missing, export, state, size, done, retries]
-        # Exports whose files cannot tell a miss (no RWF_NOWAIT: tmpfs): their reads
-        # gain nothing from plans, so connections go back to the engine's read_parts.
+        # Exports whose files cannot tell a miss (no RWF_NOWAIT: tmpfs): their small
+        # reads gain nothing from plans, so connections plan only reads of THREAD_BYTES.
         self.inline: set = set()
         self.timer = None
         self.exports: dict[object, _Export] = {}
@@ -94,12 +99,14 @@ class ReadPool:
         loop once they are in place (error None) or have failed."""
         missing = []
         size = 0
+        threaded = False
         for i, piece in enumerate(pieces):
             if piece.__class__ is not HostRead:
                 continue
             file = piece.file
             read_cached = getattr(file, "read_cached", None)
-            if read_cached is None or not file.nowait:
+            big = piece.length >= THREAD_BYTES
+            if read_cached is None or not (file.nowait or big):
                 if read_cached is not None:
                     self.inline.add(export)
                 # Where no read can be told not to block (tmpfs answers EOPNOTSUPP; the
@@ -112,8 +119,13 @@ class ReadPool:
                 continue
             buf = bytearray(piece.length)
             view = memoryview(buf)
-            got, complete = read_cached(view, piece.offset)
             pieces[i] = buf
+            if big or file.direct:
+                missing.append((file, view, piece.offset))
+                size += piece.length
+                threaded = True
+                continue
+            got, complete = read_cached(view, piece.offset)
             if not complete:
                 missing.append((file, view[got:], piece.offset + got))
                 size += len(buf) - got
@@ -128,7 +140,7 @@ class ReadPool:
             return True
         state.out += 1
         self.out_bytes += size
-        if missing[0][0].direct:   # O_DIRECT: no page cache to retry, a thread reads it
+        if threaded:
             self._to_thread((missing, export, state, size, done))
             return False
         self.parked.append([missing, export, state, size, done, 0])

@@ -126,6 +126,7 @@ class Transmission:
         # it to perform (each one in place of its bytes); `planned` is then that READ,
         # for read_failed(). Left off, every piece is bytes, as the tests read them.
         self.plans = False
+        self.plan_min = 0   # shorter READs are answered with bytes even so
         self.planned: Request | None = None
         # Asked before a write, zero or discard runs: False holds the request (and all
         # after it) until the I/O side calls again; it keeps planned reads valid.
@@ -210,7 +211,7 @@ class Transmission:
         whole = not r.structured or bool(req.flags & p.CMD_FLAG_DF)
         if length <= STREAM_CHUNK:
             self.work += length
-            if self.plans:
+            if self.plans and length >= self.plan_min:
                 self.planned = req
                 parts = self.export.read_plan(offset, length)
                 if whole:
