@@ -41,11 +41,20 @@ class Storage:
         self.file = file
         self.path = file.path
         self._unsynced = False
+        # The file's size, known without an fstat while we hold it writable: the image
+        # lock keeps every other writer out and every write of ours comes through here
+        # (allocating writes ask for it once per new cluster).
+        self._size: int | None = None
 
     # -- reads -------------------------------------------------------------------------
 
     def size(self) -> int:
-        return self.file.size()
+        if self._size is not None:
+            return self._size
+        size = self.file.size()
+        if self.file.writable:
+            self._size = size
+        return size
 
     def pread(self, length: int, offset: int) -> bytes:
         return self.file.pread(length, offset)
@@ -57,15 +66,24 @@ class Storage:
 
     def pwrite(self, data, offset: int) -> None:
         self._unsynced = True  # before the call: a failed write may still land in part
+        known, self._size = self._size, None   # ... and change the size: ask again then
         self.file.pwrite(data, offset)
+        if known is not None:
+            self._size = max(known, offset + memoryview(data).nbytes)
 
     def pwritev(self, buffers: list, offset: int) -> None:
         self._unsynced = True
+        known, self._size = self._size, None
         self.file.pwritev(buffers, offset)
+        if known is not None:
+            self._size = max(known, offset + sum(memoryview(b).nbytes for b in buffers))
 
     def truncate(self, length: int) -> None:
         self._unsynced = True
+        self._size = None
         self.file.truncate(length)
+        if self.file.writable:
+            self._size = length
 
     def punch_hole(self, offset: int, length: int) -> bool:
         self._unsynced = True
