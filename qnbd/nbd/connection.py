@@ -64,6 +64,7 @@ class Connection(asyncio.Protocol):
         self.pending = 0                     # replies whose reads are in the pool
         self.reads = None                    # the server's ReadPool, once transmitting
         self.parked: list = []               # such replies done while another streams
+        self.flush_scheduled = False         # _flush_parked is queued
         # What the control socket's `clients` reports: wall-clock start, bytes each way.
         self.since = time.time()
         self.bytes_in = 0
@@ -297,17 +298,29 @@ class Connection(asyncio.Protocol):
             return
         if error is not None:
             pieces = self.tx.read_failed(req, error)
-        if self.tx.mid_reply:
+        if self.tx.mid_reply or not (self.closing or self.tx.finished):
             # A streamed reply's data is still to come: this one goes after it
-            # (_process sends it once that stream is done).
+            # (_process sends it once that stream is done). Else the replies completed
+            # in this batch go out together, in one write (a syscall each cost ~18% of
+            # the loop on cold 4 KiB reads).
             self.parked += pieces
+            if not self.tx.mid_reply and not self.flush_scheduled:
+                self.flush_scheduled = True
+                self.server.loop.call_soon(self._flush_parked)
             return
+        pieces, self.parked = self.parked + pieces, []
         self.transport.writelines(pieces)   # may call pause_writing
         if self.closing:
             if not self.pending:
                 self.transport.close()
         elif self.tx.finished and not self.pending:
             self.close()
+
+    def _flush_parked(self) -> None:
+        self.flush_scheduled = False
+        if self.parked and not self.tx.mid_reply and not self.lost:
+            parked, self.parked = self.parked, []
+            self.transport.writelines(parked)   # may call pause_writing
 
     def _resume(self):
         """The reads a held write waited for have completed."""
