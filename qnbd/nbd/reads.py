@@ -32,8 +32,8 @@ WORKERS = 16
 MAX_OUT_BYTES = 16 << 20
 # A miss parks its reply: the RWF_NOWAIT attempt has already started the disk read
 # (filemap_get_pages issues the readahead before it answers EAGAIN), so retrying it on the
-# loop, every RETRY_S and whenever a connection has work, finds the data once it has
-# arrived, without a thread switch per read. After MAX_RETRIES a worker thread waits for
+# loop, every RETRY_S and when a connection has work (at most every POLL_GAP_S), finds
+# the data once it has arrived, without a thread switch per read. After MAX_RETRIES a worker thread waits for
 # it instead (the kernel may have declined to start the read, e.g. under memory pressure).
 # 1 ms: uvloop's timers count whole milliseconds (a shorter delay would poll every loop
 # iteration, burning a shared core).
