@@ -195,7 +195,9 @@ class _Checker:
 
     def read_table(self, offset: int, size: int):
         raw = self.file.pread(size, offset)
-        return decode_table(raw + bytes(size - len(raw)))  # past EOF reads as zeros
+        if len(raw) < size:
+            raw += bytes(size - len(raw))  # past EOF reads as zeros
+        return decode_table(raw)
 
     def walk_l1(self, offset: int, entries: int, fix: int, active: bool) -> None:
         if not entries:
