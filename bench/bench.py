@@ -245,7 +245,7 @@ def extras(work):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--runtime", type=int, default=8, help="seconds per fio run")
+    ap.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
     ap.add_argument("--jobs", default=",".join(JOBS))
     ap.add_argument("--skip-extras", action="store_true")
     ap.add_argument("--baseline", metavar="SRC",
