@@ -292,6 +292,32 @@ def test_large_write_is_received_in_place_and_oversize_is_skipped():
     assert chunk_replies(b"".join(tx.next_output())) == [(None, 0, 3)]
 
 
+def test_write_payload_received_straight_into_its_buffer():
+    """The I/O side may receive the rest of a WRITE's payload into payload_buffer() (the
+    socket reads into it: no copy through receive_data); a skipped oversize payload and
+    request headers have none."""
+    dev = MemDevice()
+    written = []
+    dev.write = lambda offset, data, fua=False: written.append((offset, bytes(data)))
+    tx = Transmission(session(device=dev))
+    assert tx.payload_buffer() is None
+    n = 3 * MiB
+    data = bytes(range(256)) * (n // 256)
+    tx.receive_data(compact(p.CMD_WRITE, 4096, n, cookie=1) + data[:1000])
+    assert tx.next_output() is None
+    got = 1000
+    while (view := tx.payload_buffer()) is not None:
+        k = min(len(view), 300000)
+        view[:k] = data[got:got + k]
+        tx.payload_received(k)
+        got += k
+    assert got == n and tx.backlog == 0
+    assert chunk_replies(b"".join(tx.next_output())) == [(None, 0, 1)]
+    assert written == [(4096, data)]
+    tx.receive_data(compact(p.CMD_WRITE, 0, 64 * MiB + 1, cookie=2))
+    assert tx.payload_buffer() is None   # skipped, not kept
+
+
 # --- handshake: NBD_OPT_EXTENDED_HEADERS ---
 
 def option(opt, data=b""):

@@ -42,7 +42,11 @@ TURN_REQUESTS = 256
 INPUT_HIGH = 4 << 20
 
 
-class Connection(asyncio.Protocol):
+# Bytes received at most per socket read, other than into a WRITE's payload.
+RECEIVE_BYTES = 256 << 10
+
+
+class Connection(asyncio.BufferedProtocol):
     def __init__(self, server):
         self.server = server
         self.transport = None
@@ -65,6 +69,10 @@ class Connection(asyncio.Protocol):
         self.reads = None                    # the server's ReadPool, once transmitting
         self.parked: list = []               # such replies done while another streams
         self.flush_scheduled = False         # _flush_parked is queued
+        # Received bytes land in a WRITE's payload buffer when one is being received (a
+        # copy less per written byte), else in `scratch`; `in_place` says which.
+        self.scratch = memoryview(bytearray(RECEIVE_BYTES))
+        self.in_place = False
         # What the control socket's `clients` reports: wall-clock start, bytes each way.
         self.since = time.time()
         self.bytes_in = 0
@@ -103,6 +111,27 @@ class Connection(asyncio.Protocol):
             self.raw.set_write_buffer_limits(high=budget // 2)
             if self.transport is not self.raw:
                 self.transport.set_write_buffer_limits(high=budget // 2)
+
+    def get_buffer(self, sizehint):
+        tx = self.tx
+        if tx is not None and self.early is None:
+            view = tx.payload_buffer()
+            if view is not None:
+                self.in_place = True
+                return view
+        self.in_place = False
+        return self.scratch
+
+    def buffer_updated(self, nbytes):
+        if not self.in_place:
+            # A copy: the handshake and the TLS start keep what they are given.
+            self.data_received(bytes(self.scratch[:nbytes]))
+            return
+        self.bytes_in += nbytes
+        self.active_at = self.server.loop.time()
+        self.tx.payload_received(nbytes)
+        if not self.scheduled:
+            self._process()
 
     def data_received(self, data):
         self.bytes_in += len(data)

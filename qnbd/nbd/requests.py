@@ -77,6 +77,18 @@ class RequestParser:
             data = memoryview(data)[n:]
         self.buf += data
 
+    def payload_buffer(self) -> memoryview | None:
+        """Where the rest of the payload being received goes, for the I/O side to receive
+        it in place (no copy through `push`); None when no payload is being kept."""
+        if not self.want or self.target is None:
+            return None
+        return memoryview(self.target)[self.filled:self.filled + self.want]
+
+    def payload_received(self, n: int) -> None:
+        """`n` bytes were received into payload_buffer()."""
+        self.filled += n
+        self.want -= n
+
     def feed(self, data) -> list[Request]:
         """push(data), then every complete request."""
         self.push(data)

@@ -136,6 +136,12 @@ class Transmission:
     def receive_data(self, data) -> None:
         self.parser.push(data)
 
+    def payload_buffer(self) -> memoryview | None:
+        return self.parser.payload_buffer()
+
+    def payload_received(self, n: int) -> None:
+        self.parser.payload_received(n)
+
     @property
     def backlog(self) -> int:
         """Request bytes received and not yet answered."""
