@@ -82,8 +82,9 @@ def apply_ops(dev, model, ops):
             cs = dev.cluster_size
             for pos in range(off, off + n, cs):
                 buf = _compressible(pattern, min(cs, dev.size - pos))
-                status = dev.layer_status(pos, len(buf))[0]
-                if not status.data and status.host_offset is None:
+                # Every part of the cluster (subclusters have their own states).
+                if all(not e.data and e.host_offset is None
+                       for e in dev.layer_status(pos, len(buf))):
                     dev.write_compressed(pos, buf)
                 else:
                     dev.write(pos, buf)
