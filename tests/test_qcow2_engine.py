@@ -14,7 +14,7 @@ from qnbd.errors import NotFast
 
 from peers import check_clean, qemu_img
 from images import MiB, RAW, SHAPES
-from workload import Model, apply_ops, converted, random_ops, with_compressed
+from workload import Model, apply_ops, converted, discard_unit, random_ops, with_compressed
 
 ALL_SHAPES = SHAPES + [RAW]
 
@@ -63,9 +63,7 @@ def run_workload(shape, tmp_path, ops, reopen_every=None):
     # The starting content is read by qemu before the engine opens (and locks) the image.
     start = converted(image, shape.fmt, tmp_path)
     dev = open_image(image, shape.fmt, read_only=False)
-    # What a discard drops whole: a cluster, or a subcluster with extended L2 entries.
-    cs = dev.layout.subcluster_size if hasattr(dev, "layout") else getattr(dev, "cluster_size", 1)
-    model = Model(start, cs, discard_keeps=shape.v2 and shape.backing is not None)
+    model = Model(start, discard_unit(dev), discard_keeps=shape.v2 and shape.backing is not None)
     try:
         for i in range(0, len(ops), reopen_every or len(ops) or 1):
             apply_ops(dev, model, ops[i:i + (reopen_every or len(ops))])

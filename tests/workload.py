@@ -18,6 +18,13 @@ def converted(image, fmt, directory):
 
 
 
+def discard_unit(dev) -> int:
+    """What a discard drops whole: a cluster, or a subcluster with qcow2 extended L2
+    entries (the granularity the model zeroes discarded ranges at)."""
+    layout = getattr(dev, "layout", None)
+    return layout.subcluster_size if layout is not None else getattr(dev, "cluster_size", 1)
+
+
 class Model:
     """The expected content of an image, as plain bytes, under the BlockDevice contract."""
 

@@ -10,6 +10,7 @@ the L2 cache's barrier), and a reference the entry drops is released only once t
 change is durable (rule 3).
 """
 
+from ..errors import NotFast
 from .entries import (ALL_SUBCLUSTERS, COMPRESSED, DATA, L2E_OFFSET_MASK, OFLAG_COPIED,
                       SUBCLUSTERS, UNALLOCATED, subcluster_mask)
 from .writer import ClusterWriter, _WriteGather
@@ -97,11 +98,27 @@ class ExtendedWriter(ClusterWriter):
 
     # -- zeroes and discard ------------------------------------------------------------
 
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
+        if fast and self._cuts_compressed(offset, offset + length):
+            raise NotFast()  # part of a compressed cluster can only be zeroed by writing
+        super().write_zeroes(offset, length, may_trim, fast)
+
+    def _cuts_compressed(self, start: int, end: int) -> bool:
+        """Whether [start, end) covers part, not all, of a compressed cluster (only the
+        first and the last cluster can be cut)."""
+        cs = self.layout.cluster_size
+        for cluster in {start & ~(cs - 1), (end - 1) & ~(cs - 1)}:
+            if not (start <= cluster and cluster + cs <= end) and any(
+                    kind == COMPRESSED for _g, _n, kind, _v in self.mapper.map(cluster, 1)):
+                return True
+        return False
+
     def _zero_clusters(self, start: int, end: int, trim: bool) -> None:
         """Subclusters [start, end) read as zeros afterwards: their allocation bits
         cleared and zero bits set. A host cluster left with no allocated subcluster is
-        released when trimming or when it is not ours alone (shared, or compressed,
-        which has no subclusters to clear one by one: a part of it is written as zeros)."""
+        released when trimming or when it is not ours alone. A compressed cluster has no
+        subclusters: zeroed whole, it is dropped; zeroed in part, it is first rewritten
+        as a standard cluster."""
         layout = self.layout
         cs, sb, table_shift = layout.cluster_size, layout.subcluster_bits, layout.table_shift
         backing = self.mapper.backing
@@ -135,7 +152,9 @@ class ExtendedWriter(ClusterWriter):
             if changed:
                 self.tables.l2_cache.mark_dirty(table_offset, table)
         for offset, length in compressed_parts:
+            # Decompressed into a standard cluster by the write, then zeroed in its bitmap.
             self._write_zero_data(offset, length)
+            self._zero_clusters(offset, offset + length, trim)
 
     def _zeroed(self, entry: int, bitmap: int, kind: int, mask: int, trim: bool,
                 backing: bool) -> tuple[int, int]:
