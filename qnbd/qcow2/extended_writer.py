@@ -28,6 +28,7 @@ class ExtendedWriter(ClusterWriter):
         # Rule 8 guards the image file; a data file holds no metadata to overlap.
         writes = _WriteGather(self.data, None if external else self.metadata)
         updates = []
+        dropped = []  # (entry, kind) whose reference goes once the entries change
         done = 0
         while done < len(data):
             guest = pos + done
@@ -49,7 +50,7 @@ class ExtendedWriter(ClusterWriter):
                 new_host = host
             else:
                 new_host = self.refcounts.allocate(1)
-                self._release_entry(entry, kind)
+                dropped.append((entry, kind))
             if new_host != host and kind != UNALLOCATED:
                 # A shared or compressed cluster moves whole: its allocated subclusters
                 # (all of a compressed one, which has no subclusters) come along.
@@ -73,6 +74,8 @@ class ExtendedWriter(ClusterWriter):
             table[i + 1] = bitmap
         if updates:
             self.tables.l2_cache.mark_dirty(table_offset, table)
+        for entry, kind in dropped:  # rule 3: freed only once the change is durable
+            self._release_entry(entry, kind)
 
     def _write_subclusters(self, writes: _WriteGather, host: int, cluster: int,
                            in_cluster: int, chunk, held: int, first: int, end: int) -> None:
