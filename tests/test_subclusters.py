@@ -290,3 +290,28 @@ def test_qemu_io_through_qnbd_serve_equals_qemu_io_on_the_image(serve, tmp_path)
     check_clean(theirs)
     r = run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", image, theirs, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_writes_to_clusters_shared_with_a_snapshot(tmp_path):
+    """After qemu-img snapshot -c every cluster is shared (no COPIED flag): a write moves
+    the cluster whole with its allocated subclusters, zeroes only touch the bitmap of
+    this layer's L2 copy, and the snapshot still reads what it held."""
+    top = _overlay(tmp_path)
+    qemu_io(top, "qcow2", f"write -P 0x66 {SUB + 7} {3 * CS}", f"write -z {5 * CS} {SUB}",
+            f"write -P 0x67 {8 * CS + 2 * SUB} {SUB}")
+    snapshot = converted(top, "qcow2", tmp_path)
+    qemu_img("snapshot", "-c", "s1", top)
+    start = converted(top, "qcow2", tmp_path)
+    dev = open_image(top, read_only=False)
+    model = Model(start, discard_unit(dev), discard_keeps=False)
+    try:
+        apply_ops(dev, model, [("write", CS + 100, 10, 1), ("write", 8 * CS, 5, 2),
+                               ("zero", 2 * CS + SUB, SUB, 0), ("discard", 3 * CS, CS, 0),
+                               ("write", 5 * CS + 3, 4, 3)])
+    finally:
+        dev.close()
+    check_clean(top)
+    _same_as(top, bytes(model.data), tmp_path)
+    out = tmp_path / "snap.raw"
+    qemu_img("convert", "-l", "snapshot.name=s1", "-O", "raw", top, out)
+    assert out.read_bytes() == snapshot
