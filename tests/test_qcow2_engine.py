@@ -112,7 +112,8 @@ _op = st.tuples(st.sampled_from(["write", "zero", "zero_trim", "discard", "flush
                 st.integers(0, 12 * MiB - 1), st.integers(1, 300000), st.integers(1, 255))
 
 
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[6]],
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[6],
+                                   next(s for s in SHAPES if s.name == "extl2-c16k-backing")],
                          ids=lambda s: s.name)
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -315,3 +315,34 @@ def test_writes_to_clusters_shared_with_a_snapshot(tmp_path):
     out = tmp_path / "snap.raw"
     qemu_img("convert", "-l", "snapshot.name=s1", "-O", "raw", top, out)
     assert out.read_bytes() == snapshot
+
+
+@pytest.mark.parametrize("name", ["v3", "qcow2-backing", "zlib"])
+def test_convert_to_extended_l2_like_qemu_img(tmp_path, name):
+    """qnbd convert -O qcow2 -o extended_l2=on: the content, a clean image, and the same
+    unallocated / zero / data runs as qemu-img convert's."""
+    shape = next(s for s in SHAPES if s.name == name)
+    src = shape.build(tmp_path)
+    opts = ["-o", f"extended_l2=on,cluster_size={CS}"]
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    rc, _out, err = qnbd("convert", "-O", "qcow2", *opts, src, ours)
+    assert rc == 0, err
+    qemu_img("convert", "-O", "qcow2", *opts, src, theirs)
+    r = run("qemu-img", "compare", src, ours, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    check_clean(ours)
+    assert json.loads(qemu_img("info", "--output=json", ours).stdout)[
+        "format-specific"]["data"]["extended-l2"]
+    assert _runs(ours) == _runs(theirs)
+
+
+def _runs(image) -> list:
+    """qemu-img map as data / zero / unallocated runs, host offsets left out."""
+    runs = []
+    for e in json.loads(qemu_img("map", "--output=json", image).stdout):
+        kind = "data" if e["data"] else "zero" if e["present"] else "unallocated"
+        if runs and runs[-1][1] == kind:
+            runs[-1][0] += e["length"]
+        else:
+            runs.append([e["length"], kind])
+    return runs
