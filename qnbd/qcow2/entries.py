@@ -105,11 +105,14 @@ def classify(entry: int, version: int, external: bool = False) -> int:
 
 def l2_entries(table: array, version: int, external: bool = False, extended: bool = False):
     """(index in `table`, descriptor, kind, subcluster bitmap or 0) of each entry of an
-    L2 table as decode_table() holds it, for the walks over whole tables (check)."""
+    L2 table as decode_table() holds it, for the walks over whole tables (check); entries
+    all zero (unallocated, nothing to count or check) are left out."""
     if not extended:
         for i, e in enumerate(table):
-            yield i, e, classify(e, version, external), 0
+            if e:
+                yield i, e, classify(e, version, external), 0
         return
     for i in range(0, len(table), 2):
-        e = table[i]
-        yield i, e, classify_extended(e, external), table[i + 1]
+        e, bitmap = table[i], table[i + 1]
+        if e or bitmap:
+            yield i, e, classify_extended(e, external), bitmap
