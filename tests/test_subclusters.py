@@ -346,3 +346,40 @@ def _runs(image) -> list:
         else:
             runs.append([e["length"], kind])
     return runs
+
+
+def test_unallocated_subclusters_of_an_allocated_cluster(servers, tmp_path):
+    """A host cluster whose bitmap allocates only some subclusters (qcow2.rst: the others
+    read from the backing file, or as zeros when their zero bit is set): made by
+    clearing bits of a cluster qemu wrote. Bytes, qemu-img map and nbdinfo --map as
+    qemu's; writing into it fills the subclusters from the backing file."""
+    top = _overlay(tmp_path)
+    qemu_io(top, "qcow2", f"write -P 0x70 0 {2 * CS}")
+    entry = _first_l2_entry(top)
+    patch_u64(top, entry + 8, 0x0000FF00_F0F000F0)  # allocated 4-7, 20-23, 28-31; zero 8-15
+    patch_u64(top, entry + 24, 0)  # cluster 1: a host cluster, no subcluster in it
+    expected = converted(top, "qcow2", tmp_path)
+    assert expected[:SUB] == b"\x11" * SUB and expected[4 * SUB:5 * SUB] == b"\x70" * SUB
+    dev = open_image(top)
+    try:
+        assert bytes(dev.read(0, MiB)) == expected
+    finally:
+        dev.close()
+    for output in ("json", "human"):
+        assert qnbd("map", f"--output={output}", top)[1] == \
+            qemu_img("map", f"--output={output}", top).stdout
+    answers = []
+    for program in ("qemu-nbd", "qnbd"):
+        running = servers(program, "-r", "-A", "-f", "qcow2", top)
+        answers.append(_seen(running))
+        running.stop()
+    assert answers[0] == answers[1]
+    dev = open_image(top, read_only=False)
+    model = Model(expected, discard_unit(dev), discard_keeps=False)
+    try:
+        apply_ops(dev, model, [("write", 100, 10, 5), ("write", CS + SUB + 1, 3 * SUB, 6),
+                               ("zero", 9 * SUB, SUB, 0)])
+    finally:
+        dev.close()
+    check_clean(top)
+    _same_as(top, bytes(model.data), tmp_path)
