@@ -6,8 +6,8 @@ A range maps to runs [guest offset, length, kind, value]: DATA (host-contiguous,
 the host offset), COMPRESSED (one cluster a run, value the L2 entry), ZERO (value the
 preallocated host offset, host-contiguous, or 0 for none) and UNALLOCATED (the backing
 file shows through, or zeros; value 0, or with extended L2 entries the host offset of
-an unallocated subcluster in an allocated cluster). Reads, block status, copy-on-write and qemu-img map's
-view (layer_status) all start from the same runs.
+an unallocated subcluster in an allocated cluster). Reads, block status, copy-on-write
+and qemu-img map's view (layer_status) all start from the same runs.
 """
 
 from ..block.base import HOLE, ZERO as ZERO_FLAG, Extent, LayerExtent

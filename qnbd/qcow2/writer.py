@@ -251,13 +251,13 @@ class ClusterWriter:
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
         # The unit an entry zeroes: a cluster, or a subcluster with extended L2 entries.
-        cs = self.layout.subcluster_size
+        unit = self.layout.subcluster_size
         size = self.layout.size
-        first_full = -(-offset // cs) * cs
-        end_full = (offset + length) // cs * cs
-        # The image's tail may end inside a cluster: that cluster counts as whole.
-        if offset + length == size and size % cs:
-            end_full = -(-size // cs) * cs
+        first_full = -(-offset // unit) * unit
+        end_full = (offset + length) // unit * unit
+        # The image's tail may end inside a unit: that unit counts as whole.
+        if offset + length == size and size % unit:
+            end_full = -(-size // unit) * unit
         if first_full >= end_full:
             partials = [(offset, length)]
             first_full = end_full = None
@@ -279,12 +279,12 @@ class ClusterWriter:
                 self._zero_clusters(first_full, end_full, trim=may_trim)
 
     def discard(self, offset: int, length: int) -> None:
-        cs = self.layout.subcluster_size
+        unit = self.layout.subcluster_size
         size = self.layout.size
-        start = -(-offset // cs) * cs
-        end = (offset + length) // cs * cs
+        start = -(-offset // unit) * unit
+        end = (offset + length) // unit * unit
         if offset + length == size:
-            end = -(-size // cs) * cs
+            end = -(-size // unit) * unit
         # v2 cannot hide a backing file's data without writing zeros: discard is advisory,
         # so it does nothing there.
         if start < end and not (self.layout.version < 3 and self.mapper.backing is not None):
