@@ -341,7 +341,7 @@ class _Checker:
                     self.check_error(f"Can't get refcount for cluster {c}: {e}")
                 continue
             stored = self._stored_values(block, len(computed))
-            used = max(lastnonzero(stored), lastnonzero(computed))
+            used = max(last_nonzero(stored), last_nonzero(computed))
             if used >= 0:
                 highest = start + used
             if stored != computed:
