@@ -307,8 +307,8 @@ class Connection(asyncio.BufferedProtocol):
         if self.parked and not tx.mid_reply:
             out += self.parked
             self.parked = []
+        self.bytes_out += made   # replies whose reads went to the pool count now too
         if out:
-            self.bytes_out += made
             transport.writelines(out)   # may call pause_writing
         if pieces is not None and not self.blocked:
             # More work may be waiting: let the other connections have this turn first.
