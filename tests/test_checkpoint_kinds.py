@@ -1,0 +1,113 @@
+"""Checkpoints of every writable export kind (issue 15): qcow2 over a backing file, qcow2
+with an external data file, QED, raw, and a `--snapshot` overlay. The view is checked
+with qemu-img against the image as it was at the checkpoint, after writes, zero writes and
+discards of the live export changed it; where the image keeps persistent bitmaps (qcow2)
+the next checkpoint offers exactly what changed, elsewhere a checkpoint is a view only and
+`--bitmap` is refused in one line (docs/DESIGN.md "Live changes and checkpoints")."""
+
+import json
+
+import pytest
+
+from bitmaputil import expected_dirty
+from ctlutil import control_path, ctl, ctl_json
+from images import MiB
+from nbdserver import connect
+from peers import check_clean, qemu_img, qemu_io, run
+
+SIZE = 16 * MiB
+G = 64 * 1024
+# (offset, length) of the changes made after cp1: a write, a zero write, a discard, one
+# over data that only the backing file or the first write holds.
+CHANGES = [("write", 1 * MiB + 512, 300 * 1024), ("zero", 5 * MiB, 2 * MiB),
+           ("trim", 9 * MiB, 1 * MiB), ("write", 12 * MiB - 4096, 8192)]
+
+
+def make(tmp_path, kind) -> tuple[str, list[str], bool]:
+    """(image, serve options, has persistent bitmaps) with data at 0..6M and 8..11M, some
+    of it (for the backing kind) in the backing file only."""
+    img = str(tmp_path / "disk")
+    if kind == "backing":
+        base = str(tmp_path / "base.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", base, str(SIZE))
+        qemu_io(base, "qcow2", "write -P 0x5a 0 6M", "write -P 0x6b 8M 3M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", img)
+        qemu_io(img, "qcow2", "write -P 0x11 2M 1M")
+        return img, ["-f", "qcow2"], True
+    fmt = {"data-file": "qcow2", "snapshot": "qcow2"}.get(kind, kind)
+    opts = ["-o", f"data_file={tmp_path / 'data.raw'}"] if kind == "data-file" else []
+    qemu_img("create", "-q", "-f", fmt, *opts, img, str(SIZE))
+    qemu_io(img, fmt, "write -P 0x5a 0 6M", "write -P 0x6b 8M 3M")
+    return img, ["-f", fmt] + (["-s"] if kind == "snapshot" else []), fmt == "qcow2" \
+        and kind != "snapshot"
+
+
+def read_all(uri) -> bytes:
+    h = connect(uri)
+    data = b"".join(h.pread(4 * MiB, off) for off in range(0, SIZE, 4 * MiB))
+    h.shutdown()
+    return data
+
+
+def dirty_map(uri, context) -> list[tuple[int, int]]:
+    out = run("nbdinfo", "--json", f"--map={context}", uri).stdout
+    return [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] & 1]
+
+
+@pytest.mark.parametrize("kind", ["backing", "data-file", "qed", "raw", "snapshot"])
+def test_checkpoint_view_of_every_writable_kind(tmp_path, serve, kind):
+    img, opts, bitmaps = make(tmp_path, kind)
+    path = control_path()
+    server = serve(img, *opts, "-x", "disk", "-e", "0", "--discard", "unmap",
+                   "--control", path)
+    live = server.uri_for("disk")
+    before = read_all(live)
+    result = ctl_json(path, "checkpoint", "disk", "cp1")
+    assert result == {"export": "disk@cp1", "bitmap": "cp1" if bitmaps else None,
+                      "previous": None}
+    h = connect(live)
+    for op, off, n in CHANGES:
+        if op == "write":
+            h.pwrite(bytes([0xc3]) * n, off)
+        elif op == "zero":
+            h.zero(n, off)
+        else:
+            h.trim(n, off)
+    h.flush()
+    after = read_all(live)
+    assert after != before
+
+    # The view, read by qemu-img as a backup tool would, is the image before the changes.
+    (tmp_path / "before.raw").write_bytes(before)
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", server.uri_for("disk@cp1"),
+        str(tmp_path / "cp1.raw"))
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(tmp_path / "before.raw"),
+        str(tmp_path / "cp1.raw"))
+
+    if bitmaps:
+        assert ctl_json(path, "checkpoint", "disk", "cp2", "--bitmap", "cp1")["bitmap"] == "cp2"
+        changed = [(off, n) for _, off, n in CHANGES]
+        assert dirty_map(server.uri_for("disk@cp2"), "qemu:dirty-bitmap:cp1") == \
+            expected_dirty(changed, G, SIZE)
+    else:
+        r = ctl(path, "checkpoint", "disk", "cp2", "--bitmap", "cp1", check=False)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1
+        assert r.stderr.startswith("qnbd ctl: not-supported: "), r.stderr
+        assert "disk@cp2" not in ctl(path, "exports").stdout   # nothing was made
+        assert ctl_json(path, "checkpoint", "disk", "cp2")["bitmap"] is None
+    assert read_all(server.uri_for("disk@cp2")) == after
+    assert read_all(server.uri_for("disk@cp1")) == before   # still, under a second view
+    for name in ("disk@cp1", "disk@cp2"):
+        ctl(path, "release", name)
+    h.pwrite(b"\xee" * 4096, 0)   # straight to the image again
+    h.shutdown()
+    code, err = server.stop()
+    assert code == 0, err
+    if kind != "snapshot":
+        final = bytearray(after)
+        final[:4096] = b"\xee" * 4096
+        (tmp_path / "final.raw").write_bytes(final)
+        fmt = opts[1]
+        run("qemu-img", "compare", "-f", fmt, "-F", "raw", img, str(tmp_path / "final.raw"))
+        if fmt != "raw":
+            check_clean(img)
