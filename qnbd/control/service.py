@@ -1,4 +1,4 @@
-"""The control socket on the event loop: a unix socket (0600 unless told otherwise), one
+"""The control socket on the event loop: a unix socket (0600 unless --control-mode), one
 JSON request a line, one reply a line, in order (protocol.py). A bad line costs its
 sender one error line, never the server nor the other clients; a client that floods
 requests without reading the replies is paused (backpressure, as NBD connections are).
@@ -8,13 +8,13 @@ import asyncio
 import logging
 import os
 
+from ..config import DEFAULT_CONTROL_MODE
 from ..nbd.listeners import bind_unix
 from . import protocol
 from .handlers import Handlers
 
 log = logging.getLogger("qnbd.control")
 
-DEFAULT_MODE = 0o600
 # Reply bytes waiting for a control client before its socket stops being read.
 REPLY_HIGH = 1 << 20
 # Control clients at once: each costs a line buffer (protocol.MAX_LINE) at most.
@@ -68,7 +68,7 @@ class ControlConnection(asyncio.Protocol):
 
 
 class ControlService:
-    def __init__(self, server, path: str, mode: int = DEFAULT_MODE, metrics=None):
+    def __init__(self, server, path: str, mode: int = DEFAULT_CONTROL_MODE, metrics=None):
         self.handlers = Handlers(server, metrics)
         self.path = path
         self.mode = mode
@@ -104,10 +104,10 @@ class ControlService:
             pass
 
 
-def control_service(path: str, metrics=None):
+def control_service(path: str, mode: int = DEFAULT_CONTROL_MODE, metrics=None):
     """A `services` entry for qnbd.nbd.server.serve: starts the control socket."""
     async def start(server):
-        service = ControlService(server, path,
+        service = ControlService(server, path, mode,
                                  metrics=metrics and (lambda: metrics(server)))
         await service.start(server.loop)
         return service.close
