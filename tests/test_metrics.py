@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ctlutil import ControlClient, control_path
 from images import MiB
 from nbdserver import connect, run_serve
-from peers import qemu_img
+from peers import qemu_img, qemu_io
 
 SIZE = 16 * MiB
 
@@ -131,3 +131,51 @@ def test_bad_metrics_address_is_one_line(tmp_path, bad):
     r = run_serve("--metrics", bad, "null-co://")
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "--metrics" in r.stderr
+
+
+# 4 KiB clusters: a qcow2 L2 table (one cluster) maps 2 MiB, a QED one of two clusters
+# (qemu refuses to open table_size=1) 4 MiB; several of them map the image.
+@pytest.mark.parametrize("fmt, opts, cache, span", [
+    ("qcow2", "cluster_size=4096", "l2", 2 * MiB),
+    ("qed", "cluster_size=4096,table_size=2", "qed-l2", 4 * MiB)])
+def test_table_cache_hits_and_misses_under_a_read_workload(tmp_path, serve, fmt, opts, cache,
+                                                           span):
+    img = str(tmp_path / f"disk.{fmt}")
+    qemu_img("create", "-q", "-f", fmt, "-o", opts, img, str(SIZE))
+    qemu_io(img, fmt, f"write -P 0x3c 0 {SIZE}")
+    port, path = free_port(), control_path()
+    server = serve(img, "-f", fmt, "-x", "disk", "--metrics", f"127.0.0.1:{port}",
+                   "--control", path)
+    c = ControlClient(path)
+
+    def counts():
+        """(hits, misses) as JSON and as Prometheus give them: always the same."""
+        caches = c.call("metrics")["result"]["exports"]["disk"]["table_caches"]
+        samples = scrape(port)
+        both = (value(samples, "qnbd_table_cache_hits_total", export="disk", cache=cache),
+                value(samples, "qnbd_table_cache_misses_total", export="disk", cache=cache))
+        assert both == (caches[cache]["hits"], caches[cache]["misses"])
+        if fmt == "qcow2":
+            assert "refcount" in caches
+        return both
+
+    hits0, misses0 = counts()
+    h = connect(server.uri_for("disk"))
+    step = 256 * 1024
+    reads = SIZE // step
+
+    def read_pass():
+        for off in range(0, SIZE, step):
+            assert h.pread(step, off) == b"\x3c" * step
+
+    read_pass()
+    hits1, misses1 = counts()
+    # The first pass reads each table once, from the image; every other lookup hits.
+    assert misses1 - misses0 == SIZE // span
+    assert hits1 - hits0 >= reads - SIZE // span
+    read_pass()
+    hits2, misses2 = counts()
+    assert misses2 == misses1          # all cached now
+    assert hits2 - hits1 >= reads      # each read looked its table up, and found it
+    h.shutdown()
+    c.close()

@@ -11,6 +11,7 @@ import tempfile
 from ..errors import NotFast
 from ..fileio import File
 from .base import Extent
+from .cache import caches_behind
 
 GRAIN = 64 * 1024
 _ZERO_GRAIN = bytes(GRAIN)
@@ -32,6 +33,10 @@ class SnapshotOverlay:
 
     def _runs(self, offset: int, length: int):
         return grain_runs(self.mine, offset, length)
+
+    @property
+    def table_caches(self):
+        return caches_behind(self.base)
 
     def read(self, offset: int, length: int) -> bytes:
         return read_grains(self.mine, self.file, self.base, offset, length)
