@@ -2,8 +2,10 @@
 `metrics` (JSON) agree with what a libnbd client counted, scraped during its load and
 after it."""
 
+import os
 import socket
 import threading
+import time
 import urllib.request
 
 import nbd
@@ -12,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ctlutil import ControlClient, control_path
 from images import MiB
-from nbdserver import connect, run_serve
+from nbdserver import (RawClient, Server, connect, make_raw, run_serve, short_tmpdir,
+                       wait_for_socket)
 from peers import qemu_img, qemu_io
 
 SIZE = 16 * MiB
@@ -179,3 +182,46 @@ def test_table_cache_hits_and_misses_under_a_read_workload(tmp_path, serve, fmt,
     assert hits2 - hits1 >= reads      # each read looked its table up, and found it
     h.shutdown()
     c.close()
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_latency_of_a_streamed_read_lasts_until_its_last_byte(tmp_path, structured):
+    """A READ larger than one step goes out in pieces, each once the client has taken the
+    one before (a reply budget of one byte): its latency ends with the last piece."""
+    n = 32 * MiB
+    img = make_raw(tmp_path / "d.raw", n, b"\x77" * n)   # data: no hole to skip
+    d = short_tmpdir()
+    sock, path = os.path.join(d, "nbd.sock"), os.path.join(d, "ctl")
+    conf = tmp_path / "q.toml"
+    conf.write_text(f'control = "{path}"\n[limits]\nmax_queued_bytes = 1\n'
+                    f'[[listen]]\nunix = "{sock}"\n'
+                    f'[[export]]\nname = "d"\nformat = "raw"\nimage = "{img}"\n')
+    server = Server(["--config", str(conf)], sock)
+    try:
+        wait_for_socket(sock, server.proc)
+        client = RawClient(sock, timeout=30)
+        client.go("d", structured=structured)
+        client.request(0, 0, n)   # NBD_CMD_READ of the whole export
+        pause = 1.0
+        time.sleep(pause)         # the server is stuck on a full socket meanwhile
+        if structured:
+            for _, ctype, _, _ in client.chunks():
+                assert ctype in (1, 2), ctype   # OFFSET_DATA / OFFSET_HOLE
+        else:
+            error, _ = client.simple_reply()
+            assert error == 0
+            buf = bytearray(n)
+            view = memoryview(buf)
+            pos = 0
+            while pos < n:
+                k = client.s.recv_into(view[pos:])
+                assert k, "closed mid-reply"
+                pos += k
+            assert buf == b"\x77" * n
+        latency = ControlClient(path).call("metrics")["result"]["exports"]["d"]["latency"]
+        assert latency["read"]["count"] == 1
+        assert latency["read"]["sum"] >= pause * 0.9, latency["read"]
+        client.close()
+    finally:
+        code, err = server.stop()
+    assert code == 0, err
