@@ -8,13 +8,9 @@ answered before the request was sent and those sent before its reply came. Then
 granules written between k1 and k2, and full + incremental restored equal the model at k2.
 """
 
-import random
-import struct
-import threading
-
-
 from bitmaputil import expected_dirty, info_bitmaps, qemu_dirty_map
 from ctlutil import ControlClient, control_path, ctl
+from writers import Writer, model, read_all
 from images import MiB
 from nbdserver import connect, status
 from peers import check_clean, qemu_img, qemu_io, run
@@ -23,44 +19,8 @@ SIZE = 16 * MiB
 G = 64 * 1024
 
 
-class Writer(threading.Thread):
-    """Writes tagged data at random places until stopped; `sent` writes have begun,
-    `done` have been answered (both only grow)."""
-
-    def __init__(self, uri):
-        super().__init__()
-        self.h = connect(uri)
-        self.writes: list[tuple[int, bytes]] = []
-        self.sent = self.done = 0
-        self.halt = threading.Event()
-        self.rng = random.Random(15)
-
-    def run(self):
-        while not self.halt.is_set():
-            i = len(self.writes)
-            n = self.rng.randrange(1, 96 * 1024)
-            off = self.rng.randrange(0, SIZE - n)
-            data = (struct.pack(">I", i + 1) * (n // 4 + 1))[:n]
-            self.writes.append((off, data))
-            self.sent = i + 1
-            self.h.pwrite(data, off)
-            self.done = i + 1
-
-    def wait_for(self, n):
-        while self.done < n:
-            self.halt.wait(0.01)
-            assert self.is_alive()
-
-
 def ranges(writes):
     return [(off, len(data)) for off, data in writes]
-
-
-def model(base: bytes, writes) -> bytearray:
-    image = bytearray(base)
-    for off, data in writes:
-        image[off:off + len(data)] = data
-    return image
 
 
 def instant(base, writes, lo, hi, seen: bytes) -> int:
@@ -81,13 +41,6 @@ def checkpoint(c: ControlClient, writer: Writer, *args) -> tuple[int, int]:
     hi = writer.sent
     assert reply["ok"], reply
     return lo, hi
-
-
-def read_all(uri: str) -> bytes:
-    h = connect(uri)
-    data = b"".join(h.pread(4 * MiB, off) for off in range(0, SIZE, 4 * MiB))
-    h.shutdown()
-    return data
 
 
 def test_checkpoints_while_writing_then_full_and_incremental_restore(tmp_path, serve):
