@@ -108,3 +108,34 @@ def test_checkpoint_view_of_every_writable_kind(tmp_path, serve, kind):
         run("qemu-img", "compare", "-f", fmt, "-F", "raw", img, str(tmp_path / "final.raw"))
         if fmt != "raw":
             check_clean(img)
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_a_view_of_a_huge_image_costs_memory_for_what_is_written(tmp_path, serve, snapshot):
+    """8 TiB claimed (a sparse raw file): a flat map of its grains would be 128 MiB."""
+    huge = 8 << 40
+    img = str(tmp_path / "huge.raw")
+    with open(img, "wb") as f:
+        f.truncate(huge)
+    path = control_path()
+    server = serve(img, "-f", "raw", "-x", "disk", "-e", "0", "--control", path,
+                   *(["-s"] if snapshot else []))
+    c = ControlClient(path)
+    before = rss(server.proc.pid)
+    assert c.call("checkpoint", export="disk", name="cp1")["ok"]
+    h = connect(server.uri_for("disk"))
+    for off in (0, huge // 2 + 12345, huge - 4096):
+        h.pwrite(b"\x5e" * 4096, off)
+    view = connect(server.uri_for("disk@cp1"))
+    for off in (0, huge // 2 + 12345, huge - 4096):
+        assert h.pread(4096, off) == b"\x5e" * 4096
+        assert view.pread(4096, off) == bytes(4096)
+    assert rss(server.proc.pid) - before < 32 * MiB
+    view.shutdown()
+    h.shutdown()
+    c.close()
