@@ -89,6 +89,8 @@ def test_checkpoint_view_of_every_writable_kind(tmp_path, serve, kind):
         r = ctl(path, "checkpoint", "disk", "cp2", "--bitmap", "cp1", check=False)
         assert r.returncode == 1 and r.stderr.count("\n") == 1
         assert r.stderr.startswith("qnbd ctl: not-supported: "), r.stderr
+        r = c.call("checkpoint", export="disk", name="")
+        assert r["error"] == {"code": "failed", "message": "a checkpoint needs a name"}
         assert [e["name"] for e in c.call("exports")["result"]] == ["disk", "disk@cp1"]
         assert c.call("checkpoint", export="disk", name="cp2")["result"]["bitmap"] is None
     assert read_all(server.uri_for("disk@cp2")) == after

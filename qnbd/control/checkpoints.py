@@ -40,6 +40,8 @@ class Checkpoints:
         catalog = self.catalog
         writable(export)
         bitmaps = image_bitmaps(export)
+        if not name:   # EXPORT@ would name nothing (a bitmap name is refused anyway)
+            raise ControlError(FAILED, "a checkpoint needs a name")
         view_name = f"{export.name}@{name}"
         if view_name in catalog.by_name:
             raise ControlError(FAILED, f"export {view_name!r} already exists")
