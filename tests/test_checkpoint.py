@@ -9,6 +9,7 @@ granules written between k1 and k2, and full + incremental restored equal the mo
 """
 
 import json
+import signal
 
 from bitmaputil import expected_dirty, info_bitmaps, qemu_dirty_map
 from ctlutil import ControlClient, control_path, ctl
@@ -244,3 +245,36 @@ def test_full_and_two_incrementals_restored_with_nbdcopy_and_qemu_img(tmp_path, 
     code, err = server.stop()
     assert code == 0, err
     check_clean(img)
+
+
+def test_killed_with_views_leaves_only_bitmaps_under_rule_9(tmp_path, serve):
+    """SIGKILL with two checkpoints' views open and a reader on one: the overlays die
+    with the process; on disk the bitmaps loaded at open are in use (qemu refuses them
+    as inconsistent), those added live were never stored, and the image is sound."""
+    img = str(tmp_path / "disk.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", img, str(SIZE))
+    qemu_img("bitmap", "--add", img, "b0")
+    path = control_path()
+    server = serve(img, "-x", "disk", "-e", "0", "--control", path)
+    c = ControlClient(path)
+    h = connect(server.uri_for("disk"))
+    h.pwrite(b"\x01" * 65536, 0)
+    assert c.call("checkpoint", export="disk", name="cp1", bitmap="b0")["ok"]
+    h.pwrite(b"\x02" * 65536, 0)
+    assert c.call("checkpoint", export="disk", name="cp2", bitmap="cp1")["ok"]
+    h.pwrite(b"\x03" * 65536, 65536)
+    h.flush()
+    view = connect(server.uri_for("disk@cp1"))
+    assert view.pread(65536, 0) == b"\x01" * 65536
+    code, _ = server.stop(signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    c.close()
+    assert {b["name"]: "in-use" in b["flags"] for b in info_bitmaps(img, force=True)} == \
+        {"b0": True}
+    r = run("qemu-nbd", "-r", "-B", "b0", "-k", str(tmp_path / "s"), img, check=False)
+    assert r.returncode == 1 and "inconsistent" in r.stderr
+    qemu_img("bitmap", "--remove", img, "b0")
+    check_clean(img)
+    r = run("qemu-io", "-f", "qcow2", "-c", "read -P 2 0 64k", "-c", "read -P 3 64k 64k",
+            img)
+    assert "Pattern verification failed" not in r.stdout
