@@ -225,3 +225,29 @@ def test_latency_of_a_streamed_read_lasts_until_its_last_byte(tmp_path, structur
     finally:
         code, err = server.stop()
     assert code == 0, err
+
+
+def test_idle_scrapers_cannot_take_the_descriptors_nbd_clients_need(tmp_path, serve):
+    img = str(tmp_path / "disk.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", img, str(SIZE))
+    port = free_port()
+    server = serve(img, "-x", "disk", "--metrics", f"127.0.0.1:{port}")
+    idle = []
+    for _ in range(300):   # connections that never send a request
+        s = socket.create_connection(("127.0.0.1", port))
+        idle.append(s)
+    h = connect(server.uri_for("disk"))
+    h.pwrite(b"z" * 4096, 0)
+    assert h.pread(4096, 0) == b"z" * 4096
+    assert len(os.listdir(f"/proc/{server.proc.pid}/fd")) < 100
+    for s in idle:
+        s.close()
+    deadline = time.monotonic() + 10
+    while True:   # the server notices the closed ones; then scrapes are served again
+        try:
+            assert value(scrape(port), "qnbd_clients", export="disk") == 1
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    h.shutdown()
