@@ -4,12 +4,14 @@ taken while several connections write, and a release while a reader reads the vi
 server must answer every well-formed request, keep its memory bounded, and go on serving
 NBD clients throughout."""
 
+import asyncio
 import json
 import socket
 import threading
 import time
 
 from ctlutil import ControlClient, control_path
+from qnbd.control.service import PER_TURN, ControlConnection
 from images import MiB
 from nbdserver import connect
 from peers import check_clean, qemu_img
@@ -199,3 +201,49 @@ def test_checkpoint_during_writes_from_several_connections(tmp_path, serve):
     code, err = server.stop()
     assert code == 0, err
     check_clean(img)
+
+
+class FakeTransport:
+    def __init__(self):
+        self.out = []
+        self.reading = True
+
+    def write(self, data):
+        self.out.append(data)
+
+    def is_closing(self):
+        return False
+
+    def pause_reading(self):
+        self.reading = False
+
+    def resume_reading(self):
+        self.reading = True
+
+    def set_write_buffer_limits(self, high):
+        pass
+
+
+def test_a_flood_in_one_read_is_answered_a_few_requests_a_loop_turn():
+    """Ten thousand requests may come in one read; answering them all at once would stall
+    every NBD client for that long. The rest waits for later turns, unread meanwhile."""
+    class Service:
+        clients = set()
+
+        def answer(self, line):
+            return b'{"ok":true}\n'
+
+    async def main():
+        conn = ControlConnection(Service())
+        transport = FakeTransport()
+        conn.connection_made(transport)
+        n = 1000
+        conn.data_received(b'{"command": "exports"}\n' * n)
+        assert len(transport.out) == PER_TURN and not transport.reading
+        turns = 0
+        while len(transport.out) < n:
+            await asyncio.sleep(0)
+            turns += 1
+            assert len(transport.out) <= PER_TURN * (turns + 1)
+        assert transport.reading   # all answered: the next read may come
+    asyncio.run(main())
