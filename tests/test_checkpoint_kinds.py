@@ -12,7 +12,7 @@ import pytest
 from bitmaputil import expected_dirty
 from ctlutil import ControlClient, control_path, ctl
 from images import MiB
-from nbdserver import connect
+from nbdserver import connect, rss
 from peers import check_clean, qemu_img, qemu_io, run
 from writers import read_all
 
@@ -110,11 +110,6 @@ def test_checkpoint_view_of_every_writable_kind(tmp_path, serve, kind):
         run("qemu-img", "compare", "-f", fmt, "-F", "raw", img, str(tmp_path / "final.raw"))
         if fmt != "raw":
             check_clean(img)
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 @pytest.mark.parametrize("snapshot", [False, True])

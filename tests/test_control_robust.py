@@ -13,7 +13,7 @@ import time
 from ctlutil import ControlClient, control_path
 from qnbd.control.service import PER_TURN, ControlConnection
 from images import MiB
-from nbdserver import connect
+from nbdserver import connect, rss
 from peers import check_clean, qemu_img
 from writers import Writer, model, read_all
 
@@ -21,14 +21,6 @@ SIZE = 16 * MiB
 # The server's control-client cap (qnbd/control/service.py MAX_CLIENTS), as seen from the
 # outside: past it a client is told `busy` and closed.
 CAP = 16
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def image(tmp_path) -> str:

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ctlutil import ControlClient, control_path
 from images import MiB
-from nbdserver import (RawClient, Server, connect, make_raw, run_serve, short_tmpdir,
-                       wait_for_socket)
+from nbdserver import (RawClient, Server, connect, make_raw, recv_exactly, run_serve,
+                       short_tmpdir, wait_for_socket)
 from peers import qemu_img, qemu_io
 
 SIZE = 16 * MiB
@@ -210,14 +210,7 @@ def test_latency_of_a_streamed_read_lasts_until_its_last_byte(tmp_path, structur
         else:
             error, _ = client.simple_reply()
             assert error == 0
-            buf = bytearray(n)
-            view = memoryview(buf)
-            pos = 0
-            while pos < n:
-                k = client.s.recv_into(view[pos:])
-                assert k, "closed mid-reply"
-                pos += k
-            assert buf == b"\x77" * n
+            assert recv_exactly(client.s, n) == b"\x77" * n
         latency = ControlClient(path).call("metrics")["result"]["exports"]["d"]["latency"]
         assert latency["read"]["count"] == 1
         assert latency["read"]["sum"] >= pause * 0.9, latency["read"]
