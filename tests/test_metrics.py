@@ -105,6 +105,7 @@ def test_metrics_agree_with_the_client_during_and_after_load(tmp_path, serve):
     metrics = c.call("metrics")["result"]
     disk = metrics["exports"]["disk"]
     assert disk["clients"] == 1 and disk["errors"] == {"EINVAL": 1}
+    assert metrics["connections"] == value(samples, "qnbd_connections") == 1
     for command, n in counts.items():
         extra = 1 if command == "read" else 0
         assert disk["requests"][command] == n + extra

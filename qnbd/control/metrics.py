@@ -73,6 +73,9 @@ class ServerCollector:
         misses = CounterMetricFamily("qnbd_table_cache_misses", "Metadata tables read from "
                                      "the image into the cache, by cache",
                                      labels=["export", "cache"])
+        connections = GaugeMetricFamily("qnbd_connections", "NBD connections, in the "
+                                        "handshake or in transmission")
+        connections.add_metric([], len(self.server.active))
         for export in catalog.exports:
             name = export.name
             clients.add_metric([name], export.clients)
@@ -94,7 +97,8 @@ class ServerCollector:
                 latency.add_metric([name, command],
                                    [("+Inf" if le == float("inf") else repr(le), n)
                                     for le, n in buckets], stats.latency_ns[i] / 1e9)
-        yield from (requests, nbytes, latency, errors, clients, cbw, hits, misses)
+        yield from (requests, nbytes, latency, errors, clients, connections, cbw, hits,
+                    misses)
 
 
 def prometheus_text(registry: CollectorRegistry) -> bytes:
