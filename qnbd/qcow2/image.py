@@ -134,6 +134,7 @@ class Qcow2Image:
             (self.loaded_snapshot.l1_offset, self.loaded_snapshot.l1_size)
         self.tables = ClusterTables(storage, h, layout, self.refcounts, self.mark_corrupt,
                                     l2_cache_bytes // cs, self.data_storage, l1)
+        self.table_caches = (self.tables.l2_cache, self.refcounts.cache)
         metadata.add_range(h.l1_table_offset, h.l1_size * 8)
         for offset in self.tables.l2_offsets():
             metadata.add(offset >> layout.cluster_bits)
