@@ -30,7 +30,9 @@ from .layout import Layout
 from .mapping import Mapper
 from .metadata_map import MetadataMap
 from .refcount import Refcounts
-from .snapshots import find as find_snapshot, read_table as read_snapshot_table
+from .snapshot_update import SnapshotFailure, SnapshotUpdater
+from .snapshots import (Snapshot, find as find_snapshot, find_by_id_or_name, next_id,
+                        read_table as read_snapshot_table)
 from .tables import ClusterTables
 from .writer import ClusterWriter
 
@@ -118,6 +120,7 @@ class Qcow2Image:
         self.refcounts = Refcounts(storage, h, self.header_writer, metadata,
                                    self.mark_corrupt, refcount_cache_bytes // cs)
         self.snapshots = []
+        table_bytes = 0
         if h.nb_snapshots:
             self.snapshots, table_bytes = read_snapshot_table(
                 storage, h.snapshots_offset, h.nb_snapshots, cs, storage.size())
@@ -141,6 +144,9 @@ class Qcow2Image:
                              self.mark_corrupt)
         self.writer = ClusterWriter(layout, self.tables, self.refcounts, self.mapper,
                                     metadata, self.data_storage, h.data_file_raw)
+        self.snapshot_updater = SnapshotUpdater(storage, self.header_writer, self.tables,
+                                                self.refcounts, metadata, self.writer,
+                                                self.flush, table_bytes)
 
     # -- corruption (rule 7) -----------------------------------------------------------
 
@@ -301,6 +307,47 @@ class Qcow2Image:
         self.layout = Layout(self.version, size, self.layout.cluster_bits)
         for part in (self.tables, self.mapper, self.writer, self.bitmaps):
             part.layout = self.layout
+
+    # -- internal snapshots (snapshot_update.py) --------------------------------------
+
+    def _snapshots_writable(self) -> None:
+        self._check_writable()
+        if self.data_storage is not self.storage:
+            # qcow2.rst "External data file": internal snapshots are not possible.
+            raise SnapshotFailure("internal snapshots are not supported with an external "
+                                  "data file", errno.ENOTSUP)
+
+    def snapshot_create(self, name: bytes, date_ns: int) -> Snapshot:
+        """qemu-img snapshot -c: a new snapshot of the active layer, named `name` (names
+        need not be unique), dated `date_ns` (ns since the epoch), with the next id."""
+        self._snapshots_writable()
+        sec, nsec = divmod(date_ns, 10**9)
+        new = Snapshot(next_id(self.snapshots), name.decode("utf-8", "replace"), 0, 0,
+                       sec, nsec, 0, 0, self.size, 0, raw_name=name)
+        self.snapshots = self.snapshot_updater.create(self.snapshots, new)
+        return self.snapshots[-1]
+
+    def snapshot_apply(self, text: str) -> Snapshot:
+        """qemu-img snapshot -a: the snapshot with id `text`, else named `text`, becomes
+        the active layer (its size too, as qemu resizes to it). Refused with bitmaps,
+        whose bits would no longer describe the data (as qemu's bdrv_snapshot_goto)."""
+        self._check_writable()
+        if self.bitmaps.entries:
+            raise SnapshotFailure("Device has active dirty bitmaps", errno.EBUSY,
+                                  verbatim=True)
+        self._snapshots_writable()
+        snapshot = find_by_id_or_name(self.snapshots, text)
+        if snapshot is None:
+            raise SnapshotFailure(f"no snapshot '{text}'", errno.ENOENT)
+        size = self.size if snapshot.disk_size is None else snapshot.disk_size
+        self.snapshot_updater.apply(snapshot, size)
+        self._set_size(size)
+        return snapshot
+
+    def snapshot_delete(self, snapshot: Snapshot) -> None:
+        """qemu-img snapshot -d of a snapshot found by the caller."""
+        self._snapshots_writable()
+        self.snapshots = self.snapshot_updater.delete(self.snapshots, snapshot)
 
     # -- flush and close ---------------------------------------------------------------
 
