@@ -48,6 +48,9 @@ class Context:
     touched: bytes  # one byte per sector: written since that flush
     during: str  # the operation under way, for failure messages
     start: bytes = b""  # the guest content when the image was opened
+    # Snapshot operations: the states a crash may show, each (snapshot ids, active
+    # content, {snapshot id: its content}); empty for guest workloads.
+    outcomes: tuple = ()
 
 
 def crash_ops(rng: random.Random, size: int, count: int) -> list:
@@ -79,8 +82,10 @@ def record_driven(shape, directory, monkeypatch, drive):
                      discard_keeps=getattr(shape, "v2", False) and shape.backing is not None)
 
 
-def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False):
-    """record_driven on an image already made (opening it may itself write: a repair)."""
+def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False,
+              outcomes=()):
+    """record_driven on an image already made (opening it may itself write: a repair).
+    outcomes: what a snapshot operation may leave (Context.outcomes)."""
     fmt = probe(image)
     start = converted(image, fmt, directory)
     state = {"flushed": bytes(start), "touched": bytearray(len(start) // SECTOR + 1),
@@ -89,7 +94,7 @@ def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False):
 
     def closed(recorder: Recorder):
         intervals.append(recorder.interval(Context(state["flushed"], bytes(state["touched"]),
-                                                   state["op"], start)))
+                                                   state["op"], start, outcomes)))
 
     # The files the image writes (itself, an external data file) are recorded together;
     # backing files are only read.
@@ -185,6 +190,8 @@ def check_state(slot: str, image: str, contents: dict, ctx: Context, what: str,
     _run("qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", path, out, check=True, cwd=slot)
     with open(out, "rb") as f:
         data = f.read()
+    if ctx.outcomes:
+        return _check_outcome(path, info, data, ctx.outcomes, where, slot)
     if len(data) != len(ctx.flushed):
         return f"{where}: size {len(data)} instead of {len(ctx.flushed)}"
     for sector, touched in enumerate(ctx.touched):
@@ -210,6 +217,25 @@ def _check_bitmaps(path: str, info: dict, data: bytes, start: bytes, where: str)
         if missed:
             return (f"{where}: bitmap '{bitmap['name']}' is stored as consistent but "
                     f"misses the change at offset {missed[0]}")
+    return None
+
+
+def _check_outcome(path: str, info: dict, data: bytes, outcomes, where: str, slot: str):
+    """A snapshot operation cut short: the snapshot table and the active layer are the
+    old ones or the new ones, and every listed snapshot reads what it held."""
+    ids = [s["id"] for s in info.get("snapshots", [])]
+    for want_ids, active, contents in outcomes:
+        if ids == want_ids and data == active:
+            break
+    else:
+        return f"{where}: snapshots {ids} with an active layer of neither outcome"
+    out = os.path.join(slot, "snapshot.raw")
+    for sid in ids:
+        _run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", "-l",
+             f"snapshot.id={sid}", path, out, check=True, cwd=slot)
+        with open(out, "rb") as f:
+            if f.read() != contents[sid]:
+                return f"{where}: snapshot {sid} does not read what it held"
     return None
 
 
@@ -368,6 +394,48 @@ def random_scenario(shape_name: str, seed: int, count: int):
     shape = next(s for s in SHAPES + QED_SHAPES if s.name == shape_name)
     return lambda directory, monkeypatch: record_workload(
         shape, directory, crash_ops(random.Random(seed), shape.size, count), monkeypatch)
+
+
+def snapshot_scenario(operation: str, options: str):
+    """qnbd's snapshot create, apply or delete (rule 15) on an image of 512-byte clusters
+    (a refcount block for every 64 to 256 clusters, many L2 tables) that already has two
+    snapshots made by qemu-img, with data, compressed data and zeroes in each layer and
+    clusters shared by all of them."""
+    def scenario(directory, monkeypatch):
+        image = str(directory / "snap.qcow2")
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", options, image, str(MiB))
+        layers = [["write -P 1 0 256k", "write -c -P 2 512k 4k"],
+                  ["write -P 3 128k 64k", "write -z 600k 8k", "write -P 4 900k 2k"],
+                  ["write -P 5 0 4k", "write -c -P 6 700k 4k"]]
+        contents = {}
+        for n, cmds in enumerate(layers):
+            run("qemu-io", "-f", "qcow2", *[a for c in cmds for a in ("-c", c)], image)
+            if n < 2:
+                run("qemu-img", "snapshot", "-c", f"s{n + 1}", image)
+                contents[str(n + 1)] = converted(image, "qcow2", directory)
+        active = converted(image, "qcow2", directory)
+        if operation == "create":
+            new = dict(contents, **{"3": active})
+            outcomes = ((["1", "2"], active, contents), (["1", "2", "3"], active, new))
+            drive = (lambda dev, do: dev.snapshot_create(b"s3", 0))
+        elif operation == "apply":
+            outcomes = ((["1", "2"], active, contents), (["1", "2"], contents["1"], contents))
+            drive = (lambda dev, do: dev.snapshot_apply("s1"))
+        else:
+            rest = {"2": contents["2"]}
+            outcomes = ((["1", "2"], active, contents), (["2"], active, rest))
+            drive = (lambda dev, do: dev.snapshot_delete(dev.snapshots[0]))
+        return record_on(image, directory, monkeypatch, drive, outcomes=outcomes)
+    return scenario
+
+
+# v3 and lazy refcounts; v2 has no dirty bit (rule 15): only its apply is crash-clean.
+SNAPSHOT_SCENARIOS = {
+    f"snapshot-{op}-{name}": snapshot_scenario(op, options)
+    for name, options in (("c512-r64", "cluster_size=512,refcount_bits=64"),
+                          ("lazy", "cluster_size=512,lazy_refcounts=on"),
+                          ("v2", "cluster_size=512,compat=0.10"))
+    for op in ("create", "apply", "delete") if name != "v2" or op == "apply"}
 
 
 SCENARIOS = {
