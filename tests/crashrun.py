@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import qnbd.fileio
+from qnbd.errors import QnbdError
 from qnbd.formats import open_image, probe
 
 from bitmaputil import qemu_dirty_map
@@ -174,8 +175,11 @@ def check_state(slot: str, image: str, contents: dict, ctx: Context, what: str,
     info = json.loads(r.stdout)
     repair = _need_check(path) if fmt == "qed" else info.get("dirty-flag", False)
     if repair:
-        with _spawning:
-            open_image(path, fmt, read_only=False).close()
+        try:
+            with _spawning:
+                open_image(path, fmt, read_only=False).close()
+        except QnbdError as e:
+            return f"{where}: the repairing open fails: {e}"
         if fmt == "qed" and _need_check(path):
             return f"{where}: NEED_CHECK still set after the repair"
     r = _run("qemu-img", "check", "-f", fmt, "--output=json", path, cwd=slot)
