@@ -262,9 +262,6 @@ class Qcow2Image:
         qemu's): a grown end starts clean."""
         self._check_writable()
         old = self.size
-        if self.data_storage is not self.storage:
-            raise ImageError("resizing an image with an external data file is not "
-                             "supported yet")
         if size % 512:
             raise ImageError("The new size must be a multiple of 512")
         if self.snapshots and self.version < 3:
@@ -274,6 +271,11 @@ class Qcow2Image:
         if size < old:
             self._check_tail_unallocated(size)
         self.flush()
+        external = self.data_storage is not self.storage
+        if external and size > old:
+            # qemu resizes the data file with the image; a raw one (preallocated) to
+            # the end of the last cluster. Grown before anything maps the new space.
+            self.data_storage.truncate(self._data_file_length(size))
         entries = -(-size >> self.layout.table_shift)
         if entries > len(self.tables.l1):
             self.writer.queue_release(*self.tables.grow_l1(entries, self.header_writer))
@@ -283,11 +285,21 @@ class Qcow2Image:
             # Straight to the writer, as qemu zeroes inside qcow2_co_truncate: the new
             # space is not a guest write, the bitmaps do not mark it.
             self.writer.write_zeroes(old, min(size, self.backing.size) - old, False, False)
+        if size > old and self.header.data_file_raw:
+            self.writer.map_raw(old, size)
         self.flush()
         self.header_writer.set_size(size)
+        if external and size < old:
+            # Only an unallocated tail was cut off: nothing maps what goes.
+            self.data_storage.truncate(self._data_file_length(size))
+            sync_all(self._storages, Barrier.FLUSH)
         # Bitmaps are in use on disk while the image is open (rule 9): they are stored
         # at the new size on close.
         self.bitmaps.resize(size)
+
+    def _data_file_length(self, size: int) -> int:
+        cs = self.cluster_size
+        return -(-size // cs) * cs if self.header.data_file_raw else size
 
     def _check_tail_unallocated(self, size: int) -> None:
         """Nothing this image holds past `size` (its last cluster stays, whole)."""
