@@ -285,3 +285,68 @@ def test_create_refuses_while_locked(tmp_path):
         holder.kill()
         holder.wait()
     assert _table(image) == []
+
+
+def _entries(image) -> list[bytes]:
+    """The raw bytes of each snapshot table entry (qcow2.rst, "Snapshots")."""
+    with open(image, "rb") as f:
+        raw = f.read()
+    count, offset = struct.unpack_from(">IQ", raw, 60)
+    out = []
+    for _ in range(count):
+        _, _, id_len, name_len, *_, extra = struct.unpack_from(">QIHHIIQII", raw, offset)
+        end = offset + 40 + extra + id_len + name_len
+        out.append(raw[offset:end])
+        offset = end + -end % 8
+    return out
+
+
+def test_unknown_extra_data_is_kept(tmp_path):
+    """qcow2.rst: extra data this implementation does not know must be preserved when
+    the table is rewritten. An entry is given 8 more bytes of extra data (the table
+    moved to the end of the file, its refcount fixed by qemu-img check -r), then each
+    tool adds a snapshot: the old entry is kept byte for byte, as qemu keeps it."""
+    image = _build(_mkdir(tmp_path / "src"), "")
+    qemu_img("snapshot", "-c", "old", image)
+    (entry,) = _entries(image)
+    head, extra_len = entry[:36], struct.unpack_from(">I", entry, 36)[0]
+    names = entry[40 + extra_len:]
+    unknown = b"\xfe\xed\xfa\xce\x01\x02\x03\x04"
+    new_entry = head + struct.pack(">I", extra_len + 8) + \
+        entry[40:40 + extra_len] + unknown + names
+    with open(image, "r+b") as f:
+        end = -(-f.seek(0, 2) // 65536) * 65536
+        f.seek(end)
+        f.write(new_entry)
+        f.seek(60)
+        f.write(struct.pack(">IQ", 1, end))
+    run("qemu-img", "check", "-q", "-r", "all", image, check=False)
+    check_clean(image)
+    ours, theirs = _twins(tmp_path, image)
+    _both(ours, theirs, "-c", "new")
+    assert _entries(ours)[0] == _entries(theirs)[0] == new_entry
+    assert _table(ours) == _table(theirs)
+    for image in (ours, theirs):
+        check_clean(image)
+
+
+def test_damaged_snapshot_is_not_applied(tmp_path):
+    """A snapshot whose L2 table maps a cluster past the end of the file: applying it is
+    one error line and changes nothing (a damaged entry must not make the refcount
+    structures grow to its offset)."""
+    image = _build(_mkdir(tmp_path / "src"), "")
+    qemu_img("snapshot", "-c", "s", image)
+    qemu_io(image, "qcow2", "write -P 8 0 4M")  # the active layer has tables of its own
+    with open(image, "rb") as f:
+        raw = bytearray(f.read())
+    _, offset = struct.unpack_from(">IQ", raw, 60)
+    l1_offset = struct.unpack_from(">Q", raw, offset)[0]
+    l2 = struct.unpack_from(">Q", raw, l1_offset)[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", raw, l2, 1 << 50)
+    with open(image, "wb") as f:
+        f.write(raw)
+    p = qnbd_subprocess("snapshot", "-a", "s", image)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "Traceback" not in p.stderr and "0x4000000000000" in p.stderr
+    with open(image, "rb") as f:
+        assert f.read() == raw

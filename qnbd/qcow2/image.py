@@ -146,7 +146,7 @@ class Qcow2Image:
                                     metadata, self.data_storage, h.data_file_raw)
         self.snapshot_updater = SnapshotUpdater(storage, self.header_writer, self.tables,
                                                 self.refcounts, metadata, self.writer,
-                                                self.flush, table_bytes)
+                                                self.flush, self._abandon, table_bytes)
 
     # -- corruption (rule 7) -----------------------------------------------------------
 
@@ -164,6 +164,15 @@ class Qcow2Image:
             self.header_writer.set_incompatible(hdr.INCOMPAT_CORRUPT, True)
         except OSError as e:
             log.error("%s: could not set the corrupt bit: %s", self.path, e)
+
+    def _abandon(self) -> None:
+        """A metadata operation failed half-way: memory no longer describes the disk, so
+        nothing more is written, not even by close (the disk keeps what the operation's
+        own ordering made safe: leaks, or a dirty bit for the next open to repair)."""
+        if not self._corrupt:
+            log.error("%s: an internal snapshot operation failed; the image is left "
+                      "as it is on disk", self.path)
+        self._corrupt = True
 
     # -- the BlockDevice contract ------------------------------------------------------
 

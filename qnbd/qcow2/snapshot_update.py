@@ -22,12 +22,13 @@ loss: a cluster without COPIED is copied before it is written, and one whose sna
 is not in the table yet is not shared).
 """
 
+import contextlib
 import errno
 from array import array
 from collections.abc import Callable, Iterator
 
 from ..block.storage import Barrier, Storage
-from ..errors import IOFailure, ImageError
+from ..errors import CorruptImage, IOFailure, ImageError
 from . import header as hdr
 from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED,
                       ZERO, classify, decode_table, encode_table)
@@ -53,10 +54,14 @@ class SnapshotFailure(IOFailure):
 class SnapshotUpdater:
     def __init__(self, storage: Storage, header_writer: HeaderWriter, tables: ClusterTables,
                  refcounts: Refcounts, metadata: MetadataMap, writer: ClusterWriter,
-                 flush: Callable[[], None], table_bytes: int):
+                 flush: Callable[[], None], abandon: Callable[[], None],
+                 table_bytes: int):
         """flush(): the image's flush (dirty metadata in dependency order, the queued
-        releases once their references are gone, then fsync); table_bytes: the size of
-        the snapshot table the header names."""
+        releases once their references are gone, then fsync); abandon(): nothing more
+        may be written (an operation failed half-way: what memory holds is not to be
+        trusted, what the disk holds is covered by the dirty bit or only leaks);
+        table_bytes: the size of the snapshot table the header names."""
+        self.abandon = abandon
         self.table_bytes = table_bytes
         self.storage = storage
         self.header_writer = header_writer
@@ -78,14 +83,16 @@ class SnapshotUpdater:
         list. qcow2_snapshot_create."""
         if len(snapshots) >= MAX_SNAPSHOTS:
             raise SnapshotFailure("too many snapshots", errno.EFBIG)
-        self.flush()
         h = self.header
-        active = array("Q", self.tables.l1[:h.l1_size])
         _check_l1_size(h.l1_size)
-        with self._dirty():
-            # One more reference for everything the active tables reach; refused as a
-            # whole (qemu: EINVAL) where a refcount would overflow.
-            self._increment(self._references(active))
+        self.flush()
+        active = array("Q", self.tables.l1[:h.l1_size])
+        # One more reference for everything the active tables reach; refused as a whole
+        # (qemu: EINVAL) where a refcount would overflow.
+        references = self._references(active)
+        self._check_room(references)
+        with self._changing(dirty=True):
+            self._increment(references)
             self._clear_copied(active, active_l1=True)
             l1_offset = self._write_l1(array("Q", (e & ~OFLAG_COPIED for e in active)))
             self.flush()  # refcounts, then L2 tables, then L1 entries (their barriers)
@@ -101,7 +108,13 @@ class SnapshotUpdater:
         self.flush()
         needed = -(-size >> self.layout.table_shift)
         source = self._read_l1(snapshot)
-        self._increment(self._references(source))
+        references = self._references(source)
+        self._check_room(references)
+        with self._changing(dirty=False):
+            return self._apply(source, size, needed, references)
+
+    def _apply(self, source: array, size: int, needed: int, references) -> int:
+        self._increment(references)
         # The snapshot's L2 tables are shared from now on: no entry says refcount 1.
         # (Only the snapshot uses them yet, so a crash before the switch shows nothing.)
         self._clear_copied(source, active_l1=False)
@@ -129,7 +142,7 @@ class SnapshotUpdater:
         self.flush()
         source = self._read_l1(victim)
         table = [s for s in snapshots if s is not victim]
-        with self._dirty():
+        with self._changing(dirty=True):
             self._switch_table(table)
             self._release_tables(source)
             if victim.l1_size:
@@ -141,8 +154,23 @@ class SnapshotUpdater:
 
     # -- parts -------------------------------------------------------------------------
 
-    def _dirty(self):
-        return _DirtyBracket(self.header_writer)
+    @contextlib.contextmanager
+    def _changing(self, dirty: bool):
+        """Around the changes of one operation: the dirty bit (v3, `dirty`) set durably
+        before and cleared after a complete flush (left set when it was set before:
+        lazy refcounts). If the operation fails half-way, nothing more is written and
+        the dirty bit stays for the next read-write open to repair (rule 6)."""
+        h = self.header
+        owned = dirty and h.version >= 3 and not h.dirty
+        if owned:
+            self.header_writer.set_incompatible(hdr.INCOMPAT_DIRTY, True)
+        try:
+            yield
+        except BaseException:
+            self.abandon()
+            raise
+        if owned:
+            self.header_writer.set_incompatible(hdr.INCOMPAT_DIRTY, False)
 
     def _read_l1(self, snapshot: Snapshot) -> array:
         raw = self.storage.pread(snapshot.l1_size * 8, snapshot.l1_offset)
@@ -175,16 +203,24 @@ class SnapshotUpdater:
         for offset, length in ranges():
             yield from range(offset >> cb, ((offset + length - 1) >> cb) + 1)
 
-    def _increment(self, ranges) -> None:
-        """+1 for every cluster of every range. Checked first, so that a refcount that
-        would overflow (qemu: EINVAL) changes nothing; only a cluster reached several
-        times (compressed data sharing a cluster) can still fail half-way, inside the
-        dirty bit of create or as leaks of apply."""
+    def _check_room(self, ranges) -> None:
+        """Before anything changes: every cluster a table reaches is in the file (a
+        damaged entry must not grow the refcount structures to its offset), and can
+        take one more reference (qemu: EINVAL). Only a cluster reached several times
+        (compressed data sharing it) can still overflow half-way."""
         top = self.refcounts.max_refcount
+        end = -(-self.storage.size() >> self.layout.cluster_bits)
         for cluster in self._clusters(ranges):
+            if cluster >= end or cluster == 0:
+                raise CorruptImage(f"a snapshot table reaches cluster 0x"
+                                   f"{cluster << self.layout.cluster_bits:x}, which is "
+                                   "not a data or table cluster of the file")
             if self.refcounts.get(cluster) >= top:
                 raise SnapshotFailure(f"the refcount of cluster {cluster} would exceed "
                                       f"{top}", errno.EINVAL)
+
+    def _increment(self, ranges) -> None:
+        """+1 for every cluster of every range (checked by _check_room)."""
         for cluster in self._clusters(ranges):
             self.refcounts.add(cluster, 1)
 
@@ -270,24 +306,3 @@ class SnapshotUpdater:
 def _check_l1_size(entries: int) -> None:
     if entries * 8 > MAX_L1_BYTES:
         raise ImageError("Snapshot L1 table too large")
-
-
-class _DirtyBracket:
-    """The dirty bit (v3) around an operation whose refcounts and COPIED flags cannot
-    agree at every instant: set durably before, cleared after a complete flush; left
-    set when it was set before (lazy refcounts) or the operation failed."""
-
-    def __init__(self, header_writer: HeaderWriter):
-        self.header_writer = header_writer
-        h = header_writer.header
-        self.owned = h.version >= 3 and not h.dirty
-
-    def __enter__(self):
-        if self.owned:
-            self.header_writer.set_incompatible(hdr.INCOMPAT_DIRTY, True)
-        return self
-
-    def __exit__(self, kind, value, traceback):
-        if self.owned and kind is None:
-            self.header_writer.set_incompatible(hdr.INCOMPAT_DIRTY, False)
-        return False
