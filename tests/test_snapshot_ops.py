@@ -242,7 +242,9 @@ def _errors(tmp_path):
             ("refcount-overflow", one_bit, ["-c", "x"]),
             ("force-share", plain, ["-U", "-c", "x"]),
             ("mixed", plain, ["-c", "x", "-d", "s"]),
-            ("raw", raw, ["-c", "x"])]
+            ("raw", raw, ["-c", "x"]),
+            ("raw-apply", raw, ["-a", "x"]),
+            ("raw-delete", raw, ["-d", "x"])]
 
 
 def test_errors_as_qemu_img(tmp_path):
@@ -265,7 +267,7 @@ def test_errors_as_qemu_img(tmp_path):
         if label == "bitmaps-apply":  # opened read-write: the bitmaps were stored again
             check_clean(image)
             assert "b0" in run("qemu-img", "info", image).stdout
-        elif label != "raw":
+        elif not label.startswith("raw"):
             with open(image, "rb") as f:
                 assert f.read() == before, f"{label}: qnbd changed the image"
 

@@ -72,8 +72,8 @@ def run(args) -> int:
 
 def _change(image, action: str, name: str) -> None:
     prefix = f"Could not {action} snapshot '{name}': "
-    supported = hasattr(image, "snapshot_create") and \
-        image.data_storage is image.storage
+    has_snapshots = hasattr(image, "snapshot_create")  # the format has them (qcow2)
+    supported = has_snapshots and image.data_storage is image.storage
     if action == "delete":
         # qemu-img looks the name up in the list first (bdrv_snapshot_find, names
         # only); a format without snapshots, or a data file image, lists none.
@@ -81,6 +81,9 @@ def _change(image, action: str, name: str) -> None:
             if supported else None
         if victim is None:
             raise QnbdError(prefix + "snapshot not found")
+    if not has_snapshots and action == "apply":
+        # bdrv_snapshot_goto, for a driver with nothing to fall back on.
+        raise QnbdError(prefix + "Block driver does not support snapshots")
     if not supported:
         raise QnbdError(prefix + _driver_error(action, 95))  # ENOTSUP
     try:
