@@ -426,9 +426,11 @@ def snapshot_scenario(operation: str, options: str):
             outcomes = ((["1", "2"], active, contents), (["1", "2"], contents["1"], contents))
             drive = (lambda dev, do: dev.snapshot_apply("s1"))
         else:
-            rest = {"2": contents["2"]}
-            outcomes = ((["1", "2"], active, contents), (["2"], active, rest))
-            drive = (lambda dev, do: dev.snapshot_delete(dev.snapshots[0]))
+            # The newer one: clusters it shares with the active layer alone become the
+            # active layer's again (COPIED set again).
+            rest = {"1": contents["1"]}
+            outcomes = ((["1", "2"], active, contents), (["1"], active, rest))
+            drive = (lambda dev, do: dev.snapshot_delete(dev.snapshots[1]))
         return record_on(image, directory, monkeypatch, drive, outcomes=outcomes)
     return scenario
 

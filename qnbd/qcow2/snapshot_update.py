@@ -16,10 +16,9 @@ a crash in between leaves a dirty image whose refcounts and flags any read-write
 changes by one header write (`HeaderWriter.switch_snapshot_table`). Applying needs no
 dirty bit: the applied layer shares everything with its snapshot, so no flag of it
 says "refcount 1"; its new L1 table and size go live in one header write, then the old
-layer's references are dropped (rule 3). v2 images have no dirty bit: there a crash
-inside create or delete can leave flags that qemu-img check reports (never data
-loss: a cluster without COPIED is copied before it is written, and one whose snapshot
-is not in the table yet is not shared).
+layer's references are dropped (rule 3). v2 images have no dirty bit: there, as with
+qemu, a crash inside create or delete can leave flags that qemu-img check reports, never
+a lost reference (rule 15 says which flags, and why no data is at risk).
 """
 
 import contextlib
