@@ -12,6 +12,7 @@ import subprocess
 import nbd
 import pytest
 
+from bitmaputil import info_bitmaps, qemu_dirty_map
 from cli_util import qnbd, qnbd_ok, qnbd_subprocess
 from nbdserver import wait_for_socket
 from peers import check_clean, qemu_img, qemu_io, run
@@ -353,3 +354,20 @@ def test_damaged_snapshot_is_not_applied(tmp_path):
     assert "Traceback" not in p.stderr and "0x4000000000000" in p.stderr
     with open(image, "rb") as f:
         assert f.read() == raw
+
+
+def test_bitmaps_survive_create_and_delete_as_with_qemu(tmp_path):
+    """qemu-img creates and deletes snapshots of an image with persistent bitmaps (and
+    only refuses to apply one): the bitmaps stay stored, consistent, with the bits they
+    had (a snapshot operation is no guest write)."""
+    image = _build(_mkdir(tmp_path / "src"), "")
+    qemu_img("bitmap", "--add", image, "b0")
+    qemu_io(image, "qcow2", "write -P 4 1M 64k")
+    ours, theirs = _twins(tmp_path, image)
+    _both(ours, theirs, "-c", "s")
+    _both(ours, theirs, "-d", "s")
+    for image in (ours, theirs):
+        check_clean(image)
+    assert info_bitmaps(ours) == info_bitmaps(theirs)
+    assert "in-use" not in info_bitmaps(ours)[0]["flags"]
+    assert qemu_dirty_map(ours, "b0") == qemu_dirty_map(theirs, "b0") == [(MiB, 64 * 1024)]
