@@ -394,6 +394,26 @@ def data_file_reuse_scenario(directory, monkeypatch):
     return record_on(str(directory / "img.qcow2"), directory, monkeypatch, drive)
 
 
+def data_file_resize_scenario(raw: bool):
+    """A data file image grown from 1 to 1.5 MiB: the data file first, a larger L1 table
+    (it moves), with data_file_raw L2 tables mapping every new cluster (512-byte
+    clusters: 16 of them), the new size last. A crash shows the old size or the new one, the old data
+    intact, the new space reading as zeros."""
+    def scenario(directory, monkeypatch):
+        opts = "cluster_size=512,data_file=img.data" + (",data_file_raw=on" if raw else "")
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, "img.qcow2",
+            str(MiB), cwd=directory)
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 256k", "-c", "write -P 2 768k 256k",
+            "img.qcow2", cwd=directory)
+        image = str(directory / "img.qcow2")
+        before = converted(image, "qcow2", directory)
+        grown = before + bytes(MiB // 2)
+        outcomes = (([], before, {}), ([], grown, {}))
+        return record_on(image, directory, monkeypatch,
+                         lambda dev, do: dev.resize(MiB * 3 // 2), outcomes=outcomes)
+    return scenario
+
+
 def random_scenario(shape_name: str, seed: int, count: int):
     shape = next(s for s in SHAPES + QED_SHAPES if s.name == shape_name)
     return lambda directory, monkeypatch: record_workload(
@@ -452,4 +472,6 @@ SCENARIOS = {
     "data-file": data_file_scenario(raw=False),
     "data-file-raw": data_file_scenario(raw=True),
     "data-file-reuse": data_file_reuse_scenario,
+    "data-file-resize": data_file_resize_scenario(raw=False),
+    "data-file-raw-resize": data_file_resize_scenario(raw=True),
 }
