@@ -39,8 +39,11 @@ def add_parser(subparsers):
             p.add_argument(flag, dest="actions", metavar="NAME", help=text,
                            type=lambda v, d=dest: (d, v), action="append")
     p.add_argument("-f", dest="fmt", metavar="FMT", help="image format (probed if absent)")
+    # Listing takes no lock (as qnbd info), so there is nothing to force-share; the
+    # changes take the write lock, and qemu-img refuses -U with them.
     p.add_argument("-U", "--force-share", action="store_true",
-                   help="open the image without taking the write lock (listing only)")
+                   help="accepted with -l for qemu-img compatibility; refused with "
+                        "-c/-a/-d, as qemu-img refuses it")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("filename", metavar="FILE")
     return p
