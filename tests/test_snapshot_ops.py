@@ -232,6 +232,11 @@ def _errors(tmp_path):
     one_bit = str(d / "r1.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=1", one_bit, "1M")
     qemu_io(one_bit, "qcow2", "write 0 64k")
+    two_bit = str(d / "r2.qcow2")  # 2-bit refcounts: three snapshots, no fourth
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=2", two_bit, "1M")
+    qemu_io(two_bit, "qcow2", "write 0 64k")
+    for name in ("a", "b"):
+        qemu_img("snapshot", "-c", name, two_bit)
     raw = str(d / "disk.raw")
     qemu_img("create", "-q", "-f", "raw", raw, "1M")
     return [("apply-missing", plain, ["-a", "nope"]),
@@ -242,6 +247,7 @@ def _errors(tmp_path):
             ("data-file-delete", datafile, ["-d", "x"]),
             ("bitmaps-apply", bitmap, ["-a", "s"]),
             ("refcount-overflow", one_bit, ["-c", "x"]),
+            ("refcount-overflow-2-bit", two_bit, ["-c", "x"]),
             ("force-share", plain, ["-U", "-c", "x"]),
             ("mixed", plain, ["-c", "x", "-d", "s"]),
             ("raw", raw, ["-c", "x"]),

@@ -197,10 +197,20 @@ class SnapshotUpdater:
                         yield e & L2E_OFFSET_MASK, layout.cluster_size
         return walk
 
-    def _clusters(self, ranges) -> Iterator[int]:
+    def _runs(self, ranges) -> Iterator[tuple[int, int]]:
+        """The clusters of the ranges as (first, count) runs, one reference each: a
+        cluster reached twice in a row (compressed data sharing it) starts a new run."""
         cb = self.layout.cluster_bits
+        start = end = -1
         for offset, length in ranges():
-            yield from range(offset >> cb, ((offset + length - 1) >> cb) + 1)
+            first, last = offset >> cb, (offset + length - 1) >> cb
+            if first != end:
+                if end > start:
+                    yield start, end - start
+                start = first
+            end = last + 1
+        if end > start:
+            yield start, end - start
 
     def _check_room(self, ranges) -> None:
         """Before anything changes: every cluster a table reaches is in the file (a
@@ -208,20 +218,19 @@ class SnapshotUpdater:
         take one more reference (qemu: EINVAL). Only a cluster reached several times
         (compressed data sharing it) can still overflow half-way."""
         top = self.refcounts.max_refcount
-        end = -(-self.storage.size() >> self.layout.cluster_bits)
-        for cluster in self._clusters(ranges):
-            if cluster >= end or cluster == 0:
-                raise CorruptImage(f"a snapshot table reaches cluster 0x"
-                                   f"{cluster << self.layout.cluster_bits:x}, which is "
-                                   "not a data or table cluster of the file")
-            if self.refcounts.get(cluster) >= top:
-                raise SnapshotFailure(f"the refcount of cluster {cluster} would exceed "
-                                      f"{top}", errno.EINVAL)
+        cb = self.layout.cluster_bits
+        end = -(-self.storage.size() >> cb)
+        for first, count in self._runs(ranges):
+            if first + count > end or first == 0:
+                raise CorruptImage(f"a snapshot table reaches clusters 0x{first << cb:x}+"
+                                   f"{count << cb}, not data or tables of the file")
+            if self.refcounts.highest(first, count) >= top:
+                raise SnapshotFailure(f"a refcount would exceed {top}", errno.EINVAL)
 
     def _increment(self, ranges) -> None:
         """+1 for every cluster of every range (checked by _check_room)."""
-        for cluster in self._clusters(ranges):
-            self.refcounts.add(cluster, 1)
+        for first, count in self._runs(ranges):
+            self.refcounts.increment(first, count)
 
     def _clear_copied(self, l1: array, active_l1: bool) -> None:
         tables = self.tables
@@ -264,9 +273,11 @@ class SnapshotUpdater:
 
     def _release_tables(self, l1: array) -> None:
         """Queue the drop of every reference an L1 table held (rule 3: applied by a
-        flush, once what dropped them is durable), flushing as the queue grows."""
-        for offset, length in self._references(l1)():
-            self.writer.queue_release(offset, length)
+        flush, once what dropped them is durable), in runs of clusters, flushing as the
+        queue grows."""
+        cb = self.layout.cluster_bits
+        for first, count in self._runs(self._references(l1)):
+            self.writer.queue_release(first << cb, count << cb)
             if self.writer.too_many_releases():
                 self.flush()
 
