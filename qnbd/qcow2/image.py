@@ -266,9 +266,11 @@ class Qcow2Image:
         where it would drop anything this image holds (qemu would discard it): only an
         unallocated tail may be cut off. Growing extends the L1 table when it must and,
         where a longer backing file would show through the new space, makes that space
-        read as zeros first (qemu: BDRV_REQ_ZERO_WRITE). The header's size is written
-        last, so a crash leaves the old size. Persistent bitmaps follow the new size (as
-        qemu's): a grown end starts clean."""
+        read as zeros first (qemu: BDRV_REQ_ZERO_WRITE). An external data file is
+        resized with the image (rule 13): grown first, and with data_file_raw the new
+        clusters mapped to it; cut last. The header's size is written last, so a crash
+        leaves the old size. Persistent bitmaps follow the new size (as qemu's): a grown
+        end starts clean."""
         self._check_writable()
         old = self.size
         if size % 512:
@@ -281,7 +283,8 @@ class Qcow2Image:
             self._check_tail_unallocated(size)
         self.flush()
         external = self.data_storage is not self.storage
-        if external and size > old:
+        if external and size > old and self.data_storage.size() < \
+                self._data_file_length(size):
             # qemu resizes the data file with the image; a raw one (preallocated) to
             # the end of the last cluster. Grown before anything maps the new space.
             self.data_storage.truncate(self._data_file_length(size))
