@@ -12,6 +12,8 @@ import subprocess
 import nbd
 import pytest
 
+from qnbd.formats import open_image
+
 from bitmaputil import info_bitmaps, qemu_dirty_map
 from cli_util import qnbd, qnbd_ok, qnbd_subprocess
 from nbdserver import wait_for_socket
@@ -119,6 +121,11 @@ def test_create_as_qemu_img(twins):
     assert _raw(ours, "snapshot.id=2") == _raw(theirs, "snapshot.id=2")
     assert _raw(ours) == _raw(theirs)
     assert qnbd_ok("snapshot", "-l", ours).splitlines()[0] == "Snapshot list:"
+    dev = open_image(ours, snapshot="1")  # qnbd serve -l reads it so
+    try:
+        assert bytes(dev.read(0, dev.size)) == before
+    finally:
+        dev.close()
 
 
 def test_apply_as_qemu_img(twins):
