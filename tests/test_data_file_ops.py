@@ -74,6 +74,25 @@ def test_data_file_raw_create_maps_every_cluster_as_qemu(tmp_path, cluster_size,
     _check(mine)
 
 
+def test_extended_l2_data_file_raw_as_qemu(tmp_path):
+    """With extended L2 entries qemu preallocates the clusters but leaves their
+    subclusters unallocated (reading as zeros): created and grown alike."""
+    mine, theirs = _both_create(
+        tmp_path, "data_file={data},data_file_raw=on,extended_l2=on,cluster_size=16384",
+        "1000k")
+    for step in ("1000k", "3M"):
+        if step != "1000k":
+            qnbd_ok("resize", "-q", mine, step)
+            run("qemu-img", "resize", "-q", "theirs.qcow2", step, cwd=tmp_path)
+        assert _map(mine) == _map(theirs), step
+        assert os.path.getsize(tmp_path / "mine.data") == \
+            os.path.getsize(tmp_path / "theirs.data"), step
+        _check(mine)
+    rc, _, err = qnbd("create", "-f", "qcow2", "-o", "data_file=mine.data,data_file_raw=on,"
+                      "keep_data_file=on,extended_l2=on", str(tmp_path / "w.qcow2"), "1M")
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "extended_l2" in err
+
+
 def test_keep_data_file_wraps_an_existing_raw_file(tmp_path, serve):
     """keep_data_file=on (qemu 10.1's option): the raw file keeps its bytes and the new
     qcow2 image shows them, through qnbd serve and through qemu."""

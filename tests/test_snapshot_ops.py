@@ -22,7 +22,8 @@ from peers import check_clean, qemu_img, qemu_io, run
 MiB = 1 << 20
 
 SHAPES = [("v3", ""), ("v2", "compat=0.10"), ("c512-r64", "cluster_size=512,refcount_bits=64"),
-          ("lazy", "lazy_refcounts=on"), ("backing", None)]
+          ("lazy", "lazy_refcounts=on"), ("extl2", "extended_l2=on,cluster_size=16384"),
+          ("backing", None)]
 
 
 def _build(directory, options: str | None, size=4 * MiB) -> str:

@@ -27,7 +27,7 @@ from ..errors import ImageError
 from ..fileio import open_file
 from ..lock import create_locked, lock_image
 from . import header as hdr
-from .entries import OFLAG_COPIED, encode_table
+from .entries import OFLAG_COPIED, SUBCLUSTER_BITS, encode_table
 from .refcount import SubByteBlock, WordBlock
 
 # compat option -> header version (qemu accepts both spellings)
@@ -47,6 +47,7 @@ CREATE_OPTIONS = {
     "data_file": ("data_file", parse_text),
     "data_file_raw": ("data_file_raw", parse_bool),
     "keep_data_file": ("keep_data_file", parse_bool),
+    "extended_l2": ("extended_l2", parse_bool),
 }
 
 
@@ -55,7 +56,8 @@ def create(path: str, size: int | None = None, *, compat: str = "1.1",
            lazy_refcounts: bool = False, backing_file: str | None = None,
            backing_fmt: str | None = None, compression_type: str = "zlib",
            data_file: str | None = None, data_file_raw: bool = False,
-           keep_data_file: bool = False, open_backing=None) -> int:
+           keep_data_file: bool = False, extended_l2: bool = False,
+           open_backing=None) -> int:
     """Write a new empty qcow2 image at `path` (an existing file is overwritten, as with
     qemu-img). `size` may be None with a backing file: the backing file's size is used.
     The backing file name is stored as given; it is opened (relative names against the
@@ -68,20 +70,26 @@ def create(path: str, size: int | None = None, *, compat: str = "1.1",
                         compression_type=compression_type,
                         backing_size=backing_size(path, backing_file, backing_fmt,
                                                    open_backing),
-                        data_file=data_file, data_file_raw=data_file_raw)
+                        data_file=data_file, data_file_raw=data_file_raw,
+                        extended_l2=extended_l2)
     if keep_data_file and data_file is None:
         raise ImageError("Must not use 'keep_data_file=on' without 'data_file'")
     if keep_data_file and not data_file_raw:
         raise ImageError("'keep_data_file=on' requires 'preallocation=metadata' or "
                          "'data_file_raw=on', or the file contents will not be visible")
+    if keep_data_file and extended_l2:
+        # Preallocated subclusters are unallocated (qemu's choice, followed here): the
+        # wrapped file would read as zeros.
+        raise ImageError("'keep_data_file=on' cannot be used with 'extended_l2=on': the "
+                         "file contents would not be visible")
     if data_file is not None:
         # qemu-img creates the data file as a raw image of the virtual size; its name
         # is resolved against the new image's directory, as qnbd opens it (rule 13).
-        # Preallocated, it reaches the end of the last cluster mapped (qemu's
-        # preallocate_co extends it so).
+        # Preallocated, it reaches the end of the last cluster mapped (the last
+        # subcluster with extended L2 entries: qemu's preallocate_co extends it so).
         data_path = resolve_backing(path, data_file)
-        cs = header.cluster_size
-        length = -(-header.size // cs) * cs if data_file_raw else header.size
+        unit = header.cluster_size >> (SUBCLUSTER_BITS if extended_l2 else 0)
+        length = -(-header.size // unit) * unit if data_file_raw else header.size
         if keep_data_file:
             _fit_data_file(data_path, length)
         else:
@@ -107,7 +115,8 @@ def _fit_data_file(path: str, size: int) -> None:
 def new_header(size: int | None, *, compat: str, cluster_size: int, refcount_bits: int,
                lazy_refcounts: bool, backing_file: str | None, backing_fmt: str | None,
                compression_type: str, backing_size: int | None = None,
-               data_file: str | None = None, data_file_raw: bool = False) -> hdr.Header:
+               data_file: str | None = None, data_file_raw: bool = False,
+               extended_l2: bool = False) -> hdr.Header:
     """Validate the options and return the header of the new image, with its layout."""
     version = VERSIONS.get(compat)
     if version is None:
@@ -132,6 +141,12 @@ def new_header(size: int | None, *, compat: str, cluster_size: int, refcount_bit
         if compression_type != "zlib":
             raise ImageError("Non-zlib compression type is only supported with "
                              "compatibility level 1.1 and above (use compat=1.1)")
+    if extended_l2 and version == 2:
+        raise ImageError("Extended L2 entries are only supported with compatibility level "
+                         "1.1 and above (use version=v3 or greater)")
+    if extended_l2 and cluster_size < 1 << hdr.MIN_EXTENDED_CLUSTER_BITS:
+        raise ImageError("Extended L2 entries are only supported with cluster sizes of at "
+                         f"least {1 << hdr.MIN_EXTENDED_CLUSTER_BITS} bytes")
     if backing_fmt and not backing_file:
         raise ImageError("Backing format cannot be used without backing file")
     if data_file is not None and version == 2:
@@ -156,8 +171,9 @@ def new_header(size: int | None, *, compat: str, cluster_size: int, refcount_bit
         raise ImageError(f"Invalid image size {size}")
 
     cluster_bits = cluster_size.bit_length() - 1
-    # One L1 entry per L2 table, one L2 table per cluster_size/8 guest clusters.
-    l1_size = -(-size // (cluster_size * (cluster_size // 8)))
+    # One L1 entry per L2 table, one L2 table per cluster_size/8 guest clusters (/16
+    # with extended L2 entries).
+    l1_size = -(-size // (cluster_size * (cluster_size // (16 if extended_l2 else 8))))
     if l1_size * 8 > hdr.MAX_L1_BYTES:
         raise ImageError("The image size is too large for file format 'qcow2' "
                          "(try using a larger cluster size)")
@@ -171,8 +187,9 @@ def new_header(size: int | None, *, compat: str, cluster_size: int, refcount_bit
         refcount_table_offset=cluster_size, refcount_table_clusters=reftable_clusters,
         refcount_order=refcount_bits.bit_length() - 1,
         compatible_features=hdr.COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
-        incompatible_features=(hdr.INCOMPAT_COMPRESSION
-                               if compression != hdr.COMPRESSION_DEFLATE else 0),
+        incompatible_features=((hdr.INCOMPAT_COMPRESSION
+                                if compression != hdr.COMPRESSION_DEFLATE else 0)
+                               | (hdr.INCOMPAT_EXTL2 if extended_l2 else 0)),
         # qemu writes v3 headers with the compression type field (header_length 112).
         header_length=(hdr.V3_HEADER_LENGTH_WITH_COMPRESSION if version == 3
                        else hdr.V2_HEADER_LENGTH),
@@ -249,15 +266,22 @@ def _write(path: str, h: hdr.Header) -> None:
 def _preallocate(f, h: hdr.Header, first_l2: int) -> None:
     """Metadata preallocation for data_file_raw (rule 13): L2 table n at cluster
     first_l2 + n maps each guest cluster below the image's end to its own offset in the
-    data file, COPIED (data clusters of a data file are not refcounted, qcow2.rst)."""
+    data file, COPIED (data clusters of a data file are not refcounted, qcow2.rst). An
+    extended L2 entry's subcluster bitmap stays 0, as qemu leaves preallocated clusters
+    (qcow2_alloc_cluster_link_l2 skips the bitmap for preallocation): they read as
+    zeros until written."""
     cs = h.cluster_size
-    per_table = cs // 8
+    words = 2 if h.extended_l2 else 1
+    per_table = cs // (8 * words)
     clusters = -(-h.size // cs)
     l1 = array("Q", ((first_l2 + n) * cs | OFLAG_COPIED for n in range(h.l1_size)))
     f.pwrite(encode_table(l1), h.l1_table_offset)
     for n in range(h.l1_size):
         first = n * per_table
-        table = array("Q", ((c * cs) | OFLAG_COPIED
-                            for c in range(first, min(first + per_table, clusters))))
-        table.extend([0] * (per_table - len(table)))
+        table = array("Q")
+        for c in range(first, min(first + per_table, clusters)):
+            table.append((c * cs) | OFLAG_COPIED)
+            if words == 2:
+                table.append(0)
+        table.extend([0] * (cs // 8 - len(table)))
         f.pwrite(encode_table(table), (first_l2 + n) * cs)

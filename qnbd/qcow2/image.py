@@ -13,6 +13,7 @@ itself is done by the parts it wires together, each handed only what it needs:
 See docs/DESIGN.md, "Rules of the qcow2 format" (the rules cited as "rule N").
 """
 
+import dataclasses
 import errno
 import logging
 
@@ -25,6 +26,8 @@ from ..block.check_result import FIX_ALL
 from .bitmap_lifecycle import PersistentBitmaps
 from .check import check_storage
 from .compression import compress
+from .extended_mapping import ExtendedMapper
+from .extended_writer import ExtendedWriter
 from .header_update import HeaderWriter
 from .layout import Layout
 from .mapping import Mapper
@@ -134,16 +137,21 @@ class Qcow2Image:
             (self.loaded_snapshot.l1_offset, self.loaded_snapshot.l1_size)
         self.tables = ClusterTables(storage, h, layout, self.refcounts, self.mark_corrupt,
                                     l2_cache_bytes // cs, self.data_storage, l1)
+        self.table_caches = (self.tables.l2_cache, self.refcounts.cache)
         metadata.add_range(h.l1_table_offset, h.l1_size * 8)
         for offset in self.tables.l2_offsets():
             metadata.add(offset >> layout.cluster_bits)
         metadata.add_range(h.refcount_table_offset, h.refcount_table_clusters * cs)
         for offset in self.refcounts.block_offsets():
             metadata.add(offset >> layout.cluster_bits)
-        self.mapper = Mapper(layout, self.tables, self.data_storage, h.compression_type,
+        # Extended L2 entries have their own mapping and writing; the 64-bit entries'
+        # hot paths stay free of the subcluster tests.
+        mapper, writer = ((ExtendedMapper, ExtendedWriter) if layout.extended_l2
+                          else (Mapper, ClusterWriter))
+        self.mapper = mapper(layout, self.tables, self.data_storage, h.compression_type,
                              self.mark_corrupt)
-        self.writer = ClusterWriter(layout, self.tables, self.refcounts, self.mapper,
-                                    metadata, self.data_storage, h.data_file_raw)
+        self.writer = writer(layout, self.tables, self.refcounts, self.mapper,
+                             metadata, self.data_storage, h.data_file_raw)
         self.snapshot_updater = SnapshotUpdater(storage, self.header_writer, self.tables,
                                                 self.refcounts, metadata, self.writer,
                                                 self.flush, self._abandon, table_bytes)
@@ -310,8 +318,10 @@ class Qcow2Image:
         self.bitmaps.resize(size)
 
     def _data_file_length(self, size: int) -> int:
-        cs = self.cluster_size
-        return -(-size // cs) * cs if self.header.data_file_raw else size
+        """A raw data file reaches the end of the last (sub)cluster mapped, as qemu's
+        preallocation extends it."""
+        unit = self.layout.subcluster_size
+        return -(-size // unit) * unit if self.header.data_file_raw else size
 
     def _check_tail_unallocated(self, size: int) -> None:
         """Nothing this image holds past `size` (its last cluster stays, whole)."""
@@ -328,7 +338,7 @@ class Qcow2Image:
     def _set_size(self, size: int) -> None:
         """The parts this image wired share one Layout: they all get the new one."""
         self.size = size
-        self.layout = Layout(self.version, size, self.layout.cluster_bits)
+        self.layout = dataclasses.replace(self.layout, size=size)
         for part in (self.tables, self.mapper, self.writer, self.bitmaps):
             part.layout = self.layout
 

@@ -30,7 +30,7 @@ from ..block.storage import Barrier, Storage
 from ..errors import CorruptImage, IOFailure, ImageError
 from . import header as hdr
 from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED,
-                      ZERO, classify, decode_table, encode_table)
+                      ZERO, decode_table, encode_table, l2_entries)
 from .header_update import HeaderWriter
 from .metadata_map import MetadataMap
 from .refcount import Refcounts
@@ -178,6 +178,14 @@ class SnapshotUpdater:
                              "the file")
         return decode_table(raw)
 
+    def _entries(self, table: array):
+        """(index of the descriptor word, descriptor, kind) of each entry of an L2 table,
+        64-bit or extended (the subcluster bitmap words are never touched here)."""
+        layout = self.layout
+        for i, e, kind, _bitmap in l2_entries(table, layout.version, False,
+                                              layout.extended_l2):
+            yield i, e, kind
+
     def _references(self, l1: array) -> Callable[[], Iterator[tuple[int, int]]]:
         """The host ranges an L1 table reaches, one per reference: each L2 table, then
         each cluster its entries map (compressed data: every cluster it touches)."""
@@ -189,8 +197,7 @@ class SnapshotUpdater:
                 if not offset:
                     continue
                 yield offset, layout.cluster_size
-                for e in self.tables.l2_cache.get(offset):
-                    kind = classify(e, layout.version)
+                for _i, e, kind in self._entries(self.tables.l2_cache.get(offset)):
                     if kind == COMPRESSED:
                         yield layout.compressed.host_range(e)
                     elif kind in (DATA, ZERO) and e & L2E_OFFSET_MASK:
@@ -239,9 +246,12 @@ class SnapshotUpdater:
             if not offset:
                 continue
             table = tables.l2_cache.get(offset)
-            if any(e & OFLAG_COPIED for e in table):
-                for j, e in enumerate(table):
+            changed = False
+            for j, e, _kind in self._entries(table):
+                if e & OFLAG_COPIED:
                     table[j] = e & ~OFLAG_COPIED
+                    changed = True
+            if changed:
                 tables.l2_cache.mark_dirty(offset, table)
             if active_l1 and entry & OFLAG_COPIED:
                 tables.set_l1(i, entry & ~OFLAG_COPIED)
@@ -257,9 +267,8 @@ class SnapshotUpdater:
                 continue
             table = tables.l2_cache.get(offset)
             changed = False
-            for j, e in enumerate(table):
-                if classify(e, layout.version) not in (DATA, ZERO) or \
-                        not e & L2E_OFFSET_MASK:
+            for j, e, kind in self._entries(table):
+                if kind not in (DATA, ZERO) or not e & L2E_OFFSET_MASK:
                     continue
                 want = OFLAG_COPIED if refcounts.get((e & L2E_OFFSET_MASK) >> cb) == 1 else 0
                 if e & OFLAG_COPIED != want:
