@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import qnbd.fileio
+from qnbd.errors import QnbdError
 from qnbd.formats import open_image, probe
 
 from bitmaputil import qemu_dirty_map
@@ -54,6 +55,9 @@ class Context:
     touched: bytes  # one byte per sector: written since that flush
     during: str  # the operation under way, for failure messages
     start: bytes = b""  # the guest content when the image was opened
+    # Snapshot operations: the states a crash may show, each (snapshot ids, active
+    # content, {snapshot id: its content}); empty for guest workloads.
+    outcomes: tuple = ()
 
 
 def crash_ops(rng: random.Random, size: int, count: int) -> list:
@@ -85,8 +89,10 @@ def record_driven(shape, directory, monkeypatch, drive):
                      discard_keeps=getattr(shape, "v2", False) and shape.backing is not None)
 
 
-def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False):
-    """record_driven on an image already made (opening it may itself write: a repair)."""
+def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False,
+              outcomes=()):
+    """record_driven on an image already made (opening it may itself write: a repair).
+    outcomes: what a snapshot operation may leave (Context.outcomes)."""
     fmt = probe(image)
     start = converted(image, fmt, directory)
     state = {"flushed": bytes(start), "touched": bytearray(len(start) // SECTOR + 1),
@@ -95,7 +101,7 @@ def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False):
 
     def closed(recorder: Recorder):
         intervals.append(recorder.interval(Context(state["flushed"], bytes(state["touched"]),
-                                                   state["op"], start)))
+                                                   state["op"], start, outcomes)))
 
     # The files the image writes (itself, an external data file) are recorded together;
     # backing files are only read.
@@ -175,8 +181,11 @@ def check_state(slot: str, image: str, contents: dict, ctx: Context, what: str,
     info = json.loads(r.stdout)
     repair = _need_check(path) if fmt == "qed" else info.get("dirty-flag", False)
     if repair:
-        with _spawning:
-            open_image(path, fmt, read_only=False).close()
+        try:
+            with _spawning:
+                open_image(path, fmt, read_only=False).close()
+        except QnbdError as e:
+            return f"{where}: the repairing open fails: {e}"
         if fmt == "qed" and _need_check(path):
             return f"{where}: NEED_CHECK still set after the repair"
     r = _run("qemu-img", "check", "-f", fmt, "--output=json", path, cwd=slot)
@@ -191,6 +200,8 @@ def check_state(slot: str, image: str, contents: dict, ctx: Context, what: str,
     _run("qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", path, out, check=True, cwd=slot)
     with open(out, "rb") as f:
         data = f.read()
+    if ctx.outcomes:
+        return _check_outcome(path, info, data, ctx.outcomes, where, slot)
     if len(data) != len(ctx.flushed):
         return f"{where}: size {len(data)} instead of {len(ctx.flushed)}"
     for sector, touched in enumerate(ctx.touched):
@@ -216,6 +227,25 @@ def _check_bitmaps(path: str, info: dict, data: bytes, start: bytes, where: str)
         if missed:
             return (f"{where}: bitmap '{bitmap['name']}' is stored as consistent but "
                     f"misses the change at offset {missed[0]}")
+    return None
+
+
+def _check_outcome(path: str, info: dict, data: bytes, outcomes, where: str, slot: str):
+    """A snapshot operation cut short: the snapshot table and the active layer are the
+    old ones or the new ones, and every listed snapshot reads what it held."""
+    ids = [s["id"] for s in info.get("snapshots", [])]
+    for want_ids, active, contents in outcomes:
+        if ids == want_ids and data == active:
+            break
+    else:
+        return f"{where}: snapshots {ids} with an active layer of neither outcome"
+    out = os.path.join(slot, "snapshot.raw")
+    for sid in ids:
+        _run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", "-l",
+             f"snapshot.id={sid}", path, out, check=True, cwd=slot)
+        with open(out, "rb") as f:
+            if f.read() != contents[sid]:
+                return f"{where}: snapshot {sid} does not read what it held"
     return None
 
 
@@ -370,10 +400,75 @@ def data_file_reuse_scenario(directory, monkeypatch):
     return record_on(str(directory / "img.qcow2"), directory, monkeypatch, drive)
 
 
+def data_file_resize_scenario(raw: bool):
+    """A data file image grown from 1 to 1.5 MiB: the data file first, a larger L1 table
+    (it moves), with data_file_raw L2 tables mapping every new cluster (512-byte
+    clusters: 16 of them), the new size last. A crash shows the old size or the new one, the old data
+    intact, the new space reading as zeros."""
+    def scenario(directory, monkeypatch):
+        opts = "cluster_size=512,data_file=img.data" + (",data_file_raw=on" if raw else "")
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, "img.qcow2",
+            str(MiB), cwd=directory)
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 256k", "-c", "write -P 2 768k 256k",
+            "img.qcow2", cwd=directory)
+        image = str(directory / "img.qcow2")
+        before = converted(image, "qcow2", directory)
+        grown = before + bytes(MiB // 2)
+        outcomes = (([], before, {}), ([], grown, {}))
+        return record_on(image, directory, monkeypatch,
+                         lambda dev, do: dev.resize(MiB * 3 // 2), outcomes=outcomes)
+    return scenario
+
+
 def random_scenario(shape_name: str, seed: int, count: int):
     shape = next(s for s in SHAPES + QED_SHAPES if s.name == shape_name)
     return lambda directory, monkeypatch: record_workload(
         shape, directory, crash_ops(random.Random(seed), shape.size, count), monkeypatch)
+
+
+def snapshot_scenario(operation: str, options: str):
+    """qnbd's snapshot create, apply or delete (rule 15) on an image of 512-byte clusters
+    (a refcount block for every 64 to 256 clusters, many L2 tables) that already has two
+    snapshots made by qemu-img, with data, compressed data and zeroes in each layer and
+    clusters shared by all of them."""
+    def scenario(directory, monkeypatch):
+        image = str(directory / "snap.qcow2")
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", options, image, str(MiB))
+        layers = [["write -P 1 0 256k", "write -c -P 2 512k 16k"],
+                  ["write -P 3 128k 64k", "write -z 600k 8k", "write -P 4 900k 2k"],
+                  ["write -P 5 0 4k", "write -c -P 6 704k 16k"]]
+        contents = {}
+        for n, cmds in enumerate(layers):
+            run("qemu-io", "-f", "qcow2", *[a for c in cmds for a in ("-c", c)], image)
+            if n < 2:
+                run("qemu-img", "snapshot", "-c", f"s{n + 1}", image)
+                contents[str(n + 1)] = converted(image, "qcow2", directory)
+        active = converted(image, "qcow2", directory)
+        if operation == "create":
+            new = dict(contents, **{"3": active})
+            outcomes = ((["1", "2"], active, contents), (["1", "2", "3"], active, new))
+            drive = (lambda dev, do: dev.snapshot_create(b"s3", 0))
+        elif operation == "apply":
+            outcomes = ((["1", "2"], active, contents), (["1", "2"], contents["1"], contents))
+            drive = (lambda dev, do: dev.snapshot_apply("s1"))
+        else:
+            # The newer one: clusters it shares with the active layer alone become the
+            # active layer's again (COPIED set again).
+            rest = {"1": contents["1"]}
+            outcomes = ((["1", "2"], active, contents), (["1"], active, rest))
+            drive = (lambda dev, do: dev.snapshot_delete(dev.snapshots[1]))
+        return record_on(image, directory, monkeypatch, drive, outcomes=outcomes)
+    return scenario
+
+
+# v3 and lazy refcounts; v2 has no dirty bit (rule 15): only its apply is crash-clean.
+SNAPSHOT_SCENARIOS = {
+    f"snapshot-{op}-{name}": snapshot_scenario(op, options)
+    for name, options in (("c512-r64", "cluster_size=512,refcount_bits=64"),
+                          ("lazy", "cluster_size=512,lazy_refcounts=on"),
+                          ("extl2", "cluster_size=16384,extended_l2=on"),
+                          ("v2", "cluster_size=512,compat=0.10"))
+    for op in ("create", "apply", "delete") if name != "v2" or op == "apply"}
 
 
 SCENARIOS = {
@@ -384,4 +479,6 @@ SCENARIOS = {
     "data-file": data_file_scenario(raw=False),
     "data-file-raw": data_file_scenario(raw=True),
     "data-file-reuse": data_file_reuse_scenario,
+    "data-file-resize": data_file_resize_scenario(raw=False),
+    "data-file-raw-resize": data_file_resize_scenario(raw=True),
 }

@@ -153,7 +153,11 @@ def test_crafted_huge_bitmap_is_refused_in_qemus_words(tmp_path, table_size, gbi
     _craft_huge_bitmap(path, table_size, gbits, in_use)
     qemu = subprocess.run(["qemu-img", "info", path], capture_output=True, text=True)
     assert qemu.returncode == 1 and "Bitmap 'b' doesn't satisfy the constraints" in qemu.stderr
-    for command in (["info"], ["serve", "-r", "-k", str(tmp_path / "s")]):
+    if not in_use:  # qemu-img check fails to open it (qemu 10 aborts on the in_use one)
+        qemu = subprocess.run(["qemu-img", "check", path], capture_output=True, text=True)
+        assert qemu.returncode == 1, qemu.stderr
+        assert "Bitmap 'b' doesn't satisfy the constraints" in qemu.stderr
+    for command in (["info"], ["check"], ["serve", "-r", "-k", str(tmp_path / "s")]):
         r = subprocess.run([sys.executable, "-c", LIMITED, *command, path],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 1

@@ -12,7 +12,7 @@ import pytest
 import qnbd.fileio
 from qnbd.block.storage import Barrier, Storage
 
-from crashrun import SCENARIOS, enumerate_crashes, random_scenario
+from crashrun import SCENARIOS, SNAPSHOT_SCENARIOS, enumerate_crashes, random_scenario
 
 EXPOSED_BY = [
     (Barrier.BEFORE_L2, "issue-10"),
@@ -22,11 +22,20 @@ EXPOSED_BY = [
     (Barrier.NEW_REFBLOCK, random_scenario("c512-r64-raw", 1, 25)),
     (Barrier.BEFORE_HEADER, random_scenario("bitmaps", 1, 25)),
     (Barrier.HEADER, "reftable-growth"),
+    # Rule 15: the new snapshot table, the applied L1 table, before the header names it.
+    (Barrier.BEFORE_HEADER, SNAPSHOT_SCENARIOS["snapshot-create-c512-r64"]),
+    (Barrier.BEFORE_HEADER, SNAPSHOT_SCENARIOS["snapshot-apply-c512-r64"]),
     (Barrier.BITMAPS_IN_USE, random_scenario("bitmaps", 1, 25)),
     (Barrier.FLUSH, random_scenario("c512-r64-raw", 1, 25)),
     (Barrier.REPAIR, "repair-raises-refcount"),
     (Barrier.NEED_CHECK, random_scenario("qed-c4k", 1, 8)),  # QED, rule 12
 ]
+
+
+def _scenario_name(scenario) -> str:
+    if isinstance(scenario, str):
+        return scenario
+    return next((n for n, s in SNAPSHOT_SCENARIOS.items() if s is scenario), "random")
 
 
 def test_every_barrier_has_a_workload_that_needs_it():
@@ -35,8 +44,7 @@ def test_every_barrier_has_a_workload_that_needs_it():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("barrier,scenario", EXPOSED_BY,
-                         ids=[f"{b.name}-{s if isinstance(s, str) else 'random'}"
-                              for b, s in EXPOSED_BY])
+                         ids=[f"{b.name}-{_scenario_name(s)}" for b, s in EXPOSED_BY])
 def test_removing_a_barrier_breaks_some_crash_state(barrier, scenario, tmp_path,
                                                     monkeypatch):
     real_sync = Storage.sync

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from qnbd.errors import IOFailure, QnbdError
 from qnbd.formats import open_image
-from qnbd.qcow2.bitmap_data import DirtyBitmap
+from qnbd.block.bitmap_data import DirtyBitmap
 from qnbd.qcow2.bitmap_format import bitmap_bytes
 
 from peers import qemu_img, qemu_io

@@ -218,13 +218,3 @@ def test_power_cuts_while_growing_the_l1_table(tmp_path, monkeypatch):
         p = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", path, expected, check=False)
         assert p.returncode == 0, f"state {i}: {p.stdout}"
         path.unlink()
-
-
-def test_images_with_a_data_file_are_refused_untouched(tmp_path):
-    image = str(tmp_path / "x.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'd.raw'}", image,
-             "4M")
-    before = open(image, "rb").read()
-    rc, _, err = qnbd("resize", image, "+1M")
-    assert rc == 1 and "external data file" in err and err.count("\n") == 1
-    assert open(image, "rb").read() == before

@@ -174,14 +174,6 @@ def test_raw_has_no_snapshots(tmp_path):
     assert qnbd_ok("snapshot", "-l", raw) == run("qemu-img", "snapshot", "-l", raw).stdout
 
 
-def test_snapshot_changes_are_refused_by_name(tmp_path):
-    image = _build(tmp_path)
-    for flag in ("-c", "-a", "-d"):
-        rc, _, err = qnbd("snapshot", flag, "x", image)
-        assert rc == 1 and f"-{flag[1]} is not supported" in err
-    assert qnbd_ok("snapshot", "-l", image) == run("qemu-img", "snapshot", "-l", image).stdout
-
-
 def test_config_file_export_of_a_snapshot(tmp_path):
     from qnbd.config import parse_config
     from qnbd.export import Export

@@ -11,11 +11,11 @@ Layout (little-endian): a 64-byte header, then the BAT (block allocation table),
     36  nb_sectors  virtual size in sectors (64-bit; the low 32 bits for the old magic)
     44  inuse       0x746F6E59 while an image is open for writing
     48  data_off    first data sector
-    56  ext_off     format extension (dirty bitmaps), not read here
+    56  ext_off     format extension (dirty bitmaps, parallels_ext.py), in sectors
 
 A BAT entry of 0 is an unallocated cluster, which reads as zeros (these images have no
-backing file here). qnbd serves these images read-only; their dirty bitmaps are not
-offered.
+backing file here). qnbd serves these images read-only; their dirty bitmaps are offered
+(-B), as qemu loads them on a read-only open.
 """
 
 import errno
@@ -25,10 +25,10 @@ from ..errors import ImageError, IOFailure
 from ..fileio import File, open_file
 from ..lock import lock_image
 from .base import HOLE, ZERO, Extent
+from .parallels_ext import SECTOR, ParallelsBitmaps, read_bitmaps
 
 MAGIC_SECTORS, MAGIC_CLUSTERS = b"WithoutFreeSpace", b"WithouFreSpacExt"
-_HEADER = struct.Struct("<16sIIIIIQIIIQ")
-SECTOR = 512
+HEADER = struct.Struct("<16sIIIIIQIIIQ")
 # qemu's limits (parallels_open): clusters and catalogs it refuses as invalid.
 _MAX_TRACKS = 0x7FFFFFFF // 513
 _MAX_BAT = 0x7FFFFFFF // 4
@@ -57,11 +57,11 @@ class ParallelsImage:
             raise
 
     def _read_header(self, path: str) -> None:
-        raw = self.file.pread(_HEADER.size, 0)
-        if len(raw) < _HEADER.size:
+        raw = self.file.pread(HEADER.size, 0)
+        if len(raw) < HEADER.size:
             raise ImageError(f"'{path}': the parallels header is truncated")
         (magic, version, _heads, _cylinders, tracks, bat_entries, nb_sectors, _inuse,
-         _data_off, _flags, _ext_off) = _HEADER.unpack(raw)
+         _data_off, _flags, ext_off) = HEADER.unpack(raw)
         if magic not in (MAGIC_SECTORS, MAGIC_CLUSTERS) or version != 2:
             raise ImageError(f"'{path}': Image not in Parallels format")
         if tracks == 0:
@@ -75,7 +75,7 @@ class ParallelsImage:
         self.cluster_size = tracks * SECTOR
         self.unit = SECTOR if magic == MAGIC_SECTORS else self.cluster_size
         self.size = nb_sectors * SECTOR
-        table = self.file.pread(4 * bat_entries, _HEADER.size)
+        table = self.file.pread(4 * bat_entries, HEADER.size)
         if len(table) != 4 * bat_entries:
             raise ImageError(f"'{path}': the block allocation table is truncated")
         self.bat = struct.unpack(f"<{bat_entries}I", table)
@@ -84,6 +84,11 @@ class ParallelsImage:
             if entry and entry * self.unit >= file_size:
                 raise ImageError(f"'{path}': BAT entry {index} points past the end of "
                                  "the file")
+        # qemu reads the extension on every read-only open, and fails the open when it
+        # cannot (parallels_open, parallels_read_format_extension).
+        self.bitmaps = (read_bitmaps(self.file, path, ext_off * SECTOR, self.cluster_size,
+                                     self.size, file_size)
+                        if ext_off else ParallelsBitmaps())
 
     def _host(self, offset: int) -> tuple[int | None, int]:
         """(host offset or None when unallocated, bytes left in this cluster)."""

@@ -18,6 +18,8 @@ import sys
 from array import array
 from dataclasses import dataclass
 
+from ..block.bitmap_data import (  # noqa: F401 (the table encoding, named here too)
+    TABLE_ENTRY_ALL_ONES, TABLE_ENTRY_OFFSET_MASK, bitmap_bytes)
 from ..errors import ImageError, printable
 
 BITMAPS_EXT = struct.Struct(">IIQQ")  # nb_bitmaps, reserved, directory size, offset
@@ -30,8 +32,6 @@ FLAG_EXTRA_DATA_COMPATIBLE = 1 << 2
 FLAGS_KNOWN = FLAG_IN_USE | FLAG_AUTO | FLAG_EXTRA_DATA_COMPATIBLE
 TYPE_DIRTY_TRACKING = 1
 
-TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-TABLE_ENTRY_ALL_ONES = 1
 TABLE_ENTRY_RESERVED = 0xFF000000000001FE
 
 # qemu's implementation limits (block/qcow2-bitmap.c, BME_*), adopted so images stay
@@ -43,10 +43,6 @@ MIN_GRANULARITY_BITS = 9
 MAX_GRANULARITY_BITS = 31
 MAX_TABLE_SIZE = 0x8000000  # entries
 MAX_PHYS_SIZE = 0x20000000  # bytes of bitmap data (table entries x cluster size)
-
-
-def bitmap_bytes(disk_size: int, granularity: int) -> int:
-    return -(-(-(-disk_size // granularity)) // 8)
 
 
 def table_entries(disk_size: int, granularity: int, cluster_size: int) -> int:

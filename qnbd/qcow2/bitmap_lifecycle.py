@@ -21,7 +21,7 @@ from ..block.storage import Barrier, Storage
 from ..errors import ImageError
 from . import bitmap_format as bm
 from . import header as hdr
-from .bitmap_data import ChunkReader, DirtyBitmap
+from ..block.bitmap_data import ChunkReader, DirtyBitmap
 from .header_update import HeaderWriter
 from .layout import Layout
 from .metadata_map import MetadataMap

@@ -28,7 +28,7 @@ from itertools import compress
 from .. import fileio
 from ..block.check_result import FIX_ALL, FIX_ERRORS, FIX_LEAKS, CheckResult, NoProgress, Progress
 from ..block.storage import Barrier, Storage
-from ..errors import ImageError, QnbdError
+from ..errors import QnbdError
 from ..lock import lock_image
 from . import bitmap_format as bitmaps
 from . import header as hdr
@@ -93,6 +93,21 @@ class _Checker:
         self.progress = progress
         self.counts = array(self.typecode)
         self.refcount_structure: list[tuple[int, int]] = []
+        self.bitmap_directory = self.read_bitmap_directory()
+
+    def read_bitmap_directory(self) -> tuple[int, int, list] | None:
+        """(offset, size, entries) of the bitmap directory, or None. Read at open, as
+        qemu does (qcow2_do_open loads the bitmaps): a directory qemu refuses, such as an
+        entry that does not satisfy the constraints, makes qemu-img check fail to open
+        the image (exit 1), not count a corruption. The extension is only trusted while
+        its autoclear bit is set, as in qemu."""
+        h = self.h
+        ext = h.extension(hdr.EXT_BITMAPS)
+        if ext is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+            return None
+        _nb, dir_size, dir_offset = bitmaps.parse_extension(ext)
+        return dir_offset, dir_size, bitmaps.read_directory(self.file, ext, h.size, self.cs,
+                                                            self.file_size)
 
     def reload_stored(self) -> None:
         """Read the stored refcounts again (after a rebuild switched the header)."""
@@ -272,20 +287,11 @@ class _Checker:
 
     def walk_bitmaps(self) -> None:
         """qcow2.rst "Bitmaps": directory, each bitmap table, each table entry's data
-        cluster (offset 0 means all zeros/all ones and owns nothing). The extension is
-        only trusted while its autoclear bit is set, as qemu does."""
-        h = self.h
-        ext = h.extension(hdr.EXT_BITMAPS)
-        if ext is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+        cluster (offset 0 means all zeros/all ones and owns nothing)."""
+        if self.bitmap_directory is None:
             return
-        try:
-            _nb, dir_size, dir_offset = bitmaps.parse_extension(ext)
-            self.inc(dir_offset, dir_size)
-            directory = bitmaps.read_directory(self.file, ext, h.size, self.cs,
-                                               self.file_size)
-        except ImageError as e:
-            self.corruption(f"ERROR bitmap directory: {e}")
-            return
+        dir_offset, dir_size, directory = self.bitmap_directory
+        self.inc(dir_offset, dir_size)
         for entry in directory:
             self.inc(entry.table_offset, entry.table_size * 8)
             for e in self.read_table(entry.table_offset, entry.table_size * 8):

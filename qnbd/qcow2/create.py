@@ -9,6 +9,12 @@ clusters, narrow refcounts, big L1 tables), we give the table and the blocks as 
 clusters as they need, found by a fixed point, instead of qemu's piecemeal growth.
 For those small shapes the result is byte-identical to qemu-img's output.
 
+With data_file_raw the metadata is preallocated, as qcow2_co_create does ("data_file_raw
+implies preallocation=metadata"): an L2 table for every L1 entry, right after the L1
+table, mapping every guest cluster to the same offset of the data file, so that the
+qcow2 image shows what the raw data file holds. keep_data_file=on (qemu 10.1) wraps an
+existing data file instead of creating an empty one.
+
 Spec: qemu docs/interop/qcow2.rst, "Header", "Host cluster management", "Cluster mapping".
 """
 
@@ -18,9 +24,10 @@ from ..block.chain import backing_size, resolve_backing
 from ..block.raw import create_sparse
 from ..block.options import parse_bool, parse_int, parse_size_option, parse_text
 from ..errors import ImageError
-from ..lock import create_locked
+from ..fileio import open_file
+from ..lock import create_locked, lock_image
 from . import header as hdr
-from .entries import encode_table
+from .entries import OFLAG_COPIED, SUBCLUSTER_BITS, encode_table
 from .refcount import SubByteBlock, WordBlock
 
 # compat option -> header version (qemu accepts both spellings)
@@ -39,6 +46,7 @@ CREATE_OPTIONS = {
     "compression_type": ("compression_type", parse_text),
     "data_file": ("data_file", parse_text),
     "data_file_raw": ("data_file_raw", parse_bool),
+    "keep_data_file": ("keep_data_file", parse_bool),
     "extended_l2": ("extended_l2", parse_bool),
 }
 
@@ -48,7 +56,8 @@ def create(path: str, size: int | None = None, *, compat: str = "1.1",
            lazy_refcounts: bool = False, backing_file: str | None = None,
            backing_fmt: str | None = None, compression_type: str = "zlib",
            data_file: str | None = None, data_file_raw: bool = False,
-           extended_l2: bool = False, open_backing=None) -> int:
+           keep_data_file: bool = False, extended_l2: bool = False,
+           open_backing=None) -> int:
     """Write a new empty qcow2 image at `path` (an existing file is overwritten, as with
     qemu-img). `size` may be None with a backing file: the backing file's size is used.
     The backing file name is stored as given; it is opened (relative names against the
@@ -63,12 +72,44 @@ def create(path: str, size: int | None = None, *, compat: str = "1.1",
                                                    open_backing),
                         data_file=data_file, data_file_raw=data_file_raw,
                         extended_l2=extended_l2)
+    if keep_data_file and data_file is None:
+        raise ImageError("Must not use 'keep_data_file=on' without 'data_file'")
+    if keep_data_file and not data_file_raw:
+        raise ImageError("'keep_data_file=on' requires 'preallocation=metadata' or "
+                         "'data_file_raw=on', or the file contents will not be visible")
+    if keep_data_file and extended_l2:
+        # Preallocated subclusters are unallocated (qemu's choice, followed here): the
+        # wrapped file would read as zeros.
+        raise ImageError("'keep_data_file=on' cannot be used with 'extended_l2=on': the "
+                         "file contents would not be visible")
     if data_file is not None:
         # qemu-img creates the data file as a raw image of the virtual size; its name
         # is resolved against the new image's directory, as qnbd opens it (rule 13).
-        create_sparse(resolve_backing(path, data_file), header.size)
+        # Preallocated, it reaches the end of the last cluster mapped (the last
+        # subcluster with extended L2 entries: qemu's preallocate_co extends it so).
+        data_path = resolve_backing(path, data_file)
+        unit = header.cluster_size >> (SUBCLUSTER_BITS if extended_l2 else 0)
+        length = -(-header.size // unit) * unit if data_file_raw else header.size
+        if keep_data_file:
+            _fit_data_file(data_path, length)
+        else:
+            create_sparse(data_path, length)
     _write(path, header)
     return header.size
+
+
+def _fit_data_file(path: str, size: int) -> None:
+    """keep_data_file: the existing file, locked as a data child, grown to `size` when
+    shorter. Never shortened: what lies past the image's end is the user's data."""
+    f = open_file(path, writable=True)
+    try:
+        lock_image(f, True, False, data_child=True)
+        if f.size() < size:
+            f.truncate(size)
+    except OSError as e:
+        raise ImageError(f"Could not resize '{path}': {e.strerror}") from None
+    finally:
+        f.close()
 
 
 def new_header(size: int | None, *, compat: str, cluster_size: int, refcount_bits: int,
@@ -136,7 +177,8 @@ def new_header(size: int | None, *, compat: str, cluster_size: int, refcount_bit
     if l1_size * 8 > hdr.MAX_L1_BYTES:
         raise ImageError("The image size is too large for file format 'qcow2' "
                          "(try using a larger cluster size)")
-    reftable_clusters, refblocks = _refcount_layout(cluster_size, refcount_bits, l1_size)
+    reftable_clusters, refblocks = _refcount_layout(cluster_size, refcount_bits, l1_size,
+                                                    l1_size if data_file_raw else 0)
     l1_offset = (1 + reftable_clusters + refblocks) * cluster_size if l1_size else 0
     compression = COMPRESSION_TYPES[compression_type]
     header = hdr.Header(
@@ -162,15 +204,17 @@ def new_header(size: int | None, *, compat: str, cluster_size: int, refcount_bit
     return header
 
 
-def _refcount_layout(cluster_size: int, refcount_bits: int, l1_size: int):
+def _refcount_layout(cluster_size: int, refcount_bits: int, l1_size: int,
+                     l2_tables: int = 0):
     """(refcount table clusters, refcount blocks) needed so that the blocks describe
-    every cluster of the new file: the header, the table, the blocks themselves and the
-    L1 table. Each term only grows, so iterating to a fixed point terminates."""
+    every cluster of the new file: the header, the table, the blocks themselves, the
+    L1 table and any preallocated L2 tables. Each term only grows, so iterating to a
+    fixed point terminates."""
     per_block = cluster_size * 8 // refcount_bits
     l1_clusters = -(-l1_size * 8 // cluster_size)
     table, blocks = 1, 1
     while True:
-        clusters = 1 + table + blocks + l1_clusters
+        clusters = 1 + table + blocks + l1_clusters + l2_tables
         need_blocks = -(-clusters // per_block)
         need_table = -(-need_blocks * 8 // cluster_size)
         if (need_table, need_blocks) == (table, blocks):
@@ -188,9 +232,11 @@ def _refcount_layout(cluster_size: int, refcount_bits: int, l1_size: int):
 
 def _write(path: str, h: hdr.Header) -> None:
     cs = h.cluster_size
-    table, blocks = _refcount_layout(cs, h.refcount_bits, h.l1_size)
+    l2_tables = h.l1_size if h.data_file_raw else 0
+    table, blocks = _refcount_layout(cs, h.refcount_bits, h.l1_size, l2_tables)
     first_block = 1 + table
-    used = first_block + blocks + -(-h.l1_size * 8 // cs)  # every cluster of the file
+    first_l2 = first_block + blocks + -(-h.l1_size * 8 // cs)
+    used = first_l2 + l2_tables  # every cluster of the file
     per_block = cs * 8 // h.refcount_bits
     block_class = WordBlock if h.refcount_bits >= 8 else SubByteBlock
     refblocks = []
@@ -208,8 +254,34 @@ def _write(path: str, h: hdr.Header) -> None:
         f.pwrite(encode_table(reftable), h.refcount_table_offset)
         f.pwrite(b"".join(refblocks), first_block * cs)
         f.truncate(end)  # the L1 table: all entries zero (unallocated), left sparse
+        if l2_tables:
+            _preallocate(f, h, first_l2)
         f.fsync()
     except OSError as e:
         raise ImageError(f"Could not write '{path}': {e.strerror}") from None
     finally:
         f.close()
+
+
+def _preallocate(f, h: hdr.Header, first_l2: int) -> None:
+    """Metadata preallocation for data_file_raw (rule 13): L2 table n at cluster
+    first_l2 + n maps each guest cluster below the image's end to its own offset in the
+    data file, COPIED (data clusters of a data file are not refcounted, qcow2.rst). An
+    extended L2 entry's subcluster bitmap stays 0, as qemu leaves preallocated clusters
+    (qcow2_alloc_cluster_link_l2 skips the bitmap for preallocation): they read as
+    zeros until written."""
+    cs = h.cluster_size
+    words = 2 if h.extended_l2 else 1
+    per_table = cs // (8 * words)
+    clusters = -(-h.size // cs)
+    l1 = array("Q", ((first_l2 + n) * cs | OFLAG_COPIED for n in range(h.l1_size)))
+    f.pwrite(encode_table(l1), h.l1_table_offset)
+    for n in range(h.l1_size):
+        first = n * per_table
+        table = array("Q")
+        for c in range(first, min(first + per_table, clusters)):
+            table.append((c * cs) | OFLAG_COPIED)
+            if words == 2:
+                table.append(0)
+        table.extend([0] * (cs // 8 - len(table)))
+        f.pwrite(encode_table(table), (first_l2 + n) * cs)

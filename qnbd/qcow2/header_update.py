@@ -21,6 +21,10 @@ _REFTABLE = hdr.field_offset("refcount_table_offset")
 _L1_LOCATION = struct.Struct(">IQ")  # l1_size, l1_table_offset
 _L1 = hdr.field_offset("l1_size")
 _SIZE = hdr.field_offset("size")
+_SNAPSHOT_TABLE = struct.Struct(">IQ")  # nb_snapshots, snapshots_offset
+_SNAPSHOTS = hdr.field_offset("nb_snapshots")
+# size, crypt_method, l1_size, l1_table_offset: adjacent, inside the first sector
+_ACTIVE = struct.Struct(">QIIQ")
 
 
 class HeaderWriter:
@@ -49,6 +53,20 @@ class HeaderWriter:
         self.header.l1_table_offset = offset
         self.header.l1_size = entries
         self._write(_L1_LOCATION.pack(entries, offset), _L1)
+
+    def switch_snapshot_table(self, count: int, offset: int) -> None:
+        """Both fields in one write within the first sector, as qcow2_write_snapshots
+        does: a crash leaves the old table or the new one."""
+        self.header.nb_snapshots = count
+        self.header.snapshots_offset = offset
+        self._write(_SNAPSHOT_TABLE.pack(count, offset), _SNAPSHOTS)
+
+    def switch_active(self, size: int, l1_offset: int, l1_entries: int) -> None:
+        """A new active layer (an applied snapshot): its size and L1 table in one write
+        within the first sector, so a crash leaves the old layer or the new one whole."""
+        h = self.header
+        h.size, h.l1_table_offset, h.l1_size = size, l1_offset, l1_entries
+        self._write(_ACTIVE.pack(size, h.crypt_method, l1_entries, l1_offset), _SIZE)
 
     def set_size(self, size: int) -> None:
         self.header.size = size

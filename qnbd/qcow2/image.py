@@ -33,7 +33,9 @@ from .layout import Layout
 from .mapping import Mapper
 from .metadata_map import MetadataMap
 from .refcount import Refcounts
-from .snapshots import find as find_snapshot, read_table as read_snapshot_table
+from .snapshot_update import SnapshotFailure, SnapshotUpdater
+from .snapshots import (Snapshot, find as find_snapshot, find_by_id_or_name, next_id,
+                        read_table as read_snapshot_table)
 from .tables import ClusterTables
 from .writer import ClusterWriter
 
@@ -121,6 +123,7 @@ class Qcow2Image:
         self.refcounts = Refcounts(storage, h, self.header_writer, metadata,
                                    self.mark_corrupt, refcount_cache_bytes // cs)
         self.snapshots = []
+        table_bytes = 0
         if h.nb_snapshots:
             self.snapshots, table_bytes = read_snapshot_table(
                 storage, h.snapshots_offset, h.nb_snapshots, cs, storage.size())
@@ -149,6 +152,9 @@ class Qcow2Image:
                              self.mark_corrupt)
         self.writer = writer(layout, self.tables, self.refcounts, self.mapper,
                              metadata, self.data_storage, h.data_file_raw)
+        self.snapshot_updater = SnapshotUpdater(storage, self.header_writer, self.tables,
+                                                self.refcounts, metadata, self.writer,
+                                                self.flush, self._abandon, table_bytes)
 
     # -- corruption (rule 7) -----------------------------------------------------------
 
@@ -166,6 +172,15 @@ class Qcow2Image:
             self.header_writer.set_incompatible(hdr.INCOMPAT_CORRUPT, True)
         except OSError as e:
             log.error("%s: could not set the corrupt bit: %s", self.path, e)
+
+    def _abandon(self) -> None:
+        """A metadata operation failed half-way: memory no longer describes the disk, so
+        nothing more is written, not even by close (the disk keeps what the operation's
+        own ordering made safe: leaks, or a dirty bit for the next open to repair)."""
+        if not self._corrupt:
+            log.error("%s: an internal snapshot operation failed; the image is left "
+                      "as it is on disk", self.path)
+        self._corrupt = True
 
     # -- the BlockDevice contract ------------------------------------------------------
 
@@ -259,14 +274,13 @@ class Qcow2Image:
         where it would drop anything this image holds (qemu would discard it): only an
         unallocated tail may be cut off. Growing extends the L1 table when it must and,
         where a longer backing file would show through the new space, makes that space
-        read as zeros first (qemu: BDRV_REQ_ZERO_WRITE). The header's size is written
-        last, so a crash leaves the old size. Persistent bitmaps follow the new size (as
-        qemu's): a grown end starts clean."""
+        read as zeros first (qemu: BDRV_REQ_ZERO_WRITE). An external data file is
+        resized with the image (rule 13): grown first, and with data_file_raw the new
+        clusters mapped to it; cut last. The header's size is written last, so a crash
+        leaves the old size. Persistent bitmaps follow the new size (as qemu's): a grown
+        end starts clean."""
         self._check_writable()
         old = self.size
-        if self.data_storage is not self.storage:
-            raise ImageError("resizing an image with an external data file is not "
-                             "supported yet")
         if size % 512:
             raise ImageError("The new size must be a multiple of 512")
         if self.snapshots and self.version < 3:
@@ -276,6 +290,12 @@ class Qcow2Image:
         if size < old:
             self._check_tail_unallocated(size)
         self.flush()
+        external = self.data_storage is not self.storage
+        if external and size > old and self.data_storage.size() < \
+                self._data_file_length(size):
+            # qemu resizes the data file with the image; a raw one (preallocated) to
+            # the end of the last cluster. Grown before anything maps the new space.
+            self.data_storage.truncate(self._data_file_length(size))
         entries = -(-size >> self.layout.table_shift)
         if entries > len(self.tables.l1):
             self.writer.queue_release(*self.tables.grow_l1(entries, self.header_writer))
@@ -285,11 +305,23 @@ class Qcow2Image:
             # Straight to the writer, as qemu zeroes inside qcow2_co_truncate: the new
             # space is not a guest write, the bitmaps do not mark it.
             self.writer.write_zeroes(old, min(size, self.backing.size) - old, False, False)
+        if size > old and self.header.data_file_raw:
+            self.writer.map_raw(old, size)
         self.flush()
         self.header_writer.set_size(size)
+        if external and size < old:
+            # Only an unallocated tail was cut off: nothing maps what goes.
+            self.data_storage.truncate(self._data_file_length(size))
+            sync_all(self._storages, Barrier.FLUSH)
         # Bitmaps are in use on disk while the image is open (rule 9): they are stored
         # at the new size on close.
         self.bitmaps.resize(size)
+
+    def _data_file_length(self, size: int) -> int:
+        """A raw data file reaches the end of the last (sub)cluster mapped, as qemu's
+        preallocation extends it."""
+        unit = self.layout.subcluster_size
+        return -(-size // unit) * unit if self.header.data_file_raw else size
 
     def _check_tail_unallocated(self, size: int) -> None:
         """Nothing this image holds past `size` (its last cluster stays, whole)."""
@@ -309,6 +341,47 @@ class Qcow2Image:
         self.layout = dataclasses.replace(self.layout, size=size)
         for part in (self.tables, self.mapper, self.writer, self.bitmaps):
             part.layout = self.layout
+
+    # -- internal snapshots (snapshot_update.py) --------------------------------------
+
+    def _snapshots_writable(self) -> None:
+        self._check_writable()
+        if self.data_storage is not self.storage:
+            # qcow2.rst "External data file": internal snapshots are not possible.
+            raise SnapshotFailure("internal snapshots are not supported with an external "
+                                  "data file", errno.ENOTSUP)
+
+    def snapshot_create(self, name: bytes, date_ns: int) -> Snapshot:
+        """qemu-img snapshot -c: a new snapshot of the active layer, named `name` (names
+        need not be unique), dated `date_ns` (ns since the epoch), with the next id."""
+        self._snapshots_writable()
+        sec, nsec = divmod(date_ns, 10**9)
+        new = Snapshot(next_id(self.snapshots), name.decode("utf-8", "replace"), 0, 0,
+                       sec, nsec, 0, 0, self.size, 0, raw_name=name)
+        self.snapshots = self.snapshot_updater.create(self.snapshots, new)
+        return self.snapshots[-1]
+
+    def snapshot_apply(self, text: str) -> Snapshot:
+        """qemu-img snapshot -a: the snapshot with id `text`, else named `text`, becomes
+        the active layer (its size too, as qemu resizes to it). Refused with bitmaps,
+        whose bits would no longer describe the data (as qemu's bdrv_snapshot_goto)."""
+        self._check_writable()
+        if self.bitmaps.entries:
+            raise SnapshotFailure("Device has active dirty bitmaps", errno.EBUSY,
+                                  verbatim=True)
+        self._snapshots_writable()
+        snapshot = find_by_id_or_name(self.snapshots, text)
+        if snapshot is None:
+            raise SnapshotFailure(f"no snapshot '{text}'", errno.ENOENT)
+        size = self.size if snapshot.disk_size is None else snapshot.disk_size
+        self.snapshot_updater.apply(snapshot, size)
+        self._set_size(size)
+        return snapshot
+
+    def snapshot_delete(self, snapshot: Snapshot) -> None:
+        """qemu-img snapshot -d of a snapshot found by the caller."""
+        self._snapshots_writable()
+        self.snapshots = self.snapshot_updater.delete(self.snapshots, snapshot)
 
     # -- flush and close ---------------------------------------------------------------
 

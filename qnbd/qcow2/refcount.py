@@ -185,6 +185,39 @@ class Refcounts:
             self.free_hint = cluster
         return value
 
+    def highest(self, first: int, count: int) -> int:
+        """The highest refcount among clusters [first, first + count)."""
+        top = 0
+        for block, start, n in self._block_runs(first, count):
+            if block is not None:
+                top = max(top, max(block.get(i) for i in range(start, start + n)))
+        return top
+
+    def increment(self, first: int, count: int) -> None:
+        """+1 for clusters [first, first + count), one block at a time (an internal
+        snapshot takes a reference to every cluster it reaches); the caller has checked
+        that none is at the maximum (highest)."""
+        c = first
+        for block_index in range(first // self.per_block,
+                                 (first + count - 1) // self.per_block + 1):
+            self._ensure_block(block_index)
+        for block, start, n in self._block_runs(first, count):
+            for i in range(start, start + n):
+                block.set(i, block.get(i) + 1)
+            self.cache.mark_dirty(self.table[c // self.per_block] & ~REFTABLE_ENTRY_RESERVED,
+                                  block)
+            c += n
+
+    def _block_runs(self, first: int, count: int):
+        """(block or None, index in it, clusters) for the pieces of a run of clusters
+        that each refcount block covers."""
+        c, end = first, first + count
+        while c < end:
+            block_index, i = divmod(c, self.per_block)
+            n = min(end - c, self.per_block - i)
+            yield self._block(block_index), i, n
+            c += n
+
     def allocate(self, count: int = 1) -> int:
         """Take `count` contiguous free clusters (refcount 0 -> 1); returns the host offset
         of the first. Runs too long to fit beside a region's own refcount block go past

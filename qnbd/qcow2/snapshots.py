@@ -16,6 +16,7 @@ _ENTRY = struct.Struct(">QIHHIIQII")
 _EXTRA = struct.Struct(">QQq")
 MAX_EXTRA_DATA = 1024  # qemu's QCOW_MAX_SNAPSHOT_EXTRA_DATA
 MAX_TABLE_BYTES = 64 << 20  # qemu's QCOW_MAX_SNAPSHOTS_SIZE
+MAX_SNAPSHOTS = 65536  # qemu's QCOW_MAX_SNAPSHOTS
 SNAPSHOT_OPT_BASE = "snapshot."  # qemu-nbd/qemu-img -l snapshot.id=…,snapshot.name=…
 
 
@@ -30,6 +31,12 @@ class Snapshot(NamedTuple):
     vm_state_size: int = 0
     disk_size: int | None = None  # None: not recorded (extra data shorter than 16 bytes)
     icount: int = -1  # -1: not recorded
+    # As stored, so that rewriting the table keeps them byte for byte: the id and name
+    # (None: encode the str), extra data past the fields we know (qcow2.rst: "must be
+    # preserved").
+    raw_id: bytes | None = None
+    raw_name: bytes | None = None
+    extra_rest: bytes = b""
 
 
 def read_table(file, offset: int, count: int, cluster_size: int,
@@ -63,8 +70,47 @@ def read_table(file, offset: int, count: int, cluster_size: int,
             names[:id_len].decode("utf-8", "replace"), names[id_len:].decode("utf-8", "replace"),
             l1_offset, l1_size, date_sec, date_nsec, vm_clock,
             large if have >= 1 else vm_size, disk if have >= 2 else None,
-            icount if have >= 3 else -1))
+            icount if have >= 3 else -1, names[:id_len], names[id_len:],
+            extra[_EXTRA.size:]))
     return snapshots, pos - offset
+
+
+def encode_table(snapshots: list[Snapshot], disk_size: int) -> bytes:
+    """The table as qemu's qcow2_write_snapshots lays it out: each entry 8-byte aligned,
+    extra data at least the three known fields (a snapshot that did not record its disk
+    size gets `disk_size`, the image's, as qemu fills it in when reading), unknown extra
+    data kept. The 32-bit VM state size is 0 when the size needs 64 bits."""
+    out = bytearray()
+    for s in snapshots:
+        out += bytes(-len(out) % 8)
+        sid = s.raw_id if s.raw_id is not None else s.id.encode()
+        name = s.raw_name if s.raw_name is not None else s.name.encode()
+        extra = _EXTRA.pack(s.vm_state_size, disk_size if s.disk_size is None
+                            else s.disk_size, s.icount) + s.extra_rest
+        out += _ENTRY.pack(s.l1_offset, s.l1_size, len(sid), len(name), s.date_sec,
+                           s.date_nsec, s.vm_clock_nsec,
+                           s.vm_state_size if s.vm_state_size <= 0xFFFFFFFF else 0,
+                           len(extra))
+        out += extra + sid + name
+    if len(out) > MAX_TABLE_BYTES:
+        raise ImageError("the snapshot table would exceed 64 MiB")
+    return bytes(out)
+
+
+def find_by_id_or_name(snapshots: list[Snapshot], text: str) -> Snapshot | None:
+    """qcow2's find_snapshot_by_id_or_name (what qemu-img snapshot -a looks up): an id
+    first, then a name."""
+    return next((s for s in snapshots if s.id == text), None) or \
+        next((s for s in snapshots if s.name == text), None)
+
+
+def next_id(snapshots: list[Snapshot]) -> str:
+    """qcow2's find_new_snapshot_id: one more than the largest id read as a number
+    (strtoul: its leading digits, 0 when there are none)."""
+    def number(text: str) -> int:
+        digits = len(text) - len(text.lstrip("0123456789"))
+        return int(text[:digits]) if digits else 0
+    return str(max((number(s.id.strip()) for s in snapshots), default=0) + 1)
 
 
 def parse_selector(text: str) -> tuple[str | None, str | None, bool]:

@@ -345,6 +345,26 @@ class ClusterWriter:
             self.data.pwrite(memoryview(zeros)[:n], start)
             start += n
 
+    def map_raw(self, start: int, end: int) -> None:
+        """data_file_raw (rule 13): every unallocated guest cluster in [start, end) mapped
+        to the same offset of the data file, as qemu's metadata preallocation maps a
+        raw data file's clusters (qcow2_co_truncate); the data file holds them already."""
+        layout = self.layout
+        cs, table_shift = layout.cluster_size, layout.table_shift
+        pos = start // cs * cs
+        while pos < end:
+            l1_index = pos >> table_shift
+            table_end = min(end, (l1_index + 1) << table_shift)
+            table_offset, table = self._l2_for_write(l1_index)
+            words = layout.entry_words
+            for guest in range(pos, table_end, cs):
+                # An extended entry's bitmap stays 0, as in qemu's preallocation.
+                i = layout.l2_index(guest) * words
+                if not any(table[i:i + words]):
+                    table[i] = guest | OFLAG_COPIED
+            self.tables.l2_cache.mark_dirty(table_offset, table)
+            pos = table_end
+
     def _zeroed_entry(self, entry: int, trim: bool) -> int:
         version = self.layout.version
         kind = classify(entry, version, self.layout.external)

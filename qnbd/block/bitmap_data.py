@@ -2,7 +2,9 @@
 
 qcow2.rst "Bitmap table" / "Bitmap data": bitmap data is cut into cluster-sized chunks;
 chunk i holds bits [i * 8 * cluster_size, (i + 1) * 8 * cluster_size), and its table
-entry is a data cluster, 0 (all bits clear) or 0 with bit 0 set (all bits set).
+entry is a data cluster, 0 (all bits clear) or 0 with bit 0 set (all bits set). Parallels
+bitmaps (parallels.txt "Dirty bitmaps feature") are chunked the same way; their reader
+translates its L1 entries into this encoding, so both formats share these bits.
 
 A bitmap of a 2 TiB disk at granularity 512 holds 512 MiB of bits, and a single image
 may carry many; loading them all at open cost gigabytes for a server that may export
@@ -21,12 +23,30 @@ from array import array
 
 import cachetools
 
-from .bitmap_format import (TABLE_ENTRY_ALL_ONES, TABLE_ENTRY_OFFSET_MASK, DirectoryEntry,
-                            bitmap_bytes)
+from typing import Protocol
+
+# A table entry (qcow2.rst "Bitmap table"): a data cluster's host offset, or 0 with
+# TABLE_ENTRY_ALL_ONES clear (all bits clear) or set (all bits set).
+TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+TABLE_ENTRY_ALL_ONES = 1
 
 _NON_ZERO = re.compile(rb"[^\x00]")
 _NON_FF = re.compile(rb"[^\xff]")
 READ_CACHE_BYTES = 8 << 20  # clean data clusters kept per image, for reads of the bits
+
+
+def bitmap_bytes(disk_size: int, granularity: int) -> int:
+    return -(-(-(-disk_size // granularity)) // 8)
+
+
+class BitmapEntry(Protocol):
+    """What a bitmap's bits need of its description (a qcow2 directory entry, a
+    parallels bitmap feature)."""
+    name: str
+    granularity_bits: int
+
+    @property
+    def granularity(self) -> int: ...
 
 
 class _Uniform:
@@ -69,7 +89,7 @@ class DirtyBitmap:
     """One bitmap: the directory entry it came from (or will become), its stored table
     (None: nothing stored, all clear) and the bits set since."""
 
-    def __init__(self, entry: DirectoryEntry, disk_size: int, cluster_size: int,
+    def __init__(self, entry: BitmapEntry, disk_size: int, cluster_size: int,
                  reader: ChunkReader | None = None, table: array | None = None):
         self.entry = entry
         self.disk_size = disk_size
