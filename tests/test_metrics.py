@@ -12,8 +12,12 @@ import nbd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from qnbd.block.plan import HostRead
+from qnbd.nbd import protocol as p
+
 from ctlutil import ControlClient, control_path
 from images import MiB
+from inprocess import in_process_connection, read_request
 from nbdserver import (RawClient, Server, connect, make_raw, recv_exactly, run_serve,
                        short_tmpdir, wait_for_socket)
 from peers import qemu_img, qemu_io
@@ -245,3 +249,58 @@ def test_idle_scrapers_cannot_take_the_descriptors_nbd_clients_need(tmp_path, se
             assert time.monotonic() < deadline
             time.sleep(0.1)
     h.shutdown()
+
+
+class _PlannedDevice:
+    """A device whose reads are planned: one HostRead of a file standing for the disk."""
+
+    size = 1 * MiB
+    read_only = True
+    supports_fast_zero = False
+    file = object()   # never read here: the pool below stands for the I/O
+
+    def read_plan(self, offset, length):
+        return [(length, HostRead(self.file, offset, length))]
+
+
+class _HeldPool:
+    """A read pool whose reads all miss and complete only when the test says so."""
+
+    inline = frozenset()
+
+    def __init__(self):
+        self.done = []
+
+    def poll(self):
+        pass
+
+    def may_mutate(self, export, resume):
+        return True
+
+    def fill(self, pieces, export, done):
+        for i, piece in enumerate(pieces):
+            if isinstance(piece, HostRead):
+                pieces[i] = bytes(piece.length)
+        self.done.append(done)
+        return False
+
+
+def test_latency_of_a_pooled_read_includes_its_disk_wait():
+    """A READ whose bytes a worker reads (a page-cache miss) is timed until they are in
+    place, not when it was planned: a cold read's wait for the disk is its latency."""
+    conn, transport, loop = in_process_connection(8 * MiB, _PlannedDevice())
+    conn.reads = pool = _HeldPool()
+    conn.tx.plans = True
+    conn.data_received(read_request(1, 0, 4096))
+    while loop.soon:
+        loop.turn()
+    stats = conn.tx.stats
+    assert len(pool.done) == 1 and stats.histogram(p.CMD_READ)[0] == 0
+    wait = 0.3
+    time.sleep(wait)   # the "disk" is slow
+    pool.done.pop()(None)
+    count, _ = stats.histogram(p.CMD_READ)
+    assert count == 1 and stats.latency_ns[p.CMD_READ] >= wait * 1e9
+    while loop.soon:
+        loop.turn()
+    assert transport.buffered == 16 + 4096   # and the reply went out

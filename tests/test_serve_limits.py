@@ -8,19 +8,12 @@ import socket
 import struct
 import threading
 import time
-import types
 
 import nbd
 import pytest
 
 from nbdserver import RawClient, Server, make_raw, recv_exactly, rss, short_tmpdir, wait_for_socket
-from qnbd.config import ServerConfig
-from qnbd.export import Export, ExportConfig
-from qnbd.nbd import protocol as p
-from qnbd.nbd.catalog import transmission_flags
-from qnbd.nbd.connection import Connection
-from qnbd.nbd.handshake import Session
-from qnbd.nbd.transmission import Transmission
+from inprocess import in_process_connection, read_request
 
 MiB = 1 << 20
 
@@ -33,87 +26,6 @@ def config_server(tmp_path, image, limits: str) -> Server:
     server = Server(["--config", conf], sock)
     wait_for_socket(sock, server.proc)
     return server
-
-
-def read_request(cookie: int, offset: int, length: int) -> bytes:
-    return struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.CMD_READ, cookie, offset, length)
-
-
-# --- the reply queue bound, in process: asyncio's flow control simulated ---
-
-
-class FlowTransport:
-    """Buffers writes like a socket nobody reads; pause_writing above `high`."""
-
-    def __init__(self):
-        self.buffered = 0
-        self.high = None
-        self.reading = True
-        self.protocol = None
-
-    def set_write_buffer_limits(self, high):
-        self.high = high
-
-    def close(self):
-        pass
-
-    def get_write_buffer_size(self):
-        return self.buffered
-
-    def writelines(self, pieces):
-        was = self.buffered > self.high
-        self.buffered += sum(len(x) for x in pieces)
-        if self.buffered > self.high and not was:
-            self.protocol.pause_writing()
-
-    def drain(self):
-        self.buffered = 0
-        self.protocol.resume_writing()
-
-    def pause_reading(self):
-        self.reading = False
-
-    def resume_reading(self):
-        self.reading = True
-
-
-class _Zeros:
-    size = 64 * MiB
-    read_only = True
-    supports_fast_zero = False
-
-    def read(self, offset, length):
-        return bytes(length)
-
-
-class FakeLoop:
-    """Runs call_soon callbacks when asked: one `turn()` is one event loop iteration."""
-
-    def __init__(self):
-        self.soon = []
-
-    def time(self):
-        return time.monotonic()
-
-    def call_soon(self, fn):
-        self.soon.append(fn)
-
-    def turn(self):
-        soon, self.soon = self.soon, []
-        for fn in soon:
-            fn()
-
-
-def in_process_connection(budget: int):
-    config = ServerConfig(exports=[], listeners=[], max_queued_bytes=budget)
-    server = types.SimpleNamespace(loop=FakeLoop(), config=config)
-    conn = Connection(server)
-    conn.transport = transport = FlowTransport()
-    transport.protocol = conn
-    transport.set_write_buffer_limits(high=budget)
-    export = Export(ExportConfig(image="-"), _Zeros())
-    conn.tx = Transmission(Session(export, transmission_flags(export, False), False))
-    return conn, transport, server.loop
 
 
 def test_reply_queue_is_bounded_in_process():

@@ -284,13 +284,17 @@ class Connection(asyncio.BufferedProtocol):
                     made += len(piece)
                     if piece.__class__ is HostRead:
                         planned = True
+                started, tx.planned_start = tx.planned_start, 0
                 if not planned:
                     out += pieces
+                    if started:   # a planned READ with nothing to read (holes, zeros)
+                        tx.read_done(tx.planned, started)
                 else:
                     planned = False
-                    done = functools.partial(self._deliver, tx.planned, pieces)
+                    done = functools.partial(self._deliver, tx.planned, started, pieces)
                     if self.reads.fill(pieces, tx.export, done):
                         out += pieces
+                        tx.read_done(tx.planned, started)
                         if tx.export in self.reads.inline:
                             # No RWF_NOWAIT here: small reads as before the pool.
                             tx.plan_min = THREAD_BYTES
@@ -320,9 +324,10 @@ class Connection(asyncio.BufferedProtocol):
             self.close()
         self._set_reading(not self.blocked and tx.backlog < INPUT_HIGH)
 
-    def _deliver(self, req, pieces: list, error) -> None:
+    def _deliver(self, req, started: int, pieces: list, error) -> None:
         """A reply whose reads were in the pool: its bytes are in place (or failed)."""
         self.pending -= 1
+        self.tx.read_done(req, started)
         if self.lost:
             return
         if error is not None:

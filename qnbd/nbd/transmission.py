@@ -129,6 +129,10 @@ class Transmission:
         self.plans = False
         self.plan_min = 0   # shorter READs are answered with bytes even so
         self.planned: Request | None = None
+        # When the planned READ that next_output just returned began: its latency is
+        # recorded by read_done once the I/O side has its bytes (a cold read's disk
+        # wait is part of it); 0 when that READ is already recorded.
+        self.planned_start = 0
         # Asked before a write, zero or discard runs: False holds the request (and all
         # after it) until the I/O side calls again; it keeps planned reads valid.
         self.may_mutate = None
@@ -189,11 +193,18 @@ class Transmission:
                 out = _DISPATCH[req.cmd](self, req)
             except Exception as e:
                 out = self._failed(req, e)
-        if self.stream is None:
-            self.stats.record(req.cmd, req.length, perf_counter_ns() - start)
-        else:   # a READ streamed in steps: recorded with its last piece
+        if self.stream is not None:   # a READ streamed in steps: recorded with its last piece
             self.stream_start = start
+        elif self.planned is req:   # its bytes are still to be read: see read_done
+            self.planned_start = start
+        else:
+            self.stats.record(req.cmd, req.length, perf_counter_ns() - start)
         return out
+
+    def read_done(self, req: Request, start: int) -> None:
+        """The I/O side has put in place (or failed to read) the bytes of the planned
+        READ `req` that began at `start`: its latency ends now."""
+        self.stats.record(req.cmd, req.length, perf_counter_ns() - start)
 
     def read_failed(self, req: Request, e: Exception) -> list:
         """The reply to a planned READ whose HostReads failed (none of it was sent)."""
