@@ -9,6 +9,8 @@ no-traceback checks that only a separate process shows.
 import contextlib
 import io
 import json
+import os
+import pty
 import subprocess
 import sys
 
@@ -36,6 +38,24 @@ def qnbd_ok(*args) -> str:
 def qnbd_subprocess(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qnbd.cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd)
+
+
+def qnbd_on_terminal(*args) -> tuple[int, bytes]:
+    """Run the CLI with its stderr on a pseudo-terminal (where progress is drawn): its
+    exit code and what it wrote there."""
+    leader, follower = pty.openpty()
+    p = subprocess.run([sys.executable, "-m", "qnbd.cli", *map(str, args)],
+                       stderr=follower, stdout=subprocess.DEVNULL)
+    os.close(follower)
+    shown = b""
+    try:
+        while chunk := os.read(leader, 4096):
+            shown += chunk
+    except OSError:  # EIO once the writer side is gone
+        pass
+    finally:
+        os.close(leader)
+    return p.returncode, shown
 
 
 

@@ -4,14 +4,12 @@ as sparse as qemu-img's own output (the same runs allocated, per qemu-img map)."
 
 import json
 import os
-import pty
 import subprocess
-import sys
 
 import pytest
 
 from bitmaputil import qemu_dirty_map
-from cli_util import qemu_img_check, qnbd, qnbd_ok
+from cli_util import qemu_img_check, qnbd, qnbd_ok, qnbd_on_terminal
 from images import RAW, SHAPES
 from lockutil import leave_bitmaps_in_use
 from nbdserver import wait_for_socket
@@ -193,18 +191,8 @@ def test_smaller_existing_target_is_refused_untouched(tmp_path):
 def test_progress_on_a_terminal(tmp_path):
     src = tmp_path / "s.raw"
     qemu_img("create", "-q", "-f", "raw", src, "8M")
-    leader, follower = pty.openpty()
-    p = subprocess.run([sys.executable, "-m", "qnbd.cli", "convert", "-p", "-O", "qcow2",
-                        str(src), str(tmp_path / "o.qcow2")], stderr=follower,
-                       stdout=subprocess.DEVNULL)
-    os.close(follower)
-    shown = b""
-    try:
-        while chunk := os.read(leader, 4096):
-            shown += chunk
-    except OSError:  # EIO once the writer side is gone
-        pass
-    assert p.returncode == 0
+    rc, shown = qnbd_on_terminal("convert", "-p", "-O", "qcow2", src, tmp_path / "o.qcow2")
+    assert rc == 0
     assert b"(100.00/100%)" in shown and b"(25.00/100%)" in shown
 
 

@@ -4,6 +4,7 @@ the active layer, qemu-img check clean, the same errors and exit codes; and writ
 through `qnbd serve` copy the clusters a snapshot shares (qnbd's snapshots and qemu's)."""
 
 import json
+import re
 import os
 import shutil
 import struct
@@ -15,7 +16,7 @@ import pytest
 from qnbd.formats import open_image
 
 from bitmaputil import info_bitmaps, qemu_dirty_map
-from cli_util import qnbd, qnbd_ok, qnbd_subprocess
+from cli_util import qnbd, qnbd_ok, qnbd_on_terminal, qnbd_subprocess
 from nbdserver import wait_for_socket
 from peers import check_clean, qemu_img, qemu_io, run
 
@@ -385,3 +386,21 @@ def test_bitmaps_survive_create_and_delete_as_with_qemu(tmp_path):
     assert info_bitmaps(ours) == info_bitmaps(theirs)
     assert "in-use" not in info_bitmaps(ours)[0]["flags"]
     assert qemu_dirty_map(ours, "b0") == qemu_dirty_map(theirs, "b0") == [(MiB, 64 * 1024)]
+
+
+def test_changes_of_a_big_image_show_progress_on_a_terminal(tmp_path):
+    """Each change walks the L2 tables a known number of times: on a terminal its bar
+    only grows and ends at 100%; with -q, or for a small image, nothing is drawn."""
+    image = str(tmp_path / "big.qcow2")   # 8 MiB written in 512 B clusters: 256 L2 tables
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", image, "8M")
+    qemu_io(image, "qcow2", "write -P 1 0 8M")
+    for args in (["-c", "s1"], ["-c", "s2"], ["-a", "s1"], ["-d", "s2"]):
+        rc, shown = qnbd_on_terminal("snapshot", *args, image)
+        assert rc == 0, shown
+        percents = [float(m) for m in re.findall(rb"\((\d+\.\d+)/100%\)", shown)]
+        assert percents and percents[-1] == 100.0, (args, shown)
+        assert percents == sorted(percents), (args, percents)
+    check_clean(image)
+    assert qnbd_on_terminal("snapshot", "-q", "-c", "s3", image) == (0, b"")
+    small = _build(tmp_path, "")
+    assert qnbd_on_terminal("snapshot", "-c", "s1", small) == (0, b"")

@@ -22,7 +22,7 @@ from ..block.storage import Barrier, Storage, sync_all
 from ..errors import ImageError, IOFailure
 from ..lock import lock_image
 from . import header as hdr
-from ..block.check_result import FIX_ALL
+from ..block.check_result import FIX_ALL, NoProgress
 from .bitmap_lifecycle import PersistentBitmaps
 from .check import check_storage
 from .compression import compress
@@ -351,17 +351,18 @@ class Qcow2Image:
             raise SnapshotFailure("internal snapshots are not supported with an external "
                                   "data file", errno.ENOTSUP)
 
-    def snapshot_create(self, name: bytes, date_ns: int) -> Snapshot:
+    def snapshot_create(self, name: bytes, date_ns: int, progress=None) -> Snapshot:
         """qemu-img snapshot -c: a new snapshot of the active layer, named `name` (names
         need not be unique), dated `date_ns` (ns since the epoch), with the next id."""
         self._snapshots_writable()
         sec, nsec = divmod(date_ns, 10**9)
         new = Snapshot(next_id(self.snapshots), name.decode("utf-8", "replace"), 0, 0,
                        sec, nsec, 0, 0, self.size, 0, raw_name=name)
+        self.snapshot_updater.progress = progress or NoProgress()
         self.snapshots = self.snapshot_updater.create(self.snapshots, new)
         return self.snapshots[-1]
 
-    def snapshot_apply(self, text: str) -> Snapshot:
+    def snapshot_apply(self, text: str, progress=None) -> Snapshot:
         """qemu-img snapshot -a: the snapshot with id `text`, else named `text`, becomes
         the active layer (its size too, as qemu resizes to it). Refused with bitmaps,
         whose bits would no longer describe the data (as qemu's bdrv_snapshot_goto)."""
@@ -374,13 +375,15 @@ class Qcow2Image:
         if snapshot is None:
             raise SnapshotFailure(f"no snapshot '{text}'", errno.ENOENT)
         size = self.size if snapshot.disk_size is None else snapshot.disk_size
+        self.snapshot_updater.progress = progress or NoProgress()
         self.snapshot_updater.apply(snapshot, size)
         self._set_size(size)
         return snapshot
 
-    def snapshot_delete(self, snapshot: Snapshot) -> None:
+    def snapshot_delete(self, snapshot: Snapshot, progress=None) -> None:
         """qemu-img snapshot -d of a snapshot found by the caller."""
         self._snapshots_writable()
+        self.snapshot_updater.progress = progress or NoProgress()
         self.snapshots = self.snapshot_updater.delete(self.snapshots, snapshot)
 
     # -- flush and close ---------------------------------------------------------------

@@ -26,6 +26,7 @@ import errno
 from array import array
 from collections.abc import Callable, Iterator
 
+from ..block.check_result import NoProgress, Progress
 from ..block.storage import Barrier, Storage
 from ..errors import CorruptImage, IOFailure, ImageError
 from . import header as hdr
@@ -70,6 +71,9 @@ class SnapshotUpdater:
         self.metadata = metadata
         self.writer = writer
         self.flush = flush
+        # One step per L2 table walked, the total known when an operation starts (so
+        # that the bar only grows): the snapshot command draws it on a terminal.
+        self.progress: Progress = NoProgress()
 
     @property
     def layout(self):
@@ -88,6 +92,7 @@ class SnapshotUpdater:
         active = array("Q", self.tables.l1[:h.l1_size])
         # One more reference for everything the active tables reach; refused as a whole
         # (qemu: EINVAL) where a refcount would overflow.
+        self._expect((active, 3))   # _check_room, _increment, _clear_copied
         references = self._references(active)
         self._check_room(references)
         with self._changing(dirty=True):
@@ -107,6 +112,9 @@ class SnapshotUpdater:
         self.flush()
         needed = -(-size >> self.layout.table_shift)
         source = self._read_l1(snapshot)
+        # _check_room, _increment, _clear_copied of the snapshot; _release_tables of
+        # the layer it replaces.
+        self._expect((source, 3), (self.tables.l1[:self.header.l1_size], 1))
         references = self._references(source)
         self._check_room(references)
         with self._changing(dirty=False):
@@ -140,6 +148,8 @@ class SnapshotUpdater:
         _check_l1_size(victim.l1_size)
         self.flush()
         source = self._read_l1(victim)
+        # _release_tables of the victim, _set_copied of the active layer.
+        self._expect((source, 1), (self.tables.l1[:self.header.l1_size], 1))
         table = [s for s in snapshots if s is not victim]
         with self._changing(dirty=True):
             self._switch_table(table)
@@ -178,6 +188,19 @@ class SnapshotUpdater:
                              "the file")
         return decode_table(raw)
 
+    def _expect(self, *walks: tuple[array, int]) -> None:
+        """The progress total: (L1 table, how many times it is walked) of an operation."""
+        for l1, times in walks:
+            self.progress.add_total(times * sum(1 for e in l1 if e & L1E_OFFSET_MASK))
+
+    def _l2_tables(self, l1) -> Iterator[tuple[int, int, int]]:
+        """(index, entry, L2 table offset) of each L1 entry that has a table, one
+        progress step each."""
+        tables = [(i, e, e & L1E_OFFSET_MASK) for i, e in enumerate(l1) if e & L1E_OFFSET_MASK]
+        for table in tables:
+            yield table
+            self.progress.step()
+
     def _entries(self, table: array):
         """(index of the descriptor word, descriptor, kind) of each entry of an L2 table,
         64-bit or extended (the subcluster bitmap words are never touched here)."""
@@ -192,10 +215,7 @@ class SnapshotUpdater:
         layout = self.layout
 
         def walk():
-            for entry in l1:
-                offset = entry & L1E_OFFSET_MASK
-                if not offset:
-                    continue
+            for _i, _entry, offset in self._l2_tables(l1):
                 yield offset, layout.cluster_size
                 for _i, e, kind in self._entries(self.tables.l2_cache.get(offset)):
                     if kind == COMPRESSED:
@@ -241,10 +261,7 @@ class SnapshotUpdater:
 
     def _clear_copied(self, l1: array, active_l1: bool) -> None:
         tables = self.tables
-        for i, entry in enumerate(l1):
-            offset = entry & L1E_OFFSET_MASK
-            if not offset:
-                continue
+        for i, entry, offset in self._l2_tables(l1):
             table = tables.l2_cache.get(offset)
             changed = False
             for j, e, _kind in self._entries(table):
@@ -261,10 +278,7 @@ class SnapshotUpdater:
         qcow2_update_snapshot_refcount(..., 0) does after a delete)."""
         tables, refcounts, layout = self.tables, self.refcounts, self.layout
         cb = layout.cluster_bits
-        for i, entry in enumerate(tables.l1[:self.header.l1_size]):
-            offset = entry & L1E_OFFSET_MASK
-            if not offset:
-                continue
+        for i, entry, offset in self._l2_tables(tables.l1[:self.header.l1_size]):
             table = tables.l2_cache.get(offset)
             changed = False
             for j, e, kind in self._entries(table):
