@@ -22,26 +22,35 @@ class QemuStyleParser(argparse.ArgumentParser):
     def error(self, message: str):
         text, hint = _qemu_wording(message)
         if hint:
-            text += f"\n{self.prog}: Try `{self.prog} --help' for more information."
+            # getopt's errors are followed by an error_report() line; qemu-nbd's own
+            # "Invalid number of arguments" by a bare error_printf() one (qemu-nbd.c).
+            prefix = "" if hint == PLAIN_HINT else f"{self.prog}: "
+            text += f"\n{prefix}Try `{self.prog} --help' for more information."
         self.exit(1, f"{self.prog}: {text}\n")
 
 
-def _qemu_wording(message: str) -> tuple[str, bool]:
+HINT, PLAIN_HINT = "hint", "plain hint"
+
+
+def _qemu_wording(message: str) -> tuple[str, str | None]:
+    """argparse's message in getopt's (glibc) or qemu's words, and the hint after it."""
     if message.startswith("unrecognized arguments: "):
         first = message.split(": ", 1)[1].split()[0]
         if first.startswith("--"):
-            return f"unrecognized option '{first.split('=')[0]}'", True
+            return f"unrecognized option '{first}'", HINT  # getopt shows any =VALUE too
         if first.startswith("-") and len(first) > 1:
-            return f"invalid option -- '{first[1]}'", True
-        return "Invalid number of arguments", True
+            return f"invalid option -- '{first[1]}'", HINT
+        return "Invalid number of arguments", PLAIN_HINT
     if message.startswith("argument ") and ": " in message:
         names, why = message[len("argument "):].split(": ", 1)
         if why.startswith("expected one argument"):
-            return f"option '{names.split('/')[-1]}' requires an argument", True
+            return f"option '{names.split('/')[-1]}' requires an argument", HINT
+        if why.startswith("ignored explicit argument"):
+            return f"option '{names.split('/')[-1]}' doesn't allow an argument", HINT
         if why.startswith("invalid choice"):
-            return f"{names.split('/')[-1]}: {why}", False
-        return why, False
-    return message, True
+            return f"{names.split('/')[-1]}: {why}", None
+        return why, None
+    return message, HINT
 
 
 def build_parser() -> argparse.ArgumentParser:

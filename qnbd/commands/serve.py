@@ -23,7 +23,6 @@ from .serve_tls import cli_tls, list_creds
 # qemu-nbd options that qnbd does not implement yet: accepted by the parser only to be
 # refused by name, never silently ignored. (flag, long name, takes a value)
 UNSUPPORTED = (
-    ("-P", "--partition", True),
     ("-c", "--connect", True), ("-d", "--disconnect", False),
     (None, "--selinux-label", True),
 )
@@ -243,8 +242,8 @@ def _list_mode(args) -> int:
 
 def _cli_listener(args) -> Listener:
     if args.socket is not None:
-        if args.bind is not None or args.port is not None:
-            raise QnbdError("-k cannot be combined with -b or -p")
+        # qemu-nbd listens on the socket alone and ignores -b and -p (qemu-nbd.c,
+        # nbd_build_socket_address).
         return Listener(unix=args.socket)
     return Listener(address=args.bind or "0.0.0.0", port=args.port or DEFAULT_PORT)
 
