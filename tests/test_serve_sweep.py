@@ -142,12 +142,13 @@ def test_signals_stop_cleanly_as_qemu_nbd(tmp_path, sig):
         run("qemu-img", "bitmap", "--add", img, "b0")
         sock = os.path.join(short_tmpdir(), "s")
         cmd = ["qemu-nbd"] if program == "qemu-nbd" else serve_cmd()
-        # Ready once the socket exists: no probe client (qemu-nbd, seen stopping, may wait
-        # for one that connected and left without a handshake).
         proc = subprocess.Popen([*cmd, "-t", "-k", sock, "-f", "qcow2", img])
         deadline = time.monotonic() + 15
         while not os.path.exists(sock) and time.monotonic() < deadline:
             time.sleep(0.05)
+        # qemu-nbd binds its socket before it opens the image and enters its main loop,
+        # and loses a signal that comes in between (it hangs): give it time to get there.
+        time.sleep(1)
         proc.send_signal(sig)
         code = proc.wait(timeout=15)
         bitmaps = json.loads(run("qemu-img", "info", "--output=json", img).stdout)
