@@ -15,7 +15,7 @@ from bitmaputil import expected_dirty, info_bitmaps, qemu_dirty_map, qnbd
 from nbdserver import run_serve, short_tmpdir
 from parallelsutil import add_bitmaps, add_extension, bitmap_feature, feature
 from peers import run
-from qnbd.block.parallels_ext import DIRTY_BITMAP_FEATURE, L1_ALL_SET
+from qnbd.block.parallels_ext import DIRTY_BITMAP_FEATURE, L1_ALL_SET, MAX_EXT_CLUSTER
 
 MiB = 1 << 20
 ID_A, ID_B = bytes(range(16)), bytes(range(16, 32))
@@ -181,3 +181,17 @@ def test_merge_from_a_parallels_bitmap_as_qemu_img(bitmap_image, tmp_path):
             qnbd(*merge)
         targets.append(qemu_dirty_map(target, "m"))
     assert targets[0] == targets[1] == expected_dirty(DIRTY_A, 4096, 64 * MiB)
+
+
+def test_extension_in_huge_clusters_refused_in_one_line(tmp_path):
+    """The extension cluster is read whole: clusters above MAX_EXT_CLUSTER are refused
+    (our bound on memory; qemu reads any)."""
+    img = str(tmp_path / "disk.parallels")
+    cluster = 2 * MAX_EXT_CLUSTER
+    run("qemu-img", "create", "-q", "-f", "parallels", "-o", f"cluster_size={cluster}",
+        img, "64M")
+    add_bitmaps(img, {ID_A: (512, DIRTY_A)})
+    r = run_serve("-r", "-k", os.path.join(short_tmpdir(), "s"), img)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"qnbd serve: '{img}': a Format Extension in clusters of {cluster} bytes is not "
+        f"supported (at most {MAX_EXT_CLUSTER})"]
