@@ -2,6 +2,10 @@
 recording in `state` what was acknowledged (model), what the last completed flush made
 durable (flushed) and which sectors were written since (touched)."""
 
+import signal
+import threading
+import time
+
 import nbd
 
 SECTOR = 512
@@ -27,3 +31,34 @@ def write_load(uri, rng, state, stop, size):
             state["model"][off:off + n] = data
     except nbd.Error:
         pass  # the server was killed under us
+
+
+def new_state(content: bytes) -> dict:
+    """What write_load records, starting from an image that reads as content."""
+    return {"model": bytearray(content), "flushed": content,
+            "touched": bytearray(len(content) // SECTOR)}
+
+
+def kill_during_writes(server, rng, state, size) -> None:
+    """Write through a running server from another thread and SIGKILL it 0.2-0.8 s in:
+    the kill lands at a random point of the write path, not at a request boundary."""
+    stop = threading.Event()
+    t = threading.Thread(target=write_load, args=(server.uri, rng, state, stop, size))
+    t.start()
+    try:
+        time.sleep(rng.uniform(0.2, 0.8))
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait()
+    finally:
+        stop.set()
+        t.join()
+
+
+def lost_flushed_sector(content: bytes, state) -> int | None:
+    """The offset of the first sector that the last completed flush made durable, that no
+    later write touched, and that now reads otherwise; None when there is none."""
+    for sector, touched in enumerate(state["touched"]):
+        lo = sector * SECTOR
+        if not touched and content[lo:lo + SECTOR] != state["flushed"][lo:lo + SECTOR]:
+            return lo
+    return None

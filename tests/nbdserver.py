@@ -154,13 +154,7 @@ class RawClient:
         self.s.close()
 
     def recv(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = self.s.recv(n - len(buf))
-            if not chunk:
-                raise EOFError(f"closed after {len(buf)} of {n} bytes")
-            buf += chunk
-        return buf
+        return bytes(recv_exactly(self.s, n))
 
     def closed_by_server(self) -> bool:
         try:
@@ -233,6 +227,26 @@ class RawClient:
             out.append(c)
             if c[0] & 1:
                 return out
+
+
+def recv_exactly(s: socket.socket, n: int) -> bytearray:
+    """n bytes from s into one buffer (replies of tens of MiB are not joined piece by piece)."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    pos = 0
+    while pos < n:
+        got = s.recv_into(view[pos:])
+        if not got:
+            raise EOFError(f"closed after {pos} of {n} bytes")
+        pos += got
+    return buf
+
+
+def rss(pid: int) -> int:
+    """Resident memory of a process, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
 
 
 def meta_payload(name: str, queries) -> bytes:

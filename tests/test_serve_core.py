@@ -14,31 +14,12 @@ import time
 import nbd
 import pytest
 
-from nbdserver import RawClient, Server, make_raw, meta_payload, short_tmpdir
+from nbdserver import RawClient, Server, make_raw, meta_payload, recv_exactly, rss, short_tmpdir
 from qnbd.nbd import protocol as p
 from tlsutil import make_pki
 
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-def _recv_exactly(s, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    pos = 0
-    while pos < n:
-        got = s.recv_into(view[pos:])
-        assert got, "closed"
-        pos += got
-    return buf
 
 
 def _pattern(n: int, seed: int) -> bytes:
@@ -89,14 +70,14 @@ def test_large_read_memory_stays_bounded(big):
     """Eight pipelined 64 MiB reads, taken slowly: the server streams them in pieces."""
     c = RawClient(big.sock, timeout=30)
     c.go()
-    before = _rss(big.proc.pid)
+    before = rss(big.proc.pid)
     c.s.sendall(b"".join(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.CMD_READ, i, 0, 64 * MiB)
                          for i in range(8)))
     peak = 0
     for i in range(8):
         assert c.simple_reply() == (0, i)
-        _recv_exactly(c.s, 64 * MiB)
-        peak = max(peak, _rss(big.proc.pid) - before)
+        recv_exactly(c.s, 64 * MiB)
+        peak = max(peak, rss(big.proc.pid) - before)
     assert peak < 120 * MiB, f"server grew by {peak >> 20} MiB"
     c.close()
 
@@ -286,16 +267,16 @@ def test_reader_that_does_not_read_cannot_grow_the_server(tmp_path, pki, transpo
             c.s = ctx.wrap_socket(s)
         c.send_option(p.OPT_GO, struct.pack(">IH", 0, 0))
         assert not c.option_replies()[-1][0] & (1 << 31)
-        before = _rss(server.proc.pid)
+        before = rss(server.proc.pid)
         count = 12   # 384 MiB of replies asked for at once
         c.s.sendall(b"".join(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.CMD_READ, i, 0,
                                          32 * MiB) for i in range(count)))
         time.sleep(1.5)
-        grown = _rss(server.proc.pid) - before
+        grown = rss(server.proc.pid) - before
         assert grown < 64 * MiB, f"server grew by {grown >> 20} MiB"
         for i in range(count):  # and every reply still comes, in order
             assert c.simple_reply() == (0, i)
-            assert _recv_exactly(c.s, 32 * MiB)[-4:] == b"edge"
+            assert recv_exactly(c.s, 32 * MiB)[-4:] == b"edge"
         c.close()
     finally:
         server.stop()

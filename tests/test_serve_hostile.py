@@ -10,7 +10,7 @@ import time
 import nbd
 import pytest
 
-from nbdserver import RawClient, make_raw
+from nbdserver import RawClient, make_raw, rss
 from qcow2util import bitmap_locations, read_field
 from qnbd.nbd import protocol as p
 from tlsutil import make_pki
@@ -61,12 +61,6 @@ def test_sigterm_while_a_client_is_silent_mid_tls(tmp_path, serve, pki):
     silent.close()
 
 
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        line = next(line for line in f if line.startswith("VmRSS:"))
-    return int(line.split()[1]) * 1024
-
-
 def _alternating_bitmap_image(path) -> str:
     """A 4 GiB qcow2 image with a bitmap of granularity 512 whose bits alternate: marked
     all dirty by qemu (so qemu writes every bitmap data cluster), then each data cluster
@@ -96,7 +90,7 @@ def test_fine_bitmap_block_status_is_bounded(tmp_path, serve):
     h = nbd.NBD()
     h.add_meta_context("qemu:dirty-bitmap:b")
     h.connect_uri(server.uri)
-    before = _rss(server.proc.pid)
+    before = rss(server.proc.pid)
     # Another client's reads go on while the block status is answered.
     latencies = []
     done = threading.Event()
@@ -120,7 +114,7 @@ def test_fine_bitmap_block_status_is_bounded(tmp_path, serve):
         elapsed = time.monotonic() - start
         done.set()
         reader.join()
-    after = _rss(server.proc.pid)
+    after = rss(server.proc.pid)
     (entries,) = seen
     # 65,536 descriptors of 512 bytes, alternating clean and dirty.
     assert len(entries) == 2 * 65536 and entries[:4] == [512, 1, 512, 0]

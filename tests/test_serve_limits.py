@@ -13,7 +13,7 @@ import types
 import nbd
 import pytest
 
-from nbdserver import RawClient, Server, make_raw, short_tmpdir, wait_for_socket
+from nbdserver import RawClient, Server, make_raw, recv_exactly, rss, short_tmpdir, wait_for_socket
 from qnbd.config import ServerConfig
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
@@ -152,40 +152,21 @@ def test_one_turn_does_a_bounded_share_of_work():
 # --- against a real server ---
 
 
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-def _recv_exactly(s, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    pos = 0
-    while pos < n:
-        got = s.recv_into(view[pos:])
-        assert got, "closed"
-        pos += got
-    return buf
-
-
 def test_client_that_does_not_read_cannot_grow_the_server(tmp_path):
     image = make_raw(tmp_path / "a.raw", 32 * MiB, b"edge", 32 * MiB - 4)
     server = config_server(tmp_path, image, "max_queued_bytes = 8388608")
     try:
         c = RawClient(server.sock, timeout=20)
         c.go()
-        before = _rss(server.proc.pid)
+        before = rss(server.proc.pid)
         count = 12   # 384 MiB of replies asked for at once
         c.s.sendall(b"".join(read_request(i, 0, 32 * MiB) for i in range(count)))
         time.sleep(1.5)
-        grown = _rss(server.proc.pid) - before
+        grown = rss(server.proc.pid) - before
         assert grown < 150 * MiB, f"server grew by {grown >> 20} MiB"
         for i in range(count):  # and every reply still comes, in order
             assert c.simple_reply() == (0, i)
-            data = _recv_exactly(c.s, 32 * MiB)
+            data = recv_exactly(c.s, 32 * MiB)
             assert data[-4:] == b"edge"
         c.close()
     finally:

@@ -8,10 +8,7 @@ flush reads back; a bitmap left in-use is refused.
 
 import json
 import random
-import signal
 import subprocess
-import threading
-import time
 
 import pytest
 
@@ -20,17 +17,10 @@ from qnbd.errors import ImageError
 
 from peers import qemu_img
 from images import MiB
-from nbdload import write_load
+from nbdload import kill_during_writes, lost_flushed_sector, new_state
+from workload import converted
 
 SIZE = 32 * MiB
-SECTOR = 512
-
-
-def converted(image, tmp_path):
-    out = str(tmp_path / "out.raw")
-    qemu_img("convert", "-U", "-f", "qcow2", "-O", "raw", image, out)
-    with open(out, "rb") as f:
-        return f.read()
 
 
 @pytest.mark.parametrize("options", ["", "lazy_refcounts=on"], ids=["eager", "lazy"])
@@ -42,17 +32,8 @@ def test_sigkill_under_write_load(serve, tmp_path, options):  # noqa: F811
     rng = random.Random(options)
     expected = bytes(SIZE)
     for _round in range(4):
-        state = {"model": bytearray(expected), "flushed": expected,
-                 "touched": bytearray(SIZE // SECTOR)}
-        server = serve(image, "-f", "qcow2")
-        stop = threading.Event()
-        t = threading.Thread(target=write_load, args=(server.uri, rng, state, stop, SIZE))
-        t.start()
-        time.sleep(rng.uniform(0.2, 0.8))
-        server.proc.send_signal(signal.SIGKILL)
-        server.proc.wait()
-        stop.set()
-        t.join()
+        state = new_state(expected)
+        kill_during_writes(serve(image, "-f", "qcow2"), rng, state, SIZE)
         info = json.loads(qemu_img("info", "-U", "--output=json", image).stdout)
         bitmaps = info["format-specific"]["data"]["bitmaps"]
         assert "in-use" in bitmaps[0]["flags"]
@@ -68,14 +49,13 @@ def test_sigkill_under_write_load(serve, tmp_path, options):  # noqa: F811
         report = json.loads(r.stdout)
         assert report.get("corruptions", 0) == 0, r.stdout
         assert r.returncode in (0, 3), r.stdout + r.stderr
-        content = converted(image, tmp_path)
-        for sector, touched in enumerate(state["touched"]):
-            lo = sector * SECTOR
-            if not touched and content[lo:lo + SECTOR] != state["flushed"][lo:lo + SECTOR]:
-                pytest.fail(f"round {_round}: acknowledged and flushed data lost at offset {lo}: "
-                            f"{content[lo:lo + 8].hex()} instead of "
-                            f"{state['flushed'][lo:lo + 8].hex()}, model "
-                            f"{state['model'][lo:lo + 8].hex()}")
+        content = converted(image, "qcow2", tmp_path)
+        lost = lost_flushed_sector(content, state)
+        if lost is not None:
+            pytest.fail(f"round {_round}: acknowledged and flushed data lost at offset {lost}: "
+                        f"{content[lost:lost + 8].hex()} instead of "
+                        f"{state['flushed'][lost:lost + 8].hex()}, model "
+                        f"{state['model'][lost:lost + 8].hex()}")
         dev = open_image(image, read_only=True, force_share=True)
         try:
             with pytest.raises(ImageError, match="inconsistent"):

@@ -7,7 +7,7 @@ exception out) when a property breaks; the project's own protocol errors are exp
 
 import struct
 
-from qnbd.block.base import Extent
+from qnbd.block.null import NullDevice
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
 from qnbd.nbd.handshake import Close, Handshake, Ready, Send, Session, StartTLS
@@ -22,35 +22,19 @@ NAMES = ("", "secret", "public", "none")
 _ERR = 1 << 31
 
 
-class _Device:
-    size = 1 << 20
-    read_only = False
-    supports_fast_zero = False
+DEVICE_SIZE = 1 << 20
 
-    def read(self, offset, length):
-        return bytes(length)
 
-    def block_status(self, offset, length):
-        return [Extent(length, 3, 0)]
-
-    def write(self, offset, data, fua=False):
-        pass
-
-    def write_zeroes(self, offset, length, may_trim=False, fast=False, fua=False):
-        pass
-
-    def discard(self, offset, length, fua=False):
-        pass
-
-    def flush(self):
-        pass
+def _device() -> NullDevice:
+    """Reads zeros, drops writes: the fuzzed core, not an engine, is under test."""
+    return NullDevice(DEVICE_SIZE, read_zeroes=True)
 
 
 def catalog(tls_only: bool = True) -> Catalog:
     """A TLS-only export first (so it is also the default export) and a public one. (The
     configuration refuses TLS-only exports when TLS is off.)"""
-    return Catalog([Export(ExportConfig(image="-", name="secret", tls_only=tls_only), _Device()),
-                    Export(ExportConfig(image="-", name="public"), _Device())])
+    return Catalog([Export(ExportConfig(image="-", name="secret", tls_only=tls_only), _device()),
+                    Export(ExportConfig(image="-", name="public"), _device())])
 
 
 def client_stream(data: bytes) -> bytes:
@@ -133,7 +117,7 @@ def handshake(data: bytes) -> None:
 
 
 def _session(extended: bool = False) -> Session:
-    export = Export(ExportConfig(image="-"), _Device())
+    export = Export(ExportConfig(image="-"), _device())
     chosen = [(c.id, c) for c in Catalog([export]).contexts(export)]
     return Session(export, transmission_flags(export, True, extended, True), True, chosen,
                    extended)
@@ -175,7 +159,7 @@ def requests(data: bytes) -> None:
     allowed = allowed_flags(session)
     for req in whole:
         if isinstance(req, Request):
-            err, _ = check(session, allowed, _Device.size, req)
+            err, _ = check(session, allowed, DEVICE_SIZE, req)
             assert err in (0, p.EINVAL, p.ENOSPC, p.EPERM)
 
 
