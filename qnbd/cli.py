@@ -2,6 +2,7 @@
 
 import argparse
 import importlib
+import re
 import sys
 
 from . import __version__
@@ -19,8 +20,30 @@ class QemuStyleParser(argparse.ArgumentParser):
     type function words it, see commands/serve_values.py); an unknown option or a missing
     argument is getopt's line followed by a hint."""
 
+    # Long options that win an abbreviation they share with the parser's others: qemu's
+    # own, in the order of qemu's getopt table, so that a prefix qemu takes as one of its
+    # options (`--lo` for --load-snapshot) is not made ambiguous by qnbd's additions
+    # (--log-level), and an ambiguous one lists qemu's candidates as getopt does.
+    preferred_long_options: tuple[str, ...] = ()
+
+    def _get_option_tuples(self, option_string):
+        found = super()._get_option_tuples(option_string)
+        if len(found) > 1:
+            # The option string is the second item in every Python version's tuples.
+            preferred = [t for t in found if t[1] in self.preferred_long_options]
+            if len(preferred) == 1:
+                return preferred
+        return found
+
     def error(self, message: str):
         text, hint = _qemu_wording(message)
+        m = _AMBIGUOUS.match(message)
+        if m:
+            matches = m.group(2).split(", ")
+            order = {name: i for i, name in enumerate(self.preferred_long_options)}
+            matches.sort(key=lambda name: order.get(name, len(order)))
+            text = (f"option '{m.group(1)}' is ambiguous; possibilities: "
+                    + " ".join(f"'{name}'" for name in matches))
         if hint:
             # getopt's errors are followed by an error_report() line; qemu-nbd's own
             # "Invalid number of arguments" by a bare error_printf() one (qemu-nbd.c).
@@ -30,6 +53,7 @@ class QemuStyleParser(argparse.ArgumentParser):
 
 
 HINT, PLAIN_HINT = "hint", "plain hint"
+_AMBIGUOUS = re.compile(r"ambiguous option: (\S+) could match (.+)$")
 
 
 def _qemu_wording(message: str) -> tuple[str, str | None]:

@@ -27,6 +27,7 @@ MiB = 1 << 20
     ["-P", "1", "IMG"],            # -P/--partition: gone from qemu-nbd, unknown here too
     ["--partition=1", "IMG"],
     ["--fork=x", "IMG"],
+    ["--d", "IMG"], ["--de=1", "IMG"],  # ambiguous: getopt's words, qemu's table order
 ], ids=lambda a: " ".join(a))
 def test_refused_command_lines_as_qemu_nbd(tmp_path, args):
     img = make_raw(tmp_path / "a.raw", MiB)
@@ -156,3 +157,52 @@ def test_signals_stop_cleanly_as_qemu_nbd(tmp_path, sig):
         seen.append((code, os.path.exists(sock), flags,
                      run("qemu-img", "check", img, check=False).returncode))
     assert seen[0] == seen[1] == (0, False, ["auto"], 0)
+
+
+def test_abbreviations_mean_qemu_nbd_options(servers, tmp_path):
+    """A prefix of one qemu-nbd option means it even where qnbd's own options share it
+    (--i: --image-opts, not --idle-timeout; --lo: --load-snapshot, not --log-level)."""
+    img = tmp_path / "a.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 7 0 64k", img)
+    run("qemu-img", "snapshot", "-c", "snap1", img)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 8 0 64k", img)
+    seen = {}
+    for program in ("qemu-nbd", "qnbd"):
+        opts = servers(program, "-r", "--i", f"driver=qcow2,file.filename={img}")
+        snap = servers(program, "--lo", "snap1", "-f", "qcow2", img)
+        seen[program] = [(described(s.sock), run("nbdinfo", "--map", "--totals",
+                                                 f"nbd+unix:///?socket={s.sock}").stdout)
+                         for s in (opts, snap)]
+    assert seen["qnbd"] == seen["qemu-nbd"]
+    assert seen["qnbd"][1][0]["exports"][0]["is_read_only"]
+
+
+def _qemu_nbd_knows(option: str) -> bool:
+    return option in run("qemu-nbd", "--help").stdout
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "99999999999"])
+def test_handshake_limit_values_as_qemu_nbd(tmp_path, value):
+    """qemu-nbd 10's --handshake-limit (qnbd's --handshake-timeout in whole seconds):
+    bad values refused in qemu-nbd's words where it has the option (qemu 7.2 has not)."""
+    img = make_raw(tmp_path / "a.raw", MiB)
+    qemu, ours = both(f"--handshake-limit={value}", "-f", "raw", img)
+    assert ours.returncode == 1
+    assert ours.stderr == f"qnbd serve: Invalid handshake limit '{value}'\n"
+    if _qemu_nbd_knows("--handshake-limit"):
+        assert (qemu.returncode, as_qnbd(qemu.stderr)) == (1, ours.stderr)
+
+
+def test_handshake_limit_drops_a_silent_client(servers, tmp_path):
+    img = make_raw(tmp_path / "a.raw", MiB)
+    programs = ["qnbd"] + (["qemu-nbd"] if _qemu_nbd_knows("--handshake-limit") else [])
+    for program in programs:
+        server = servers(program, "--handshake-limit=1", "-f", "raw", img)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(server.sock)
+            s.settimeout(10)
+            start = time.monotonic()
+            while s.recv(4096):   # the greeting, then EOF once the limit passes
+                pass
+            assert 0.5 < time.monotonic() - start < 8, program

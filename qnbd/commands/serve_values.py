@@ -62,6 +62,14 @@ def shared(text: str) -> int:
     return n
 
 
+def handshake_limit(text: str) -> int:
+    """qemu-nbd 10's --handshake-limit: whole seconds, an int (qemu_strtoi), 0 = none."""
+    n = c_integer(text)
+    if n is None or n < 0 or n >= 1 << 31:
+        _fail(f"Invalid handshake limit '{text}'")
+    return n
+
+
 def offset(text: str) -> int:
     n = c_integer(text)
     if n is None or n < 0 or n >= 1 << 64:
