@@ -28,6 +28,7 @@ MiB = 1 << 20
     ["--partition=1", "IMG"],
     ["--fork=x", "IMG"],
     ["--d", "IMG"], ["--de=1", "IMG"],  # ambiguous: getopt's words, qemu's table order
+    ["-p", "abc", "-f", "raw", "IMG"], ["-p", "-1", "-f", "raw", "IMG"],  # getaddrinfo's
 ], ids=lambda a: " ".join(a))
 def test_refused_command_lines_as_qemu_nbd(tmp_path, args):
     img = make_raw(tmp_path / "a.raw", MiB)
