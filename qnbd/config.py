@@ -4,7 +4,8 @@ options (qemu-nbd's) or from a TOML file (`qnbd serve --config FILE`, see config
 The file format:
 
     [server]            persistent, pid_file, control = PATH (the control socket, issue 15;
-                        also accepted at the top of the file), metrics = "ADDR:PORT"
+                        also accepted at the top of the file), control_mode = "0660"
+                        (its permissions, default 0600), metrics = "ADDR:PORT"
     [limits]            max_connections, handshake_timeout, idle_timeout, max_queued_bytes,
                         max_queued_total, max_request
     [tls]               creds = DIR, mode = "off"|"on"|"require", verify_peer,
@@ -35,6 +36,9 @@ DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_MAX_QUEUED_BYTES = 64 << 20
 # Reply bytes queued for all connections together: with many clients, each gets a share.
 DEFAULT_MAX_QUEUED_TOTAL = 1 << 30
+# The control socket's permissions: its clients change bitmaps and expose point-in-time
+# views of every export, so only the server's user unless told otherwise.
+DEFAULT_CONTROL_MODE = 0o600
 
 
 @dataclass
@@ -70,6 +74,7 @@ class ServerConfig:
     max_request: int = DEFAULT_MAX_REQUEST
     tls: TlsConfig | None = None
     control: str | None = None       # the control socket's path (qnbd/control/)
+    control_mode: int = DEFAULT_CONTROL_MODE
     metrics: str | None = None       # ADDR:PORT of the Prometheus endpoint
 
 
@@ -99,7 +104,8 @@ _EXPORT_KEYS = {"image": str, "name": str, "format": str, "description": str,
                 "snapshot": bool, "shared": int, "bitmaps": list, "allocation_depth": bool,
                 "load_snapshot": str}
 _LISTEN_KEYS = {"unix": str, "address": str, "port": int}
-_SERVER_KEYS = {"persistent": bool, "pid_file": str, "control": str, "metrics": str}
+_SERVER_KEYS = {"persistent": bool, "pid_file": str, "control": str, "control_mode": str,
+                "metrics": str}
 _LIMIT_KEYS = {"max_connections": int, "handshake_timeout": (int, float),
                "idle_timeout": (int, float), "max_queued_bytes": int,
                "max_queued_total": int, "max_request": int}
@@ -122,7 +128,8 @@ def load_config(path: str) -> ServerConfig:
 
 def parse_config(doc: dict) -> ServerConfig:
     _check_table(doc, "file", {"server": dict, "limits": dict, "listen": list, "export": list,
-                               "tls": dict, "control": str, "metrics": str})
+                               "tls": dict, "control": str, "control_mode": str,
+                               "metrics": str})
     server = _check_table(doc.get("server", {}), "server", _SERVER_KEYS)
     limits = _check_table(doc.get("limits", {}), "limits", _LIMIT_KEYS)
 
@@ -179,12 +186,33 @@ def parse_config(doc: dict) -> ServerConfig:
         sizes[key] = limits.get(key, default)
         if sizes[key] < least:
             raise ConfigError(f"limits.{key}: must be at least {least}")
+    control = server.get("control", doc.get("control"))
+    mode = server.get("control_mode", doc.get("control_mode"))
+    if mode is not None and control is None:
+        raise ConfigError("control_mode: there is no control socket (control = PATH)")
     return ServerConfig(exports=exports, listeners=listeners,
                         persistent=server.get("persistent", True),
                         max_connections=max_conn, handshake_timeout=timeout,
                         pid_file=server.get("pid_file"), idle_timeout=idle,
-                        tls=tls, control=server.get("control", doc.get("control")),
+                        tls=tls, control=control,
+                        control_mode=DEFAULT_CONTROL_MODE if mode is None else
+                        parse_mode(mode, "control_mode"),
                         metrics=server.get("metrics", doc.get("metrics")), **sizes)
+
+
+def parse_mode(text: str, where: str) -> int:
+    """A unix socket's permissions in octal, as chmod takes them ("0660"). Only the
+    permission bits (no setuid, sticky: meaningless on a socket), and the owner keeps
+    read and write: without them not even the server's user could connect (connect(2)
+    needs write permission on a unix socket)."""
+    if not text or len(text) > 4 or any(c not in "01234567" for c in text):
+        raise ConfigError(f"{where}: expected an octal mode such as 0660, got {text!r}")
+    mode = int(text, 8)
+    if mode > 0o777:
+        raise ConfigError(f"{where}: {text} has bits other than permissions (at most 0777)")
+    if mode & 0o600 != 0o600:
+        raise ConfigError(f"{where}: {text} does not let the owner read and write")
+    return mode
 
 
 def check_tls_only(config: ServerConfig) -> None:

@@ -18,11 +18,11 @@ from peers import run
 from qcow2util import INCOMPAT_DIRTY, patch_bytes, patch_fields, read_field, read_u64
 from images import MiB, Shape
 from qedimages import QedShape
-from workload import Model, apply_ops, converted
+from workload import Model, apply_ops, converted, discard_unit
 
 # The shapes the engine issue asks for: small refcount regions (512 B clusters, 64-bit
 # refcounts: 64 clusters a block) under raw and qcow2 backing files, 1-bit refcounts,
-# v2, lazy refcounts, compressed clusters, persistent bitmaps.
+# v2, lazy refcounts, compressed clusters, persistent bitmaps, extended L2 entries.
 SHAPES = [
     Shape("c512-r64-raw", "cluster_size=512,refcount_bits=64", backing="raw", size=4 * MiB),
     Shape("c512-r64-qcow2", "cluster_size=512,refcount_bits=64", backing="qcow2",
@@ -32,6 +32,12 @@ SHAPES = [
     Shape("lazy", "lazy_refcounts=on", size=4 * MiB),
     Shape("zlib", compress="zlib", size=4 * MiB),
     Shape("bitmaps", "cluster_size=4096", size=4 * MiB, bitmaps=["b0", "b1"]),
+    # Extended L2 entries, 16 KiB clusters: 512-byte subclusters, each write's partial
+    # subclusters copied on write; over a qcow2 backing file; and compressed clusters.
+    Shape("extl2-c16k", "extended_l2=on,cluster_size=16k", size=4 * MiB),
+    Shape("extl2-c16k-qcow2", "extended_l2=on,cluster_size=16k", backing="qcow2",
+          size=4 * MiB),
+    Shape("extl2-zlib", "extended_l2=on,cluster_size=16k", compress="zlib", size=4 * MiB),
 ]
 SHAPE_IDS = [s.name for s in SHAPES]
 # QED (rule 12): small clusters and several L2 tables; raw and QED backing files.
@@ -99,7 +105,7 @@ def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False):
                         lambda path, writable: recorder.wrap(real_open(path, writable))
                         if writable else real_open(path, writable))
     dev = open_image(image, fmt, read_only=False)
-    model = Model(start, dev.cluster_size, discard_keeps=discard_keeps)
+    model = Model(start, discard_unit(dev), discard_keeps=discard_keeps)
     done = []
 
     def do(op):

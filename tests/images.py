@@ -113,5 +113,11 @@ SHAPES = [
     Shape("v2-backing", "compat=0.10", backing="qcow2"),
     Shape("zlib", compress="zlib"),
     Shape("zstd", compress="zstd"),
+    # Extended L2 entries (qcow2.rst, "Extended L2 Entries"): 2 KiB subclusters; 512 B
+    # ones over a backing file, where unallocated subclusters show it through; and
+    # compressed clusters, which have no subclusters.
+    Shape("extl2", "extended_l2=on"),
+    Shape("extl2-c16k-backing", "extended_l2=on,cluster_size=16k", backing="qcow2"),
+    Shape("extl2-zlib", "extended_l2=on,cluster_size=32k", compress="zlib"),
 ]
 RAW = Shape("raw", fmt="raw")

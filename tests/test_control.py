@@ -8,11 +8,13 @@ hold meanwhile: in use on disk while open, cleared by the clean close.
 import os
 import stat
 
+import pytest
+
 
 from bitmaputil import expected_dirty, info_bitmaps, qemu_dirty_map, qnbd
 from ctlutil import ControlClient, control_path, ctl, ctl_json
 from images import MiB
-from nbdserver import Server, connect, wait_for_socket, short_tmpdir
+from nbdserver import Server, connect, run_serve, short_tmpdir, wait_for_socket
 from peers import check_clean, qemu_img
 
 SIZE = 16 * MiB
@@ -189,3 +191,44 @@ def test_config_file_control_key(tmp_path):
         stop_clean(server)
     assert flags(img) == {"b0": ["auto"], "b1": ["auto"]}
     assert qnbd("check", img).returncode == 0
+
+
+def test_control_mode_from_the_command_line_and_the_config_file(tmp_path, serve):
+    img = qcow2(tmp_path)
+    path = control_path()
+    serve(img, "-x", "disk", "--control", path, "--control-mode", "0660")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    assert ctl_json(path, "exports")[0]["name"] == "disk"
+    d = short_tmpdir()
+    sock, path2 = os.path.join(d, "nbd.sock"), os.path.join(d, "ctl")
+    conf = tmp_path / "q.toml"
+    other = qcow2(tmp_path, "b.qcow2")   # disk.qcow2 is locked by the first server
+    conf.write_text(f'[server]\ncontrol = "{path2}"\ncontrol_mode = "640"\n'
+                    f'[[listen]]\nunix = "{sock}"\n[[export]]\nimage = "{other}"\n')
+    server = Server(["--config", str(conf)], sock)
+    try:
+        wait_for_socket(sock, server.proc)
+        assert ctl_json(path2, "exports")[0]["clients"] == 0
+        assert stat.S_IMODE(os.stat(path2).st_mode) == 0o640
+    finally:
+        stop_clean(server)
+
+
+@pytest.mark.parametrize("mode", ["abc", "0999", "1777", "0400", "", "06600"])
+def test_bad_control_mode_is_one_line(tmp_path, mode):
+    path = control_path()
+    r = run_serve("--control", path, "--control-mode", mode, "null-co://")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "--control-mode" in r.stderr and not os.path.exists(path)
+    conf = tmp_path / "q.toml"
+    conf.write_text(f'control = "{path}"\ncontrol_mode = "{mode}"\n'
+                    '[[export]]\nimage = "null-co://"\n')
+    r = run_serve("--config", str(conf))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "control_mode" in r.stderr and not os.path.exists(path)
+
+
+def test_control_mode_without_a_control_socket_is_refused(tmp_path):
+    r = run_serve("--control-mode", "0660", "null-co://")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "--control-mode needs --control" in r.stderr

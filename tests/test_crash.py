@@ -46,7 +46,8 @@ def test_enumerated_power_cuts(shape, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s.name in
-                                   ("c512-r64-raw", "c4k-r1", "lazy", "zlib")],
+                                   ("c512-r64-raw", "c4k-r1", "lazy", "zlib",
+                                                 "extl2-zlib")],
                          ids=lambda s: s.name)
 def test_enumerated_power_cuts_with_compressed_writes(shape, tmp_path, monkeypatch):
     """Compressed writes (qnbd convert -c) among the rest: packed host clusters shared

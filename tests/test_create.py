@@ -34,6 +34,8 @@ SHAPES = [
     ("1M", "lazy_refcounts=on"),
     ("1M", "compression_type=zstd"),
     ("1P", "cluster_size=2M,refcount_bits=1"),
+    ("1G", "extended_l2=on"),
+    ("1M", "extended_l2=on,cluster_size=16k"),
 ]
 
 
@@ -53,7 +55,8 @@ def _expect(opts: str) -> dict:
             "compat": o.get("compat", "1.1"),
             "refcount-bits": int(o.get("refcount_bits", 16)),
             "lazy": o.get("lazy_refcounts") == "on",
-            "compression": o.get("compression_type", "zlib")}
+            "compression": o.get("compression_type", "zlib"),
+            "extended-l2": o.get("extended_l2") == "on"}
 
 
 @pytest.mark.parametrize("size,opts", SHAPES, ids=[f"{s}-{o or 'default'}" for s, o in SHAPES])
@@ -70,6 +73,7 @@ def test_created_image_is_valid_and_usable(tmp_path, size, opts):
     assert data["refcount-bits"] == want["refcount-bits"]
     assert data["compression-type"] == want["compression"]
     assert data.get("lazy-refcounts", False) == want["lazy"]
+    assert data.get("extended-l2", False) == want["extended-l2"]
     if parse_size(size) >= MiB:
         p = run("qemu-io", "-f", "qcow2", "-c", "write -P 0xab 0 1M",
                 "-c", "read -P 0xab 0 1M", img, check=False)
@@ -84,6 +88,7 @@ SAME_AS_QEMU = [
     ("10G", "compression_type=zstd"), ("1T", "cluster_size=4k,refcount_bits=1"),
     ("1P", "cluster_size=2M,refcount_bits=64"), ("1000", ""),
     ("3M", "cluster_size=512,refcount_bits=8"),
+    ("10G", "extended_l2=on"), ("1G", "extended_l2=on,cluster_size=16k"),
 ]
 
 
@@ -193,6 +198,10 @@ def test_sizes_parse_as_qemu_img_parses_them(tmp_path):
     (["-f", "qcow2", "-o", "compat=0.10,compression_type=zstd", "x", "1M"], "Non-zlib"),
     (["-f", "qcow2", "-o", "compression_type=lz4", "x", "1M"], "compression type 'lz4'"),
     (["-f", "qcow2", "-o", "lazy_refcounts=maybe", "x", "1M"], "expects 'on' or 'off'"),
+    (["-f", "qcow2", "-o", "extended_l2=on,cluster_size=8k", "x", "1M"],
+     "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"),
+    (["-f", "qcow2", "-o", "extended_l2=on,compat=0.10", "x", "1M"],
+     "Extended L2 entries are only supported with compatibility level 1.1"),
     (["-f", "qcow2", "-o", "cluster_size=512", "x", "1T"], "too large for file format"),
     (["-f", "qcow2", "x"], "needs a size parameter"),
     (["-f", "qcow2", "-b", "nope.qcow2", "-F", "qcow2", "x"], "Could not open backing image"),

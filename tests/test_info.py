@@ -48,13 +48,15 @@ def _make(tmp_path, name):
         return "d.qcow2"
     opts = {"v3": "", "v2": "compat=0.10", "lazy": "lazy_refcounts=on",
             "zstd": "compression_type=zstd", "small": "cluster_size=512,refcount_bits=1",
-            "big": "cluster_size=2M,refcount_bits=64"}[name]
+            "big": "cluster_size=2M,refcount_bits=64",
+            "extl2": "extended_l2=on,cluster_size=16k"}[name]
     q("create", "-q", "-f", "qcow2", *(["-o", opts] if opts else []), "i.qcow2", "1G")
     run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 300k", tmp_path / "i.qcow2", check=False)
     return "i.qcow2"
 
 
-NAMES = ["v3", "v2", "lazy", "zstd", "small", "big", "raw", "bitmaps", "dirty", "chain"]
+NAMES = ["v3", "v2", "lazy", "zstd", "small", "big", "extl2", "raw", "bitmaps", "dirty",
+         "chain"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -101,7 +103,9 @@ def _broken(tmp_path, kind):
     path = tmp_path / "broken.qcow2"
     if kind == "missing":
         return path
-    _qemu_img("create", "-q", "-f", "qcow2", path, "1M")
+    # Extended L2 entries need 16 KiB clusters (qcow2.rst, cluster_bits): 4 KiB ones.
+    _qemu_img("create", "-q", "-f", "qcow2",
+              *(["-o", "cluster_size=4k"] if kind == "extl2" else []), path, "1M")
     data = bytearray(path.read_bytes())
     if kind == "version":
         data[4:8] = struct.pack(">I", 7)
@@ -120,7 +124,7 @@ def _broken(tmp_path, kind):
     ("version", "unsupported qcow2 version 7"),
     ("truncated", "too short"),
     ("l1 past eof", "past the end of the file"),
-    ("extl2", "extended L2 entries"),
+    ("extl2", "extended L2 entries need clusters of at least 16384 bytes"),
 ])
 def test_broken_image_one_line_error(tmp_path, kind, message):
     path = _broken(tmp_path, kind)

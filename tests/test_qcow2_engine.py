@@ -14,7 +14,7 @@ from qnbd.errors import NotFast
 
 from peers import check_clean, qemu_img
 from images import MiB, RAW, SHAPES
-from workload import Model, apply_ops, converted, random_ops, with_compressed
+from workload import Model, apply_ops, converted, discard_unit, random_ops, with_compressed
 
 ALL_SHAPES = SHAPES + [RAW]
 
@@ -63,8 +63,7 @@ def run_workload(shape, tmp_path, ops, reopen_every=None):
     # The starting content is read by qemu before the engine opens (and locks) the image.
     start = converted(image, shape.fmt, tmp_path)
     dev = open_image(image, shape.fmt, read_only=False)
-    cs = getattr(dev, "cluster_size", 1)
-    model = Model(start, cs, discard_keeps=shape.v2 and shape.backing is not None)
+    model = Model(start, discard_unit(dev), discard_keeps=shape.v2 and shape.backing is not None)
     try:
         for i in range(0, len(ops), reopen_every or len(ops) or 1):
             apply_ops(dev, model, ops[i:i + (reopen_every or len(ops))])
@@ -113,7 +112,8 @@ _op = st.tuples(st.sampled_from(["write", "zero", "zero_trim", "discard", "flush
                 st.integers(0, 12 * MiB - 1), st.integers(1, 300000), st.integers(1, 255))
 
 
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[6]],
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[6],
+                                   next(s for s in SHAPES if s.name == "extl2-c16k-backing")],
                          ids=lambda s: s.name)
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -4,7 +4,8 @@ match a plain bytearray, block status stays consistent, and the base never chang
 from hypothesis import example, given, settings, strategies as st
 
 from nbdserver import make_raw
-from qnbd.block.overlay import GRAIN, SnapshotOverlay
+from qnbd.block.grainmap import GRAIN
+from qnbd.block.overlay import SnapshotOverlay
 from qnbd.block.raw import RawDevice
 
 # A partial last grain; whole sectors, as raw devices are (qemu rounds a raw file up to

@@ -18,6 +18,13 @@ def converted(image, fmt, directory):
 
 
 
+def discard_unit(dev) -> int:
+    """What a discard drops whole: a cluster, or a subcluster with qcow2 extended L2
+    entries (the granularity the model zeroes discarded ranges at)."""
+    layout = getattr(dev, "layout", None)
+    return layout.subcluster_size if layout is not None else getattr(dev, "cluster_size", 1)
+
+
 class Model:
     """The expected content of an image, as plain bytes, under the BlockDevice contract."""
 
@@ -82,8 +89,9 @@ def apply_ops(dev, model, ops):
             cs = dev.cluster_size
             for pos in range(off, off + n, cs):
                 buf = _compressible(pattern, min(cs, dev.size - pos))
-                status = dev.layer_status(pos, len(buf))[0]
-                if not status.data and status.host_offset is None:
+                # Every part of the cluster (subclusters have their own states).
+                if all(not e.data and e.host_offset is None
+                       for e in dev.layer_status(pos, len(buf))):
                     dev.write_compressed(pos, buf)
                 else:
                     dev.write(pos, buf)

@@ -12,7 +12,8 @@ view shows the device exactly as it was at its creation, while writers go on.
 Everything runs on the event loop, one request at a time (docs/DESIGN.md "I/O model"), so
 a view made between two requests is exact with respect to both. The overlay is an
 unlinked temporary file (as `serve -s`'s, block/overlay.py): nothing needs to survive a
-crash, the view dies with the process. Memory: one byte per grain (16 MiB per TiB).
+crash, the view dies with the process. Memory: one byte per grain of the regions
+written since the view was made (qnbd/block/grainmap.py), never sized by the image.
 """
 
 import os
@@ -20,7 +21,8 @@ import tempfile
 
 from ..fileio import File
 from .base import Extent
-from .overlay import GRAIN, grain_runs, read_grains
+from .grainmap import GRAIN, GrainMap
+from .overlay import grain_runs, read_grains
 
 # Saved per copy step: a write over a long range copies in pieces this large.
 COPY_CHUNK = 4 << 20
@@ -41,7 +43,7 @@ class PointInTime:
         fd, path = tempfile.mkstemp(prefix="qnbd-checkpoint-", dir=tmpdir)
         os.unlink(path)
         self.file = File(path, fd, writable=True)
-        self.saved = bytearray(-(-self.size // GRAIN))   # 1 = the grain is in the file
+        self.saved = GrainMap(self.size)   # the grains in the file
         self.copied = 0
 
     def preserve(self, offset: int, length: int) -> int:
@@ -51,23 +53,18 @@ class PointInTime:
             return 0
         first, last = offset // GRAIN, (end - 1) // GRAIN
         saved = self.saved
-        if saved.find(0, first, last + 1) < 0:
-            return 0    # the common case once a region was touched: nothing to copy
         copied = 0
-        g = first
-        while g <= last:
-            if saved[g]:
-                g += 1
-                continue
-            stop = g + 1   # a run of unsaved grains, copied in pieces of COPY_CHUNK
-            while stop <= last and not saved[stop] and (stop - g) * GRAIN < COPY_CHUNK:
-                stop += 1
+        # Runs of unsaved grains (none, the common case once a region was touched),
+        # copied in pieces of COPY_CHUNK.
+        g = saved.first_clear(first, last + 1)
+        while g >= 0:
+            stop = min(saved.run_end(g, last), g + COPY_CHUNK // GRAIN)
             start = g * GRAIN
             n = min(stop * GRAIN, self.size) - start
             self.file.pwrite(self.source.read(start, n), start)
-            saved[g:stop] = b"\x01" * (stop - g)
+            saved.set(g, stop)
             copied += n
-            g = stop
+            g = saved.first_clear(stop, last + 1)
         self.copied += copied
         return copied
 

@@ -11,8 +11,9 @@ import tempfile
 from ..errors import NotFast
 from ..fileio import File
 from .base import Extent
+from .cache import caches_behind
+from .grainmap import GRAIN, GrainMap
 
-GRAIN = 64 * 1024
 _ZERO_GRAIN = bytes(GRAIN)
 
 
@@ -27,11 +28,15 @@ class SnapshotOverlay:
         os.unlink(path)
         self.file = File(path, fd, writable=True)
         self.file.truncate(self.size)
-        # One byte per grain: 1 = the grain's current content is in the overlay file.
-        self.mine = bytearray(-(-self.size // GRAIN))
+        # Held grains: their current content is in the overlay file.
+        self.mine = GrainMap(self.size)
 
     def _runs(self, offset: int, length: int):
         return grain_runs(self.mine, offset, length)
+
+    @property
+    def table_caches(self):
+        return caches_behind(self.base)
 
     def read(self, offset: int, length: int) -> bytes:
         return read_grains(self.mine, self.file, self.base, offset, length)
@@ -48,7 +53,7 @@ class SnapshotOverlay:
             n = min(GRAIN, self.size - start)
             if not self.mine[g] and not (offset <= start and start + n <= end):
                 self.file.pwrite(self.base.read(start, n), start)
-        self.mine[first:last + 1] = b"\x01" * (last - first + 1)
+        self.mine.set(first, last + 1)
 
     def write(self, offset, data, fua=False):
         self._take(offset, len(data))
@@ -90,23 +95,21 @@ class SnapshotOverlay:
         self.base.close()
 
 
-def grain_runs(owned: bytearray, offset: int, length: int):
-    """(start, length, in the overlay file) runs of grains with the same owner, one byte
-    of `owned` a grain (shared with the checkpoint view, qnbd/block/cbw.py)."""
+def grain_runs(owned: GrainMap, offset: int, length: int):
+    """(start, length, in the overlay file) runs of grains with the same owner (shared
+    with the checkpoint view, qnbd/block/cbw.py)."""
     end = offset + length
+    last = (end - 1) // GRAIN
     while offset < end:
         g = offset // GRAIN
         owner = owned[g]
-        stop = g + 1
-        last = (end - 1) // GRAIN
-        while stop <= last and owned[stop] == owner:
-            stop += 1
+        stop = owned.run_end(g, last)
         n = min(stop * GRAIN, end) - offset
         yield offset, n, owner
         offset += n
 
 
-def read_grains(owned: bytearray, file, base, offset: int, length: int) -> bytes:
+def read_grains(owned: GrainMap, file, base, offset: int, length: int) -> bytes:
     """The range read from the overlay `file` where its grains are owned, from `base`
     elsewhere."""
     parts = []

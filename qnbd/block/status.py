@@ -27,7 +27,7 @@ def chain_status(device, offset: int, length: int, depth: int = 0):
             yield MapEntry(pos, e.length, depth, True, e.zero, e.data, e.host_offset, e.file,
                            e.compressed)
         else:
-            yield from _below(device, pos, e.length, depth)
+            yield from _below(device, pos, e.length, depth, e.host_offset, e.file)
         pos += e.length
 
 
@@ -43,12 +43,14 @@ def _layer_status(device, offset: int, length: int) -> list[LayerExtent]:
             for e in device.block_status(offset, length)]
 
 
-def _below(device, offset: int, length: int, depth: int):
+def _below(device, offset: int, length: int, depth: int, host: int | None = None,
+           file: str | None = None):
     """A run this layer leaves to its backing file. Without one, or past its end, the run
     reads as zeros at this depth, unallocated (bdrv_co_block_status adds
-    BDRV_BLOCK_ZERO there, not BDRV_BLOCK_ALLOCATED)."""
+    BDRV_BLOCK_ZERO there, not BDRV_BLOCK_ALLOCATED), still at the host offset this
+    layer gave it, if any (qcow2 subclusters unallocated in an allocated cluster)."""
     backing = getattr(device, "backing", None)
-    end = offset + length
+    start, end = offset, offset + length
     if backing is not None and offset < backing.size:
         covered = min(end, backing.size)
         while offset < covered:
@@ -56,4 +58,5 @@ def _below(device, offset: int, length: int, depth: int):
                 yield entry
                 offset += entry.length
     if offset < end:
-        yield MapEntry(offset, end - offset, depth, False, True, False, None, None)
+        yield MapEntry(offset, end - offset, depth, False, True, False,
+                       None if host is None else host + offset - start, file)

@@ -4,6 +4,7 @@ image: BlockdevOptionsRaw in qapi/block-core.json)."""
 
 from ..errors import ImageError
 from .base import Extent, read_parts
+from .cache import caches_behind
 
 
 class Window:
@@ -20,6 +21,10 @@ class Window:
         self.device, self.offset, self.size = device, offset, size
         self.read_only = device.read_only
         self.supports_fast_zero = device.supports_fast_zero
+
+    @property
+    def table_caches(self):
+        return caches_behind(self.device)
 
     def read(self, offset, length):
         return self.device.read(self.offset + offset, length)

@@ -56,7 +56,8 @@ def _describe(driver, fmt: str, size: int, options: dict, requested: int | None)
     if fmt != "qcow2":
         return f"fmt={fmt} size={size}"
     onoff = {True: "on", False: "off"}
-    described = {"cluster_size": options.get("cluster_size", 65536), "extended_l2": "off",
+    described = {"cluster_size": options.get("cluster_size", 65536),
+                 "extended_l2": onoff[bool(options.get("extended_l2"))],
                  "compression_type": options.get("compression_type", "zlib"), "size": size}
     # Then what was given, in the order of qemu's qcow2 option list, then the defaults.
     for key in ("compat", "backing_file", "backing_fmt", "data_file", "data_file_raw"):

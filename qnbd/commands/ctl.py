@@ -48,8 +48,8 @@ def add_parser(sub):
     merge.add_argument("export")
     merge.add_argument("name")
     merge.add_argument("sources", nargs="+", metavar="SOURCE")
-    cp = cmds.add_parser("checkpoint", help="start bitmap NAME and export EXPORT@NAME, "
-                         "the image as it is now, read-only")
+    cp = cmds.add_parser("checkpoint", help="export EXPORT@NAME, the image as it is now, "
+                         "read-only, and start bitmap NAME (where the image has bitmaps)")
     cp.add_argument("export")
     cp.add_argument("name")
     cp.add_argument("--bitmap", metavar="PREV", help="the previous checkpoint's bitmap: it "

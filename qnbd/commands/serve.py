@@ -8,7 +8,7 @@ import os
 from .. import image_opts
 from ..cli import version_text
 from ..config import (DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT, Listener, ServerConfig,
-                      check_tls_only, load_config)
+                      check_tls_only, load_config, parse_mode)
 from ..errors import QnbdError
 from ..export import ExportConfig
 from ..logconfig import FORMATS as LOG_FORMATS, LEVELS as LOG_LEVELS, configure as configure_log
@@ -131,8 +131,11 @@ def add_parser(subparsers):
     p.add_argument("--tls-hostname", metavar="NAME",
                    help="with -L: the name the server's certificate must carry")
     p.add_argument("--control", metavar="PATH",
-                   help="a control socket (unix, mode 0600) for `qnbd ctl PATH ...`: "
+                   help="a control socket (unix, mode 0600 unless --control-mode) for "
+                   "`qnbd ctl PATH ...`: "
                    "exports, clients, live bitmap changes, metrics")
+    p.add_argument("--control-mode", metavar="MODE",
+                   help="the control socket's permissions, in octal (default 0600)")
     p.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics on http://ADDR:PORT/metrics")
     p.add_argument("--fork", action="store_true",
@@ -192,6 +195,10 @@ def build_config(args) -> ServerConfig:
         config.idle_timeout = args.idle_timeout
     if args.control is not None:
         config.control = args.control
+    if args.control_mode is not None:
+        if config.control is None:
+            raise QnbdError("--control-mode needs --control PATH")
+        config.control_mode = parse_mode(args.control_mode, "--control-mode")
     if args.metrics is not None:
         config.metrics = args.metrics
     tls = cli_tls(args)

@@ -14,5 +14,5 @@ def serve_services(config) -> list:
         if not config.control.startswith("/"):
             raise QnbdError("control socket path must be absolute")
         from ..control.metrics import snapshot
-        services.append(control_service(config.control, snapshot))
+        services.append(control_service(config.control, config.control_mode, snapshot))
     return services

@@ -19,15 +19,26 @@ from ..errors import QnbdError, printable
 from .protocol import BUSY, FAILED, NOT_SUPPORTED, ControlError
 
 
-def persistent(export):
-    """The PersistentBitmaps of a live export's image, or a refusal naming why not."""
+def writable(export) -> None:
+    """Refuse a live change to a read-only export: nothing in it changes."""
     if export.read_only:
         raise ControlError(NOT_SUPPORTED, f"export {export.name!r} is read-only")
-    bitmaps = getattr(export.device, "bitmaps", None)
+
+
+def persistent(export):
+    """The PersistentBitmaps of a live export's image, or a refusal naming why not."""
+    writable(export)
+    bitmaps = image_bitmaps(export)
     if bitmaps is None:
         raise ControlError(NOT_SUPPORTED, f"export {export.name!r} has no persistent "
-                           "bitmaps (only qcow2 images served directly have them)")
+                           "bitmaps (qcow2 images have them, not through --offset or "
+                           "--snapshot)")
     return bitmaps
+
+
+def image_bitmaps(export):
+    """The PersistentBitmaps its writes mark, or None (raw, QED, a window, an overlay)."""
+    return getattr(export.device, "bitmaps", None)
 
 
 def busy_names(catalog, bitmaps) -> set[str]:

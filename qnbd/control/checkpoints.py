@@ -11,13 +11,21 @@ every client's writes, docs/DESIGN.md "I/O model"):
   `qemu:dirty-bitmap:PREV` so that a backup reads only what changed since PREV.
 Everything that can be refused is checked before anything changes. The bitmaps follow
 rule 9 as every bitmap does (stored by the clean close); the overlay is temporary.
+
+Every writable export takes checkpoints: copy-before-write needs only reads and writes of
+the device (qcow2 with or without a backing file or an external data file, QED, raw, a
+window, a `--snapshot` overlay). Where the image keeps no persistent bitmaps (raw, QED:
+qed_spec.txt has no bitmap; a window or an overlay, through which qemu finds none either)
+a checkpoint is the view alone: no bitmap NAME is made, and `--bitmap` is refused, since
+there is no previous bitmap to offer. Read-only exports are refused: they never change, a
+view of one would be the export itself.
 """
 
 from ..block.cbw import CopyBeforeWrite, PointInTime
 from ..errors import QnbdError, printable
 from ..export import Export, ExportConfig
-from .bitmaps import busy_names, persistent
-from .protocol import BUSY, FAILED, UNKNOWN_EXPORT, ControlError
+from .bitmaps import busy_names, image_bitmaps, writable
+from .protocol import BUSY, FAILED, NOT_SUPPORTED, UNKNOWN_EXPORT, ControlError
 
 
 class Checkpoints:
@@ -30,10 +38,16 @@ class Checkpoints:
 
     def create(self, export, name: str, prev: str | None) -> dict:
         catalog = self.catalog
-        bitmaps = persistent(export)
+        writable(export)
+        bitmaps = image_bitmaps(export)
+        if not name:   # EXPORT@ would name nothing (a bitmap name is refused anyway)
+            raise ControlError(FAILED, "a checkpoint needs a name")
         view_name = f"{export.name}@{name}"
         if view_name in catalog.by_name:
             raise ControlError(FAILED, f"export {view_name!r} already exists")
+        if bitmaps is None and prev is not None:
+            raise ControlError(NOT_SUPPORTED, f"export {export.name!r} has no persistent "
+                               "bitmaps: its checkpoints are views only, without --bitmap")
         if prev is not None:
             if prev == name:
                 raise ControlError(FAILED, "the new bitmap and --bitmap must differ")
@@ -55,7 +69,8 @@ class Checkpoints:
                                               bitmaps=[prev] if prev is not None else []),
                                  view)
             catalog.check(view_export)
-            bitmaps.add(name)   # validates the name; the last step that may refuse
+            if bitmaps is not None:
+                bitmaps.add(name)   # validates the name; the last step that may refuse
         except (QnbdError, OSError) as e:
             if view is not None:
                 view.close()
@@ -67,7 +82,8 @@ class Checkpoints:
         export.device = wrapper
         catalog.add(view_export)
         self.views[view_name] = (export, view)
-        return {"export": view_name, "bitmap": name, "previous": prev}
+        return {"export": view_name, "bitmap": name if bitmaps is not None else None,
+                "previous": prev}
 
     def release(self, view_name: str) -> dict:
         entry = self.views.get(view_name)

@@ -14,17 +14,32 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily,
                                     GaugeMetricFamily, HistogramMetricFamily)
 from prometheus_client.exposition import generate_latest
 
+from ..block.cache import caches_behind
 from ..nbd.stats import COMMANDS, ERRORS
 
 
+def table_caches(export) -> dict[str, dict[str, int]]:
+    """The hits and misses of the metadata caches an export's requests go through, by
+    cache ("l2", "refcount", "qed-l2"), summed down the backing chain. A checkpoint's
+    view has none of its own: its reads are counted by the live export's caches."""
+    out: dict[str, dict[str, int]] = {}
+    for cache in caches_behind(export.device):
+        counts = out.setdefault(cache.name, {"hits": 0, "misses": 0})
+        counts["hits"] += cache.hits
+        counts["misses"] += cache.misses
+    return out
+
+
 def snapshot(server) -> dict:
-    """Everything as JSON: per export, its clients and its request statistics."""
+    """Everything as JSON: per export, its clients, its request statistics and its table
+    caches."""
     catalog = server.catalog
     out = {}
     for export in catalog.exports:
         stats = catalog.stats.get(export.name)
         entry = stats.snapshot() if stats is not None else {}
         entry["clients"] = export.clients
+        entry["table_caches"] = table_caches(export)
         out[export.name] = entry
     return {"exports": out, "connections": len(server.active)}
 
@@ -52,9 +67,21 @@ class ServerCollector:
         cbw = CounterMetricFamily("qnbd_copy_before_write_bytes", "Bytes copied into "
                                   "checkpoint overlays before a write changed them",
                                   labels=["export"])
+        hits = CounterMetricFamily("qnbd_table_cache_hits", "Metadata table lookups "
+                                   "answered by the cache, by cache (l2, refcount, qed-l2)",
+                                   labels=["export", "cache"])
+        misses = CounterMetricFamily("qnbd_table_cache_misses", "Metadata tables read from "
+                                     "the image into the cache, by cache",
+                                     labels=["export", "cache"])
+        connections = GaugeMetricFamily("qnbd_connections", "NBD connections, in the "
+                                        "handshake or in transmission")
+        connections.add_metric([], len(self.server.active))
         for export in catalog.exports:
             name = export.name
             clients.add_metric([name], export.clients)
+            for cache, counts in table_caches(export).items():
+                hits.add_metric([name, cache], counts["hits"])
+                misses.add_metric([name, cache], counts["misses"])
             stats = catalog.stats.get(name)
             if stats is None:
                 continue
@@ -70,7 +97,8 @@ class ServerCollector:
                 latency.add_metric([name, command],
                                    [("+Inf" if le == float("inf") else repr(le), n)
                                     for le, n in buckets], stats.latency_ns[i] / 1e9)
-        yield from (requests, nbytes, latency, errors, clients, cbw)
+        yield from (requests, nbytes, latency, errors, clients, connections, cbw, hits,
+                    misses)
 
 
 def prometheus_text(registry: CollectorRegistry) -> bytes:

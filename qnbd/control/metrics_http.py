@@ -2,7 +2,9 @@
 event loop, so a scrape reads the statistics between two NBD requests (a consistent
 picture, no thread touching what the loop mutates). GET /metrics (or /) answers the text
 exposition; anything else is 404. A request head is bounded (MAX_HEAD) and must arrive
-within HEAD_TIMEOUT: a scraper cannot make us hold memory or a connection.
+within HEAD_TIMEOUT, and at most MAX_SCRAPERS connections are served at once (more are
+closed as they come): scrapers cannot make us hold memory, or the descriptors that NBD
+clients need.
 """
 
 import asyncio
@@ -15,6 +17,7 @@ log = logging.getLogger("qnbd.metrics")
 
 MAX_HEAD = 8 << 10
 HEAD_TIMEOUT = 10.0
+MAX_SCRAPERS = 16
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -52,9 +55,21 @@ def metrics_service(host: str, port: int):
     """A `services` entry for qnbd.nbd.server.serve."""
     async def start(server):
         registry = registry_for(server)
+        active = set()
+
+        async def handle(reader, writer):
+            if len(active) >= MAX_SCRAPERS:
+                writer.transport.abort()
+                return
+            active.add(writer)
+            try:
+                await _handle(registry, reader, writer)
+            finally:
+                active.discard(writer)
+
         try:
-            srv = await asyncio.start_server(lambda r, w: _handle(registry, r, w), host,
-                                             port, limit=MAX_HEAD, reuse_address=True)
+            srv = await asyncio.start_server(handle, host, port, limit=MAX_HEAD,
+                                             reuse_address=True)
         except OSError as e:
             raise QnbdError(f"--metrics: cannot listen on {host}:{port}: "
                             f"{e.strerror or e}") from None

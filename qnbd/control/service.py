@@ -1,24 +1,31 @@
-"""The control socket on the event loop: a unix socket (0600 unless told otherwise), one
+"""The control socket on the event loop: a unix socket (0600 unless --control-mode), one
 JSON request a line, one reply a line, in order (protocol.py). A bad line costs its
 sender one error line, never the server nor the other clients; a client that floods
 requests without reading the replies is paused (backpressure, as NBD connections are).
+Commands run on the event loop, so a connection answers at most PER_TURN requests a loop
+turn and reads nothing more while some wait: a flood of requests in one read cannot stall
+the NBD clients for the whole of it.
 """
 
 import asyncio
+import collections
 import logging
 import os
 
+from ..config import DEFAULT_CONTROL_MODE
 from ..nbd.listeners import bind_unix
 from . import protocol
 from .handlers import Handlers
 
 log = logging.getLogger("qnbd.control")
 
-DEFAULT_MODE = 0o600
 # Reply bytes waiting for a control client before its socket stops being read.
 REPLY_HIGH = 1 << 20
 # Control clients at once: each costs a line buffer (protocol.MAX_LINE) at most.
 MAX_CLIENTS = 16
+# Requests a connection answers in one turn of the event loop (a read of 256 KiB may
+# hold ten thousand of them).
+PER_TURN = 32
 
 
 class ControlConnection(asyncio.Protocol):
@@ -26,8 +33,10 @@ class ControlConnection(asyncio.Protocol):
         self.service = service
         self.transport = None
         self.lines = protocol.LineBuffer()
-        self.pending: list = []   # lines of the last read not yet answered
-        self.paused = False
+        self.pending = collections.deque()   # lines of the last read not yet answered
+        self.paused = False      # the client is not taking its replies
+        self.scheduled = False   # the next PER_TURN wait for the loop's next turn
+        self.reading = True
 
     def connection_made(self, transport):
         self.transport = transport
@@ -44,31 +53,52 @@ class ControlConnection(asyncio.Protocol):
 
     def pause_writing(self):
         self.paused = True
-        self.transport.pause_reading()
+        self._set_reading()
 
     def resume_writing(self):
         self.paused = False
         self._answer()
-        if not self.paused:
-            self.transport.resume_reading()
 
     def data_received(self, data):
         self.pending += self.lines.feed(data)
         self._answer()
 
     def _answer(self):
-        """Answer pending lines until the client stops taking replies: what waits is at
-        most one read's worth of requests and REPLY_HIGH of replies."""
-        while self.pending and not self.paused and not self.transport.is_closing():
-            item = self.pending.pop(0)
+        """Answer up to PER_TURN pending lines while the client takes its replies; the
+        rest in later turns. What waits is at most one read's worth of requests and
+        REPLY_HIGH of replies."""
+        transport = self.transport
+        for _ in range(PER_TURN):
+            if not self.pending or self.paused or transport.is_closing():
+                break
+            item = self.pending.popleft()
             if isinstance(item, protocol.ControlError):
-                self.transport.write(protocol.error(item.code, item.message))
+                transport.write(protocol.error(item.code, item.message))
             else:
-                self.transport.write(self.service.answer(item))
+                transport.write(self.service.answer(item))
+        if self.pending and not self.paused and not self.scheduled and \
+                not transport.is_closing():
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+        self._set_reading()
+
+    def _next_turn(self):
+        self.scheduled = False
+        self._answer()
+
+    def _set_reading(self):
+        """Read while nothing waits: no request unanswered, no reply untaken."""
+        want = not self.pending and not self.paused
+        if want != self.reading and not self.transport.is_closing():
+            self.reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
 
 class ControlService:
-    def __init__(self, server, path: str, mode: int = DEFAULT_MODE, metrics=None):
+    def __init__(self, server, path: str, mode: int = DEFAULT_CONTROL_MODE, metrics=None):
         self.handlers = Handlers(server, metrics)
         self.path = path
         self.mode = mode
@@ -104,10 +134,10 @@ class ControlService:
             pass
 
 
-def control_service(path: str, metrics=None):
+def control_service(path: str, mode: int = DEFAULT_CONTROL_MODE, metrics=None):
     """A `services` entry for qnbd.nbd.server.serve: starts the control socket."""
     async def start(server):
-        service = ControlService(server, path,
+        service = ControlService(server, path, mode,
                                  metrics=metrics and (lambda: metrics(server)))
         await service.start(server.loop)
         return service.close

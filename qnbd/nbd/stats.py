@@ -6,7 +6,8 @@ them into Prometheus text or JSON happens only when someone asks
 
 Latency is the time the transmission core spends answering a request on the event loop
 (docs/DESIGN.md "I/O model": requests run inline, in order), not the time on the wire; a
-READ streamed in pieces counts its first piece.
+READ streamed in pieces counts until its last piece is handed to the socket, including
+the waits for the client to take the pieces before it.
 """
 
 from . import protocol as p

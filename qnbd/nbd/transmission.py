@@ -118,6 +118,7 @@ class Transmission:
         # A READ being answered in steps: (request, next offset, whole), where whole means
         # one header announced all the data (simple replies, DF).
         self.stream: tuple[Request, int, bool] | None = None
+        self.stream_start = 0   # when the streamed READ began (its latency ends at the end)
         # Bytes of data moved so far (read, written or zeroed): what a request costs,
         # whatever the size of its reply; the asyncio side bounds it per loop turn.
         self.work = 0
@@ -157,9 +158,12 @@ class Transmission:
         if self.stream is not None:
             req = self.stream[0]
             try:
-                return self._read_step()
+                out = self._read_step()
             except Exception as e:
-                return self._failed(req, e)
+                out = self._failed(req, e)
+            if self.stream is None:   # its last piece: the READ is answered
+                self.stats.record(req.cmd, req.length, perf_counter_ns() - self.stream_start)
+            return out
         req = self.held
         if req is None:
             req = self.parser.pop()
@@ -178,7 +182,10 @@ class Transmission:
                 out = _DISPATCH[req.cmd](self, req)
             except Exception as e:
                 out = self._failed(req, e)
-        self.stats.record(req.cmd, req.length, perf_counter_ns() - start)
+        if self.stream is None:
+            self.stats.record(req.cmd, req.length, perf_counter_ns() - start)
+        else:   # a READ streamed in steps: recorded with its last piece
+            self.stream_start = start
         return out
 
     def read_failed(self, req: Request, e: Exception) -> list:

@@ -37,7 +37,8 @@ from . import repair
 from .repair import last_nonzero
 from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L1E_RESERVED_MASK,
                       L2E_OFFSET_MASK, L2E_STANDARD_RESERVED_MASK, OFLAG_COPIED, OFLAG_ZERO,
-                      ZERO, CompressedLayout, classify, decode_table, encode_table)
+                      ZERO, CompressedLayout, bitmap_problem, decode_table, encode_table,
+                      l2_entries)
 from .refcount import REFTABLE_ENTRY_RESERVED, SubByteBlock, WordBlock
 from .snapshots import read_table as read_snapshot_table
 
@@ -273,14 +274,16 @@ class _Checker:
 
     def walk_l2(self, l2_offset: int, fix: int, active: bool) -> None:
         r = self.result
-        version = self.h.version
         external = self.h.external_data
         table = self.read_table(l2_offset, self.cs)
         next_contiguous = 0
-        for i, e in enumerate(table):
+        for i, e, kind, bitmap in l2_entries(table, self.h.version, external,
+                                             self.h.extended_l2):
+            problem = self.h.extended_l2 and bitmap_problem(kind, bitmap)
+            if problem:
+                self.corruption(f"ERROR l2 entry {e:x} bitmap {bitmap:x}: {problem}")
             if not e:
                 continue
-            kind = classify(e, version, external)
             if kind != COMPRESSED and e & L2E_STANDARD_RESERVED_MASK:
                 self.corruption(f"ERROR found l2 entry with reserved bits set: {e:x}")
             if kind == COMPRESSED:
@@ -469,8 +472,8 @@ class _Checker:
             return  # data file clusters have no refcount to agree with
         table = self.read_table(l2_offset, self.cs)
         changed = 0
-        for j, e in enumerate(table):
-            kind = classify(e, self.h.version)
+        for j, e, kind, _bitmap in l2_entries(table, self.h.version,
+                                              extended=self.h.extended_l2):
             offset = e & L2E_OFFSET_MASK
             if kind not in (DATA, ZERO) or not offset:
                 continue

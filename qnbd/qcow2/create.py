@@ -39,6 +39,7 @@ CREATE_OPTIONS = {
     "compression_type": ("compression_type", parse_text),
     "data_file": ("data_file", parse_text),
     "data_file_raw": ("data_file_raw", parse_bool),
+    "extended_l2": ("extended_l2", parse_bool),
 }
 
 
@@ -47,7 +48,7 @@ def create(path: str, size: int | None = None, *, compat: str = "1.1",
            lazy_refcounts: bool = False, backing_file: str | None = None,
            backing_fmt: str | None = None, compression_type: str = "zlib",
            data_file: str | None = None, data_file_raw: bool = False,
-           open_backing=None) -> int:
+           extended_l2: bool = False, open_backing=None) -> int:
     """Write a new empty qcow2 image at `path` (an existing file is overwritten, as with
     qemu-img). `size` may be None with a backing file: the backing file's size is used.
     The backing file name is stored as given; it is opened (relative names against the
@@ -60,7 +61,8 @@ def create(path: str, size: int | None = None, *, compat: str = "1.1",
                         compression_type=compression_type,
                         backing_size=backing_size(path, backing_file, backing_fmt,
                                                    open_backing),
-                        data_file=data_file, data_file_raw=data_file_raw)
+                        data_file=data_file, data_file_raw=data_file_raw,
+                        extended_l2=extended_l2)
     if data_file is not None:
         # qemu-img creates the data file as a raw image of the virtual size; its name
         # is resolved against the new image's directory, as qnbd opens it (rule 13).
@@ -72,7 +74,8 @@ def create(path: str, size: int | None = None, *, compat: str = "1.1",
 def new_header(size: int | None, *, compat: str, cluster_size: int, refcount_bits: int,
                lazy_refcounts: bool, backing_file: str | None, backing_fmt: str | None,
                compression_type: str, backing_size: int | None = None,
-               data_file: str | None = None, data_file_raw: bool = False) -> hdr.Header:
+               data_file: str | None = None, data_file_raw: bool = False,
+               extended_l2: bool = False) -> hdr.Header:
     """Validate the options and return the header of the new image, with its layout."""
     version = VERSIONS.get(compat)
     if version is None:
@@ -97,6 +100,12 @@ def new_header(size: int | None, *, compat: str, cluster_size: int, refcount_bit
         if compression_type != "zlib":
             raise ImageError("Non-zlib compression type is only supported with "
                              "compatibility level 1.1 and above (use compat=1.1)")
+    if extended_l2 and version == 2:
+        raise ImageError("Extended L2 entries are only supported with compatibility level "
+                         "1.1 and above (use version=v3 or greater)")
+    if extended_l2 and cluster_size < 1 << hdr.MIN_EXTENDED_CLUSTER_BITS:
+        raise ImageError("Extended L2 entries are only supported with cluster sizes of at "
+                         f"least {1 << hdr.MIN_EXTENDED_CLUSTER_BITS} bytes")
     if backing_fmt and not backing_file:
         raise ImageError("Backing format cannot be used without backing file")
     if data_file is not None and version == 2:
@@ -121,8 +130,9 @@ def new_header(size: int | None, *, compat: str, cluster_size: int, refcount_bit
         raise ImageError(f"Invalid image size {size}")
 
     cluster_bits = cluster_size.bit_length() - 1
-    # One L1 entry per L2 table, one L2 table per cluster_size/8 guest clusters.
-    l1_size = -(-size // (cluster_size * (cluster_size // 8)))
+    # One L1 entry per L2 table, one L2 table per cluster_size/8 guest clusters (/16
+    # with extended L2 entries).
+    l1_size = -(-size // (cluster_size * (cluster_size // (16 if extended_l2 else 8))))
     if l1_size * 8 > hdr.MAX_L1_BYTES:
         raise ImageError("The image size is too large for file format 'qcow2' "
                          "(try using a larger cluster size)")
@@ -135,8 +145,9 @@ def new_header(size: int | None, *, compat: str, cluster_size: int, refcount_bit
         refcount_table_offset=cluster_size, refcount_table_clusters=reftable_clusters,
         refcount_order=refcount_bits.bit_length() - 1,
         compatible_features=hdr.COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
-        incompatible_features=(hdr.INCOMPAT_COMPRESSION
-                               if compression != hdr.COMPRESSION_DEFLATE else 0),
+        incompatible_features=((hdr.INCOMPAT_COMPRESSION
+                                if compression != hdr.COMPRESSION_DEFLATE else 0)
+                               | (hdr.INCOMPAT_EXTL2 if extended_l2 else 0)),
         # qemu writes v3 headers with the compression type field (header_length 112).
         header_length=(hdr.V3_HEADER_LENGTH_WITH_COMPRESSION if version == 3
                        else hdr.V2_HEADER_LENGTH),

@@ -71,7 +71,7 @@ KNOWN_FEATURE_NAMES = (
 )
 # Incompatible bits this engine implements; any other set bit refuses the open (rule 1).
 SUPPORTED_INCOMPATIBLE = (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION
-                          | INCOMPAT_DATA_FILE)
+                          | INCOMPAT_DATA_FILE | INCOMPAT_EXTL2)
 # Autoclear bits whose meaning this engine keeps true while writing (bitmaps.py keeps the
 # bitmaps consistent); any other set bit is cleared before the first write (rule 1).
 MAINTAINED_AUTOCLEAR = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW  # writer.py keeps it
@@ -90,6 +90,7 @@ COMPRESSION_DEFLATE, COMPRESSION_ZSTD = 0, 1
 COMPRESSION_NAMES = {COMPRESSION_DEFLATE: "zlib", COMPRESSION_ZSTD: "zstd"}
 
 MIN_CLUSTER_BITS = 9
+MIN_EXTENDED_CLUSTER_BITS = 14  # qcow2.rst, cluster_bits: "with Extended L2 Entries"
 MAX_CLUSTER_BITS = 21  # 2 MiB, qemu's implementation limit
 MAX_BACKING_FILE_NAME = 1023
 MAX_L1_BYTES = 32 << 20  # qemu's limit on the L1 table
@@ -143,6 +144,16 @@ class Header:
     def external_data(self) -> bool:
         """Guest data lives in an external data file (qcow2.rst, incompatible bit 2)."""
         return bool(self.incompatible_features & INCOMPAT_DATA_FILE)
+
+    @property
+    def extended_l2(self) -> bool:
+        """128-bit L2 entries with subclusters (qcow2.rst, incompatible bit 4)."""
+        return bool(self.incompatible_features & INCOMPAT_EXTL2)
+
+    @property
+    def l2_entries(self) -> int:
+        """Entries in one L2 table: one cluster of 8-byte, or 16-byte extended, entries."""
+        return self.cluster_size // (16 if self.extended_l2 else 8)
 
     @property
     def data_file_raw(self) -> bool:
@@ -363,7 +374,10 @@ def _check_layout(h: Header, file_size: int) -> None:
     if h.size >= 1 << 63:
         raise ImageError(f"virtual size {h.size} is too large")
     # Every virtual cluster needs an L1 entry (qcow2.rst, "Cluster mapping").
-    needed_l1 = -(-h.size // (cs * (cs // 8)))
+    if h.extended_l2 and h.cluster_bits < MIN_EXTENDED_CLUSTER_BITS:
+        raise ImageError(f"extended L2 entries need clusters of at least "
+                         f"{1 << MIN_EXTENDED_CLUSTER_BITS} bytes (cluster size {cs})")
+    needed_l1 = -(-h.size // (cs * h.l2_entries))
     if h.l1_size < needed_l1:
         raise ImageError(f"l1_size {h.l1_size} is too small for a virtual size of {h.size}")
     if h.l1_size * 8 > MAX_L1_BYTES:

@@ -13,6 +13,7 @@ itself is done by the parts it wires together, each handed only what it needs:
 See docs/DESIGN.md, "Rules of the qcow2 format" (the rules cited as "rule N").
 """
 
+import dataclasses
 import errno
 import logging
 
@@ -25,6 +26,8 @@ from ..block.check_result import FIX_ALL
 from .bitmap_lifecycle import PersistentBitmaps
 from .check import check_storage
 from .compression import compress
+from .extended_mapping import ExtendedMapper
+from .extended_writer import ExtendedWriter
 from .header_update import HeaderWriter
 from .layout import Layout
 from .mapping import Mapper
@@ -131,16 +134,21 @@ class Qcow2Image:
             (self.loaded_snapshot.l1_offset, self.loaded_snapshot.l1_size)
         self.tables = ClusterTables(storage, h, layout, self.refcounts, self.mark_corrupt,
                                     l2_cache_bytes // cs, self.data_storage, l1)
+        self.table_caches = (self.tables.l2_cache, self.refcounts.cache)
         metadata.add_range(h.l1_table_offset, h.l1_size * 8)
         for offset in self.tables.l2_offsets():
             metadata.add(offset >> layout.cluster_bits)
         metadata.add_range(h.refcount_table_offset, h.refcount_table_clusters * cs)
         for offset in self.refcounts.block_offsets():
             metadata.add(offset >> layout.cluster_bits)
-        self.mapper = Mapper(layout, self.tables, self.data_storage, h.compression_type,
+        # Extended L2 entries have their own mapping and writing; the 64-bit entries'
+        # hot paths stay free of the subcluster tests.
+        mapper, writer = ((ExtendedMapper, ExtendedWriter) if layout.extended_l2
+                          else (Mapper, ClusterWriter))
+        self.mapper = mapper(layout, self.tables, self.data_storage, h.compression_type,
                              self.mark_corrupt)
-        self.writer = ClusterWriter(layout, self.tables, self.refcounts, self.mapper,
-                                    metadata, self.data_storage, h.data_file_raw)
+        self.writer = writer(layout, self.tables, self.refcounts, self.mapper,
+                             metadata, self.data_storage, h.data_file_raw)
 
     # -- corruption (rule 7) -----------------------------------------------------------
 
@@ -298,7 +306,7 @@ class Qcow2Image:
     def _set_size(self, size: int) -> None:
         """The parts this image wired share one Layout: they all get the new one."""
         self.size = size
-        self.layout = Layout(self.version, size, self.layout.cluster_bits)
+        self.layout = dataclasses.replace(self.layout, size=size)
         for part in (self.tables, self.mapper, self.writer, self.bitmaps):
             part.layout = self.layout
 

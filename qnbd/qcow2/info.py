@@ -27,7 +27,7 @@ def image_info(path: str, file, st) -> dict:
         data["data-file-raw"] = h.data_file_raw
     if h.version >= 3:
         data["corrupt"] = h.corrupt
-        data["extended-l2"] = False  # refused by header.parse when set
+        data["extended-l2"] = h.extended_l2
     info = {}
     if h.nb_snapshots:
         snapshots, _ = snap.read_table(file, h.snapshots_offset, h.nb_snapshots,

@@ -5,8 +5,9 @@ qcow2-cluster.c does for reads (qcow2_get_host_offset).
 A range maps to runs [guest offset, length, kind, value]: DATA (host-contiguous, value
 the host offset), COMPRESSED (one cluster a run, value the L2 entry), ZERO (value the
 preallocated host offset, host-contiguous, or 0 for none) and UNALLOCATED (the backing
-file shows through, or zeros). Reads, block status, copy-on-write and qemu-img map's
-view (layer_status) all start from the same runs.
+file shows through, or zeros; value 0, or with extended L2 entries the host offset of
+an unallocated subcluster in an allocated cluster). Reads, block status, copy-on-write
+and qemu-img map's view (layer_status) all start from the same runs.
 """
 
 from ..block.base import HOLE, ZERO as ZERO_FLAG, Extent, LayerExtent
@@ -223,7 +224,10 @@ class Mapper:
         out = []
         for _guest, n, kind, value in self.map(offset, self.status_span(offset, length)):
             if kind == UNALLOCATED:
-                out.append(LayerExtent(n, False, False, None, None))
+                # With extended L2 entries an unallocated subcluster may lie in a host
+                # cluster (value): qemu reports that offset, not the allocation.
+                out.append(LayerExtent(n, False, False, value or None,
+                                       path if value else None))
             elif kind == COMPRESSED:
                 out.append(LayerExtent(n, True, False, None, None, compressed=True))
             else:
@@ -249,12 +253,10 @@ def _append_run(runs: list, pos: int, n: int, kind: int, value: int) -> None:
 
 def _continues(last: list, kind: int, value: int) -> bool:
     """Whether a run of `kind` at host `value` extends `last`: host-contiguous runs only,
-    and zero runs with a host cluster never with those without (qemu-img map shows where
+    and runs with a host cluster never with those without (qemu-img map shows where
     each run lies, and whether it lies anywhere)."""
     if last[2] != kind:
         return False
-    if kind not in (DATA, ZERO):
-        return True
     if not last[3] or not value:
         return not last[3] and not value
     return last[3] + last[1] == value

@@ -207,7 +207,8 @@ class ClusterWriter:
         layout = self.layout
         l1_index, i = guest >> layout.table_shift, layout.l2_index(guest)
         current = self.tables.l2_for_read(l1_index)
-        if current is not None and current[i] & (L2E_OFFSET_MASK | OFLAG_COMPRESSED):
+        if current is not None and current[i * layout.entry_words] & (L2E_OFFSET_MASK
+                                                                     | OFLAG_COMPRESSED):
             raise IOFailure(f"cannot write a compressed cluster at 0x{guest:x}: the "
                             "cluster is already allocated")
         host = self._allocate_bytes(len(data))
@@ -216,8 +217,12 @@ class ClusterWriter:
         table_offset, table = self._l2_for_write(l1_index)
         # Rule 4: the entry changes after the data is written (the L2 cache's barrier).
         sectors = ((host + len(data) - 1) >> 9) - (host >> 9)  # additional 512 B sectors
-        table[i] = host | OFLAG_COMPRESSED | (sectors << layout.compressed.shift)
+        self._set_compressed_entry(
+            table, i, host | OFLAG_COMPRESSED | (sectors << layout.compressed.shift))
         self.tables.l2_cache.mark_dirty(table_offset, table)
+
+    def _set_compressed_entry(self, table: array, i: int, entry: int) -> None:
+        table[i] = entry
 
     def _allocate_bytes(self, size: int) -> int:
         """Host bytes for compressed data, packed after the previous compressed data as
@@ -245,13 +250,14 @@ class ClusterWriter:
     # -- zeroes and discard ------------------------------------------------------------
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
-        cs = self.layout.cluster_size
+        # The unit an entry zeroes: a cluster, or a subcluster with extended L2 entries.
+        unit = self.layout.subcluster_size
         size = self.layout.size
-        first_full = -(-offset // cs) * cs
-        end_full = (offset + length) // cs * cs
-        # The image's tail may end inside a cluster: that cluster counts as whole.
-        if offset + length == size and size % cs:
-            end_full = -(-size // cs) * cs
+        first_full = -(-offset // unit) * unit
+        end_full = (offset + length) // unit * unit
+        # The image's tail may end inside a unit: that unit counts as whole.
+        if offset + length == size and size % unit:
+            end_full = -(-size // unit) * unit
         if first_full >= end_full:
             partials = [(offset, length)]
             first_full = end_full = None
@@ -273,12 +279,12 @@ class ClusterWriter:
                 self._zero_clusters(first_full, end_full, trim=may_trim)
 
     def discard(self, offset: int, length: int) -> None:
-        cs = self.layout.cluster_size
+        unit = self.layout.subcluster_size
         size = self.layout.size
-        start = -(-offset // cs) * cs
-        end = (offset + length) // cs * cs
+        start = -(-offset // unit) * unit
+        end = (offset + length) // unit * unit
         if offset + length == size:
-            end = -(-size // cs) * cs
+            end = -(-size // unit) * unit
         # v2 cannot hide a backing file's data without writing zeros: discard is advisory,
         # so it does nothing there.
         if start < end and not (self.layout.version < 3 and self.mapper.backing is not None):
@@ -294,7 +300,8 @@ class ClusterWriter:
             length -= n
 
     def _zero_clusters(self, start: int, end: int, trim: bool) -> None:
-        """Whole clusters [start, end) read as zeros afterwards. v3 uses the zero flag
+        """Whole units (layout.subcluster_size) [start, end) read as zeros afterwards
+        (here clusters; extended_writer.py does subclusters). v3 uses the zero flag
         (keeping our own allocation unless trimming); without a backing file an
         unallocated entry reads as zeros too, which is also v2's only way."""
         layout = self.layout

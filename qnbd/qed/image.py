@@ -77,6 +77,7 @@ class QedImage:
         self._closed = False
         self._failed = False
         self.tables = Tables(storage, h, max(2, l2_cache_bytes // h.table_bytes))
+        self.table_caches = (self.tables.l2_cache,)
         self.mapper = Mapper(self.tables)
         self.writer = Writer(self.tables, self.mapper, h.image_size, self._before_metadata)
 
