@@ -2,6 +2,7 @@
 
 import argparse
 import importlib
+import re
 import sys
 
 from . import __version__
@@ -19,29 +20,61 @@ class QemuStyleParser(argparse.ArgumentParser):
     type function words it, see commands/serve_values.py); an unknown option or a missing
     argument is getopt's line followed by a hint."""
 
+    # Long options that win an abbreviation they share with the parser's others: qemu's
+    # own, in the order of qemu's getopt table, so that a prefix qemu takes as one of its
+    # options (`--lo` for --load-snapshot) is not made ambiguous by qnbd's additions
+    # (--log-level), and an ambiguous one lists qemu's candidates as getopt does.
+    preferred_long_options: tuple[str, ...] = ()
+
+    def _get_option_tuples(self, option_string):
+        found = super()._get_option_tuples(option_string)
+        if len(found) > 1:
+            # The option string is the second item in every Python version's tuples.
+            preferred = [t for t in found if t[1] in self.preferred_long_options]
+            if len(preferred) == 1:
+                return preferred
+        return found
+
     def error(self, message: str):
         text, hint = _qemu_wording(message)
+        m = _AMBIGUOUS.match(message)
+        if m:
+            matches = m.group(2).split(", ")
+            order = {name: i for i, name in enumerate(self.preferred_long_options)}
+            matches.sort(key=lambda name: order.get(name, len(order)))
+            text = (f"option '{m.group(1)}' is ambiguous; possibilities: "
+                    + " ".join(f"'{name}'" for name in matches))
         if hint:
-            text += f"\n{self.prog}: Try `{self.prog} --help' for more information."
+            # getopt's errors are followed by an error_report() line; qemu-nbd's own
+            # "Invalid number of arguments" by a bare error_printf() one (qemu-nbd.c).
+            prefix = "" if hint == PLAIN_HINT else f"{self.prog}: "
+            text += f"\n{prefix}Try `{self.prog} --help' for more information."
         self.exit(1, f"{self.prog}: {text}\n")
 
 
-def _qemu_wording(message: str) -> tuple[str, bool]:
+HINT, PLAIN_HINT = "hint", "plain hint"
+_AMBIGUOUS = re.compile(r"ambiguous option: (\S+) could match (.+)$")
+
+
+def _qemu_wording(message: str) -> tuple[str, str | None]:
+    """argparse's message in getopt's (glibc) or qemu's words, and the hint after it."""
     if message.startswith("unrecognized arguments: "):
         first = message.split(": ", 1)[1].split()[0]
         if first.startswith("--"):
-            return f"unrecognized option '{first.split('=')[0]}'", True
+            return f"unrecognized option '{first}'", HINT  # getopt shows any =VALUE too
         if first.startswith("-") and len(first) > 1:
-            return f"invalid option -- '{first[1]}'", True
-        return "Invalid number of arguments", True
+            return f"invalid option -- '{first[1]}'", HINT
+        return "Invalid number of arguments", PLAIN_HINT
     if message.startswith("argument ") and ": " in message:
         names, why = message[len("argument "):].split(": ", 1)
         if why.startswith("expected one argument"):
-            return f"option '{names.split('/')[-1]}' requires an argument", True
+            return f"option '{names.split('/')[-1]}' requires an argument", HINT
+        if why.startswith("ignored explicit argument"):
+            return f"option '{names.split('/')[-1]}' doesn't allow an argument", HINT
         if why.startswith("invalid choice"):
-            return f"{names.split('/')[-1]}: {why}", False
-        return why, False
-    return message, True
+            return f"{names.split('/')[-1]}: {why}", None
+        return why, None
+    return message, HINT
 
 
 def _commands_to_load(argv) -> tuple[str, ...]:

@@ -47,7 +47,7 @@ class Listener:
     listening socket (systemd socket activation)."""
     unix: str | None = None
     address: str | None = None
-    port: int = DEFAULT_PORT
+    port: int | str = DEFAULT_PORT  # a str is a service name (qemu-nbd -p nbd)
     fd: int | None = None
 
     def describe(self) -> str:

@@ -17,7 +17,7 @@ Policy options keep qemu-nbd's meaning (qemu-nbd(8), qemu's block layer):
   device, so a flush on one covers the writes of all.
 - bitmaps (-B NAME, repeatable): persistent dirty bitmaps of a qcow2 image offered as
   `qemu:dirty-bitmap:NAME`; they stay enabled and keep tracking while exported, as in
-  qemu-nbd. allocation_depth (-A): offer `qemu:allocation-depth`.
+  qemu-nbd. A parallels image's bitmaps (read-only, block/parallels_ext.py) too. allocation_depth (-A): offer `qemu:allocation-depth`.
 - backing=any|same-dir|none (qnbd's own, `--backing-policy`): which backing files an
   image may name. "any" is qemu-nbd's behaviour; an untrusted image should get "same-dir"
   (only files in its own directory, symlinks resolved) or "none", so that its header

@@ -379,6 +379,26 @@ def test_no_block_status_payload_flag_without_extended_headers(catalog):
     assert not session.extended and not session.flags & p.FLAG_BLOCK_STATUS_PAYLOAD
 
 
+def test_info_offers_block_status_payload_before_contexts_as_qemu_nbd(catalog):
+    """qemu-nbd's INFO reply sets NBD_FLAG_BLOCK_STAT_PAYLOAD with extended headers even
+    before SET_META_CONTEXT (the client may choose contexts before GO); GO without
+    contexts does not."""
+    hs = Handshake(catalog)
+    ev = hs.feed(struct.pack(">I", 3) + option(p.OPT_EXTENDED_HEADERS)
+                 + option(p.OPT_INFO, go()) + option(p.OPT_GO, go()))
+    raw = b"".join(e.data for e in ev if isinstance(e, Send))
+    flags = []
+    while raw:
+        _, opt, rtype, n = struct.unpack_from(">QIII", raw)
+        body = raw[20:20 + n]
+        if rtype == p.REP_INFO and struct.unpack_from(">H", body)[0] == p.INFO_EXPORT:
+            flags.append((opt, p.INFO_EXPORT_PAYLOAD.unpack(body)[2]
+                          & p.FLAG_BLOCK_STATUS_PAYLOAD))
+        raw = raw[20 + n:]
+    assert flags == [(p.OPT_INFO, p.FLAG_BLOCK_STATUS_PAYLOAD), (p.OPT_GO, 0)]
+    assert not ev[-1].session.flags & p.FLAG_BLOCK_STATUS_PAYLOAD
+
+
 # --- properties ---
 
 @settings(max_examples=200, deadline=None)

@@ -11,11 +11,11 @@ import uuid
 
 import pytest
 
-from bitmaputil import expected_dirty, qemu_dirty_map, qnbd
+from bitmaputil import expected_dirty, info_bitmaps, qemu_dirty_map, qnbd
 from nbdserver import run_serve, short_tmpdir
 from parallelsutil import add_bitmaps, add_extension, bitmap_feature, feature
 from peers import run
-from qnbd.block.parallels_ext import DIRTY_BITMAP_FEATURE, L1_ALL_SET
+from qnbd.block.parallels_ext import DIRTY_BITMAP_FEATURE, L1_ALL_SET, MAX_EXT_CLUSTER
 
 MiB = 1 << 20
 ID_A, ID_B = bytes(range(16)), bytes(range(16, 32))
@@ -149,17 +149,21 @@ def test_extension_past_the_end_refused(tmp_path):
         f"qnbd serve: '{img}': the Format Extension cluster is past the end of the file"]
 
 
-def test_convert_bitmaps_from_parallels_refused_as_qemu_img(bitmap_image, tmp_path):
-    """qemu's parallels driver has bitmaps but not persistent ones: convert --bitmaps
-    refuses it as a source, in the same words."""
+def test_convert_bitmaps_from_parallels_as_qemu_img(bitmap_image, tmp_path):
+    """qemu loads a parallels image's bitmaps as not persistent: convert --bitmaps copies
+    the data and none of them. qnbd does what current qemu (10) does; qemu 7.2, whose
+    parallels driver did not support persistent bitmaps, refused the source instead."""
     img, _ = bitmap_image
+    theirs, ours = str(tmp_path / "q.qcow2"), str(tmp_path / "o.qcow2")
     qemu = subprocess.run(["qemu-img", "convert", "--bitmaps", "-f", "parallels", "-O",
-                           "qcow2", img, str(tmp_path / "q.qcow2")],
-                          capture_output=True, text=True)
-    ours = qnbd("convert", "--bitmaps", "-f", "parallels", "-O", "qcow2", img,
-                str(tmp_path / "o.qcow2"), check=False)
-    assert qemu.returncode == ours.returncode == 1
-    assert ours.stderr == qemu.stderr.replace("qemu-img:", "qnbd convert:")
+                           "qcow2", img, theirs], capture_output=True, text=True)
+    qnbd("convert", "--bitmaps", "-f", "parallels", "-O", "qcow2", img, ours)
+    assert info_bitmaps(ours) == []
+    run("qemu-img", "compare", "-f", "parallels", "-F", "qcow2", img, ours)
+    if qemu.returncode == 0:
+        assert info_bitmaps(theirs) == []
+    else:
+        assert qemu.stderr == "qemu-img: Source lacks bitmap support\n"
 
 
 def test_merge_from_a_parallels_bitmap_as_qemu_img(bitmap_image, tmp_path):
@@ -177,3 +181,17 @@ def test_merge_from_a_parallels_bitmap_as_qemu_img(bitmap_image, tmp_path):
             qnbd(*merge)
         targets.append(qemu_dirty_map(target, "m"))
     assert targets[0] == targets[1] == expected_dirty(DIRTY_A, 4096, 64 * MiB)
+
+
+def test_extension_in_huge_clusters_refused_in_one_line(tmp_path):
+    """The extension cluster is read whole: clusters above MAX_EXT_CLUSTER are refused
+    (our bound on memory; qemu reads any)."""
+    img = str(tmp_path / "disk.parallels")
+    cluster = 2 * MAX_EXT_CLUSTER
+    run("qemu-img", "create", "-q", "-f", "parallels", "-o", f"cluster_size={cluster}",
+        img, "64M")
+    add_bitmaps(img, {ID_A: (512, DIRTY_A)})
+    r = run_serve("-r", "-k", os.path.join(short_tmpdir(), "s"), img)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"qnbd serve: '{img}': a Format Extension in clusters of {cluster} bytes is not "
+        f"supported (at most {MAX_EXT_CLUSTER})"]

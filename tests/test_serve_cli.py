@@ -39,7 +39,6 @@ def sock_path():
     (["-l", "snap"], "Failed to load snapshot: the raw format has no internal snapshots"),
     (["--detect-zeroes=unmap"], "setting detect-zeroes to unmap is not allowed without setting "
      "discard operation to unmap"),
-    (["-k", "/tmp/x.sock", "-p", "1234"], "-k cannot be combined with -b or -p"),
     (["--config", "/nonexistent.toml"], "/nonexistent.toml: No such file or directory"),
 ])
 def test_refused_options_one_line(tmp_path, args, message):

@@ -63,7 +63,11 @@ def broken_bitmaps(src) -> list[str]:
 def copy_bitmaps(src, dst, skip: list[str]) -> None:
     """qemu-img convert --bitmaps (convert_copy_bitmaps): after the data, each usable
     source bitmap is added to the target with its granularity and enabled state, then
-    its dirty bits merged in, so the copy itself marks nothing."""
+    its dirty bits merged in, so the copy itself marks nothing. Bitmaps that are not
+    persistent (a parallels image's, as qemu loads them) are not copied: current qemu
+    copies nothing from such a source and succeeds (qemu 7.2 refused the source)."""
+    if not getattr(src.bitmaps, "persistent", True):
+        return
     existing = {e.name for e in dst.bitmaps.describe()}
     for entry in src.bitmaps.describe():
         if entry.name in skip:

@@ -64,8 +64,8 @@ class BitmapFeature:
 
 class ParallelsBitmaps:
     """The bitmaps of a parallels image: listed and found by name, never changed.
-    `persistent` is False: qemu's parallels driver does not offer persistent bitmaps, so
-    qemu-img convert --bitmaps refuses such a source."""
+    `persistent` is False: qemu loads them as bitmaps that are not persistent, which
+    qemu-img convert --bitmaps does not copy."""
 
     persistent = False
 

@@ -94,10 +94,7 @@ def run(args) -> int:
 def _check_bitmaps(args, src, out_fmt: str) -> list[str]:
     """qemu-img convert's checks before --bitmaps copies anything (convert_check_bitmaps);
     returns the inconsistent bitmaps to leave out (--skip-broken-bitmaps)."""
-    # qemu asks the driver for persistent bitmaps (bdrv_supports_persistent_dirty_bitmap):
-    # a parallels image's bitmaps can be read and exported, not copied this way.
-    bitmaps = getattr(src, "bitmaps", None)
-    if bitmaps is None or not getattr(bitmaps, "persistent", True):
+    if getattr(src, "bitmaps", None) is None:
         raise QnbdError("Source lacks bitmap support")
     if out_fmt != "qcow2":
         raise QnbdError(f"Format driver '{out_fmt}' does not support bitmaps")

@@ -23,7 +23,6 @@ from .serve_tls import cli_tls, list_creds
 # qemu-nbd options that qnbd does not implement yet: accepted by the parser only to be
 # refused by name, never silently ignored. (flag, long name, takes a value)
 UNSUPPORTED = (
-    ("-P", "--partition", True),
     ("-c", "--connect", True), ("-d", "--disconnect", False),
     (None, "--selinux-label", True),
 )
@@ -38,11 +37,23 @@ _DEVICE_OPTIONS = ("export_name", "description", "offset", "format", "bitmap",
                    "allocation_depth", "aio", "discard", "cache", "load_snapshot")
 
 
+# qemu-nbd's long options (qemu-nbd.c, its getopt_long table): an abbreviation of one of
+# them means it here too, whatever qnbd's own options share the prefix.
+QEMU_NBD_LONG_OPTIONS = tuple(
+    "--" + name for name in (
+        "help version bind port socket offset read-only allocation-depth bitmap connect "
+        "disconnect list snapshot load-snapshot nocache cache aio discard detect-zeroes "
+        "shared format persistent verbose object export-name description tls-creds "
+        "tls-hostname tls-authz image-opts trace fork pid-file selinux-label "
+        "handshake-limit").split())
+
+
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "serve", help="export an image over NBD (qemu-nbd compatible)",
         description="Export IMAGE over NBD, or list a server's exports (-L). Options have "
                     "qemu-nbd's meaning.")
+    p.preferred_long_options = QEMU_NBD_LONG_OPTIONS
     p.add_argument("image", nargs="?", metavar="IMAGE", help="image file to export")
     p.add_argument("-V", "--version", action="version", version=version_text("qnbd"))
     p.add_argument("--config", metavar="FILE", help="serve the exports of a TOML file")
@@ -93,6 +104,8 @@ def add_parser(subparsers):
                    help="accepted (threads, native, io_uring); qnbd does its own I/O")
     p.add_argument("--handshake-timeout", type=float, metavar="SECONDS",
                    help="drop clients that have not finished the handshake (default 10, 0 = never)")
+    p.add_argument("--handshake-limit", type=v.handshake_limit, dest="handshake_timeout",
+                   metavar="N", help="qemu-nbd 10's name for --handshake-timeout (whole seconds)")
     p.add_argument("--idle-timeout", type=float, metavar="SECONDS",
                    help="drop clients that send nothing and take no replies for this long "
                    "(default 0 = never)")
@@ -250,8 +263,8 @@ def _list_mode(args) -> int:
 
 def _cli_listener(args) -> Listener:
     if args.socket is not None:
-        if args.bind is not None or args.port is not None:
-            raise QnbdError("-k cannot be combined with -b or -p")
+        # qemu-nbd listens on the socket alone and ignores -b and -p (qemu-nbd.c,
+        # nbd_build_socket_address).
         return Listener(unix=args.socket)
     return Listener(address=args.bind or "0.0.0.0", port=args.port or DEFAULT_PORT)
 

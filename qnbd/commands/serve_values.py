@@ -62,6 +62,14 @@ def shared(text: str) -> int:
     return n
 
 
+def handshake_limit(text: str) -> int:
+    """qemu-nbd 10's --handshake-limit: whole seconds, an int (qemu_strtoi), 0 = none."""
+    n = c_integer(text)
+    if n is None or n < 0 or n >= 1 << 31:
+        _fail(f"Invalid handshake limit '{text}'")
+    return n
+
+
 def offset(text: str) -> int:
     n = c_integer(text)
     if n is None or n < 0 or n >= 1 << 64:
@@ -73,9 +81,14 @@ def socket_path(text: str) -> str:
     return text if text.startswith("/") else _fail("socket path must be absolute")
 
 
-def port(text: str) -> int:
+def port(text: str) -> int | str:
+    """A port number, or (as qemu-nbd, which hands -p to getaddrinfo) a service name
+    such as `nbd`, resolved when the server listens. A number past 65535 is refused:
+    qemu-nbd would silently listen on it modulo 65536."""
     n = c_integer(text)
-    if n is None or not 0 < n < 65536:
+    if n is None or n < 0:
+        return text  # getaddrinfo's refusal, in qemu-nbd's words, when it listens
+    if not 0 < n < 65536:
         _fail(f"invalid port '{text}'")
     return n
 

@@ -283,8 +283,11 @@ class Handshake:
         return Session(export, self._flags(export), self.structured, list(contexts),
                        self.extended)
 
-    def _flags(self, export) -> int:
-        selected = bool(self.meta_selected) and self.meta_export is export
+    def _flags(self, export, info: bool = False) -> int:
+        # An INFO reply offers BLOCK_STATUS payloads (with extended headers) even before
+        # contexts are chosen, as qemu-nbd does (nbd_negotiate_handle_info): the client
+        # may still choose them before GO, whose reply then says what holds.
+        selected = info or (bool(self.meta_selected) and self.meta_export is export)
         return transmission_flags(export, self.structured, self.extended, selected)
 
     def _visible(self, export) -> bool:
@@ -373,7 +376,7 @@ class Handshake:
             refusal = export.admit()
             if refusal:
                 raise OptionError(p.REP_ERR_POLICY, refusal)
-        flags = self._flags(export)
+        flags = self._flags(export, info=option == p.OPT_INFO)
         replies = [option_reply(option, p.REP_INFO,
                                 p.INFO_EXPORT_PAYLOAD.pack(p.INFO_EXPORT, export.size, flags))]
         if p.INFO_NAME in requests:

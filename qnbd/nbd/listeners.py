@@ -24,6 +24,10 @@ async def listen(loop, listener, factory):
     try:
         return await loop.create_server(factory, listener.address, listener.port,
                                         reuse_address=True)
+    except socket.gaierror as e:
+        # qemu-nbd's words (inet_listen_saddr) for a host or port getaddrinfo refuses.
+        raise QnbdError(f"address resolution failed for {listener.describe()}: "
+                        f"{e.strerror or e}") from None
     except OSError as e:
         raise QnbdError(f"Failed to bind socket to {listener.describe()}: "
                         f"{e.strerror or e}") from None

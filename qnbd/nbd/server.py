@@ -1,5 +1,5 @@
 """The server's life: open the exports, take the pid file, listen, serve, and shut down
-cleanly on SIGTERM/SIGINT (or, without --persistent, when the last client leaves), as
+cleanly on SIGTERM/SIGINT/SIGHUP (or, without --persistent, when the last client leaves), as
 qemu-nbd does. Connection slots (qemu-nbd -e) and the server-wide reply cap live here; one
 client's bytes live in connection.py, the protocol in handshake.py and transmission.py.
 
@@ -55,7 +55,9 @@ class Server:
         self.reads = ReadPool(loop)   # reads that miss the page cache (docs/DESIGN.md "I/O model")
 
     def install_signals(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # qemu-nbd stops cleanly on SIGHUP too (a closed terminal): images closed, the
+        # socket removed, exit status 0.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self.stop, sig.name)
 
     async def start(self, exports):
@@ -158,7 +160,7 @@ class Server:
 
 def serve(config, on_ready=None, services=()) -> int:
     """Open the exports, listen, call `on_ready()` once clients can connect, and serve until
-    SIGTERM/SIGINT (or, without persistent, until the last client leaves). Images are
+    SIGTERM/SIGINT/SIGHUP (or, without persistent, until the last client leaves). Images are
     flushed and closed on the way out.
 
     `services` are `async start(server) -> close()` callables run once the exports are open

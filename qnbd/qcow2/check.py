@@ -96,18 +96,16 @@ class _Checker:
         self.bitmap_directory = self.read_bitmap_directory()
 
     def read_bitmap_directory(self) -> tuple[int, int, list] | None:
-        """(offset, size, entries) of the bitmap directory, or None. Read at open, as
-        qemu does (qcow2_do_open loads the bitmaps): a directory qemu refuses, such as an
-        entry that does not satisfy the constraints, makes qemu-img check fail to open
-        the image (exit 1), not count a corruption. The extension is only trusted while
-        its autoclear bit is set, as in qemu."""
-        h = self.h
-        ext = h.extension(hdr.EXT_BITMAPS)
-        if ext is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+        """(offset, size, entries) of the bitmap directory, or None. Read at open as
+        qemu does (qcow2_do_open): a directory qemu refuses (an entry outside the
+        constraints) fails the open, exit 1, not a corruption. Trusted only while the
+        autoclear bit is set, as in qemu."""
+        ext = self.h.extension(hdr.EXT_BITMAPS)
+        if ext is None or not self.h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
             return None
-        _nb, dir_size, dir_offset = bitmaps.parse_extension(ext)
-        return dir_offset, dir_size, bitmaps.read_directory(self.file, ext, h.size, self.cs,
-                                                            self.file_size)
+        _nb, size, offset = bitmaps.parse_extension(ext)
+        return offset, size, bitmaps.read_directory(self.file, ext, self.h.size, self.cs,
+                                                    self.file_size)
 
     def reload_stored(self) -> None:
         """Read the stored refcounts again (after a rebuild switched the header)."""
