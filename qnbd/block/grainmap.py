@@ -27,16 +27,11 @@ class GrainMap:
 
     def set(self, first: int, stop: int) -> None:
         """Mark grains [first, stop) as held."""
-        g = first
-        while g < stop:
-            c = g >> CHUNK_BITS
-            base = c << CHUNK_BITS
-            end = min(base + CHUNK, stop)
+        for c, g, base, end in _pieces(first, stop):
             chunk = self.chunks.get(c)
             if chunk is None:
                 chunk = self.chunks[c] = bytearray(CHUNK)
             chunk[g - base:end - base] = _ONES[:end - g]
-            g = end
 
     def first_clear(self, first: int, stop: int) -> int:
         """The first grain of [first, stop) not held, or -1."""
@@ -46,11 +41,8 @@ class GrainMap:
         """The first grain after g, at most last + 1, whose state differs from g's."""
         return self._find(g + 1, last + 1, 0 if self[g] else 1, last + 1)
 
-    def _find(self, g: int, stop: int, value: int, none: int = -1) -> int:
-        while g < stop:
-            c = g >> CHUNK_BITS
-            base = c << CHUNK_BITS
-            end = min(base + CHUNK, stop)
+    def _find(self, first: int, stop: int, value: int, none: int = -1) -> int:
+        for c, g, base, end in _pieces(first, stop):
             chunk = self.chunks.get(c)
             if chunk is None:
                 if value == 0:
@@ -59,5 +51,15 @@ class GrainMap:
                 i = chunk.find(value, g - base, end - base)
                 if i >= 0:
                     return base + i
-            g = end
         return none
+
+
+def _pieces(g: int, stop: int):
+    """Grains [g, stop) split at chunk boundaries: (chunk index, first grain, the chunk's
+    first grain, end grain) of each piece."""
+    while g < stop:
+        c = g >> CHUNK_BITS
+        base = c << CHUNK_BITS
+        end = min(base + CHUNK, stop)
+        yield c, g, base, end
+        g = end
