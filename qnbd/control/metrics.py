@@ -58,7 +58,8 @@ class ServerCollector:
                                      "(read, written, zeroed, trimmed, queried), by command",
                                      labels=["export", "command"])
         latency = HistogramMetricFamily("qnbd_request_duration_seconds", "Time to answer "
-                                        "an NBD request on the event loop, by command",
+                                        "an NBD request (until its reply is ready, a "
+                                        "pooled read's disk wait included), by command",
                                         labels=["export", "command"])
         errors = CounterMetricFamily("qnbd_errors", "NBD error replies, by error",
                                      labels=["export", "errno"])
