@@ -48,12 +48,13 @@ THREAD_BYTES = 128 << 10
 
 
 class _Export:
-    __slots__ = ("out", "waiters", "draining")
+    __slots__ = ("out", "waiters", "draining", "spliced")
 
     def __init__(self):
         self.out = 0           # replies with reads in the pool
-        self.waiters = []      # callables to run once `out` drops to 0
+        self.waiters = []      # callables to run once `out` drops to 0 (and `spliced` read)
         self.draining = False  # those run in this loop turn: no read may leave meanwhile
+        self.spliced = set()   # Splicers (splice.py) whose sockets may hold its pages
 
 
 class ReadPool:
@@ -79,6 +80,7 @@ class ReadPool:
         self.timer = None
         self.polled = 0.0   # loop time of the last retry of the parked reads
         self.exports: dict[object, _Export] = {}
+        self.splice_timer = None
 
     def _state(self, export) -> _Export:
         state = self.exports.get(export)
@@ -88,12 +90,47 @@ class ReadPool:
 
     def may_mutate(self, export, resume) -> bool:
         """Whether a write, zero or discard may run on `export` now; if not, `resume` is
-        called once the reads out on it have completed."""
+        called once the reads out on it have completed and its clients have read every
+        byte spliced to them (splice.py)."""
         state = self.exports.get(export)
-        if state is None or not state.out:
+        if state is None:
+            return True
+        if state.spliced:
+            state.spliced = {s for s in state.spliced if s.unread()}
+        if not state.out and not state.spliced:
+            if not state.waiters and not state.draining:
+                del self.exports[export]
             return True
         state.waiters.append(resume)
+        if state.spliced and self.splice_timer is None:
+            self.splice_timer = self.loop.call_later(RETRY_S, self._spliced_read)
         return False
+
+    def may_splice(self, export) -> bool:
+        """Whether a READ of `export` may be spliced now: not while a write waits (it
+        would wait for that reply too, and could be starved)."""
+        state = self.exports.get(export)
+        return not self.closed and (state is None or not (state.waiters or state.draining))
+
+    def spliced(self, export, splicer) -> None:
+        """`splicer` has sent pages of `export`'s files: writes wait until they are read."""
+        self._state(export).spliced.add(splicer)
+
+    def _spliced_read(self) -> None:
+        """Poll the sockets that writes wait for (a client's read of them raises no
+        event here); resume the writes once every spliced byte has been read."""
+        self.splice_timer = None
+        waiting = False
+        for export, state in list(self.exports.items()):
+            if not state.spliced or not state.waiters:
+                continue
+            state.spliced = {s for s in state.spliced if s.unread()}
+            if state.spliced:
+                waiting = True
+            elif not state.out:
+                self._release(export, state)
+        if waiting:
+            self.splice_timer = self.loop.call_later(RETRY_S, self._spliced_read)
 
     def fill(self, pieces: list, export, done) -> bool:
         """Put the bytes of every HostRead in `pieces` in its place. True when that is
@@ -239,29 +276,38 @@ class ReadPool:
         self.out_bytes -= size
         state.out -= 1
         if not state.out:
-            waiters, state.waiters = state.waiters, []
-            if waiters:
-                # The held writes run in callbacks queued now (resume); until the
-                # one queued after them, reads stay on the loop: none overtakes them.
-                state.draining = True
-                for resume in waiters:
-                    resume()
-                self.loop.call_soon(self._drained, export, state)
-            elif self.exports.get(export) is state:
-                del self.exports[export]
+            if state.spliced:
+                state.spliced = {s for s in state.spliced if s.unread()}
+            if not state.spliced:
+                self._release(export, state)
         done(error)
+
+    def _release(self, export, state: _Export) -> None:
+        """No read of `export` is out any more: run the writes that waited."""
+        waiters, state.waiters = state.waiters, []
+        if waiters:
+            # The held writes run in callbacks queued now (resume); until the
+            # one queued after them, reads stay on the loop: none overtakes them.
+            state.draining = True
+            for resume in waiters:
+                resume()
+            self.loop.call_soon(self._drained, export, state)
+        elif self.exports.get(export) is state:
+            del self.exports[export]
 
     def _drained(self, export, state: _Export) -> None:
         state.draining = False
-        if not state.out and not state.waiters and self.exports.get(export) is state:
+        if not state.out and not state.waiters and not state.spliced \
+                and self.exports.get(export) is state:
             del self.exports[export]
 
     def shutdown(self) -> None:
         """Wait for every read still out (before the images close)."""
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        for timer in (self.timer, self.splice_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.splice_timer = None
         self.parked = []   # nobody awaits their replies any more; no thread reads them
         for _ in self.threads:
             self.jobs.put(None)
