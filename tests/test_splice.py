@@ -173,3 +173,28 @@ def test_a_write_waits_until_the_spliced_read_before_it_is_read(shm_image, serve
             assert h.pread(length, offset) == model[offset:offset + length]
     finally:
         h.shutdown()
+
+
+def test_a_client_that_does_not_read_holds_others_writes_only_briefly(shm_image, serve):  # noqa: F811
+    """Connection A leaves a large spliced READ reply unread; B's write of the same range
+    waits for it at most SPLICE_WAIT_S (their requests are concurrent: either outcome is
+    A's to see), never for as long as A does not read."""
+    path, _raw, model = shm_image
+    server = serve(path, "-f", "qcow2", "-e", "2")
+    a = nbd.NBD()
+    a.connect_uri(server.uri)
+    b = nbd.NBD()
+    b.connect_uri(server.uri)
+    try:
+        buf = nbd.Buffer(4 * MiB)
+        a.aio_pread(buf, 0)   # more than the socket holds: part of it waits in the server
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        b.pwrite(b"x" * 4096, 0)
+        assert time.monotonic() - t0 < 10
+        assert b.pread(4096, 0) == b"x" * 4096
+        while a.aio_in_flight():
+            a.poll(-1)
+    finally:
+        a.shutdown()
+        b.shutdown()

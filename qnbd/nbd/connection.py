@@ -213,13 +213,13 @@ class Connection(asyncio.BufferedProtocol):
         if reads is not None:
             self.tx.plans = True
             export = session.export
-            self.tx.may_mutate = lambda: reads.may_mutate(export, self._resume)
             sock = self.transport.get_extra_info("socket")
             if self.raw is None and spliceable(sock) and \
                     not self.transport.get_write_buffer_size():
                 self.splicer = Splicer(self.server.loop, sock, self.budget,
                                        self.pause_writing, self.resume_writing,
                                        self._send_failed)
+            self.tx.may_mutate = lambda: reads.may_mutate(export, self._resume, self.splicer)
         idle = self.server.config.idle_timeout
         if idle:
             self.active_at = self.server.loop.time()

@@ -40,6 +40,8 @@ MAX_OUT_BYTES = 16 << 20
 RETRY_S = 0.001
 MAX_RETRIES = 20
 POLL_GAP_S = 0.0002
+# How long a write waits for other connections' clients to read spliced replies.
+SPLICE_WAIT_S = 1.0
 # A read this large goes to a worker thread at once, cached or not: copying it is work
 # enough to be worth a hand-off, and done there it runs beside the loop, on the other
 # core, while the loop sends replies (multi-connection copies, 1 MiB reads). So does
@@ -48,13 +50,25 @@ THREAD_BYTES = 128 << 10
 
 
 class _Export:
-    __slots__ = ("out", "waiters", "draining", "spliced")
+    __slots__ = ("out", "waiters", "draining", "spliced", "holders", "since")
 
     def __init__(self):
         self.out = 0           # replies with reads in the pool
         self.waiters = []      # callables to run once `out` drops to 0 (and `spliced` read)
         self.draining = False  # those run in this loop turn: no read may leave meanwhile
         self.spliced = set()   # Splicers (splice.py) whose sockets may hold its pages
+        self.holders = set()   # the Splicers of the connections whose writes wait
+        self.since = 0.0       # loop time when the first of those began to wait
+
+    def unread(self, now: float) -> set:
+        """The Splicers still holding unread pages that a waiting write must wait for:
+        its own connection's always (its client sees its requests run one by one); the
+        others' for SPLICE_WAIT_S at most: their READs are concurrent with this write
+        (any outcome is theirs), and a client that does not read its replies must not
+        hold another's writes forever."""
+        late = now - self.since >= SPLICE_WAIT_S
+        return {s for s in self.spliced
+                if (not late or s in self.holders) and s.unread()}
 
 
 class ReadPool:
@@ -88,20 +102,24 @@ class ReadPool:
             state = self.exports[export] = _Export()
         return state
 
-    def may_mutate(self, export, resume) -> bool:
+    def may_mutate(self, export, resume, own=None) -> bool:
         """Whether a write, zero or discard may run on `export` now; if not, `resume` is
-        called once the reads out on it have completed and its clients have read every
-        byte spliced to them (splice.py)."""
+        called once the reads out on it have completed and its clients have read the
+        bytes spliced to them (splice.py; `own` is the asking connection's Splicer)."""
         state = self.exports.get(export)
         if state is None:
             return True
+        if not state.waiters:
+            state.since = self.loop.time()
         if state.spliced:
-            state.spliced = {s for s in state.spliced if s.unread()}
+            state.spliced = state.unread(self.loop.time())
         if not state.out and not state.spliced:
             if not state.waiters and not state.draining:
                 del self.exports[export]
             return True
         state.waiters.append(resume)
+        if own is not None:
+            state.holders.add(own)
         if state.spliced and self.splice_timer is None:
             self.splice_timer = self.loop.call_later(RETRY_S, self._spliced_read)
         return False
@@ -124,7 +142,7 @@ class ReadPool:
         for export, state in list(self.exports.items()):
             if not state.spliced or not state.waiters:
                 continue
-            state.spliced = {s for s in state.spliced if s.unread()}
+            state.spliced = state.unread(self.loop.time())
             if state.spliced:
                 waiting = True
             elif not state.out:
@@ -277,7 +295,7 @@ class ReadPool:
         state.out -= 1
         if not state.out:
             if state.spliced:
-                state.spliced = {s for s in state.spliced if s.unread()}
+                state.spliced = state.unread(self.loop.time())
             if not state.spliced:
                 self._release(export, state)
         done(error)
@@ -285,6 +303,7 @@ class ReadPool:
     def _release(self, export, state: _Export) -> None:
         """No read of `export` is out any more: run the writes that waited."""
         waiters, state.waiters = state.waiters, []
+        state.holders = set()
         if waiters:
             # The held writes run in callbacks queued now (resume); until the
             # one queued after them, reads stay on the loop: none overtakes them.
