@@ -18,7 +18,9 @@ Requests run inline on the loop (the engines are synchronous by design, see
 docs/DESIGN.md), in request order. The data of a READ may not: the HostReads of its
 reply are performed by the server's ReadPool (reads.py), inline on a page-cache hit, else
 in a worker thread, and that reply is written when they complete (NBD lets replies leave
-in any order; docs/DESIGN.md "I/O model"). Close waits for such replies.
+in any order; docs/DESIGN.md "I/O model"). Close waits for such replies. On a unix
+socket without TLS the connection writes its replies itself (splice.py): the data of
+memory-backed files goes by sendfile, uncopied, and close waits for that queue too.
 """
 
 import asyncio
