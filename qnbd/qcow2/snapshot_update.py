@@ -26,7 +26,7 @@ import errno
 from array import array
 from collections.abc import Callable, Iterator
 
-from ..block.check_result import NoProgress, Progress
+from ..block.check_result import Progress
 from ..block.storage import Barrier, Storage
 from ..errors import CorruptImage, IOFailure, ImageError
 from . import header as hdr
@@ -73,7 +73,7 @@ class SnapshotUpdater:
         self.flush = flush
         # One step per L2 table walked, the total known when an operation starts (so
         # that the bar only grows): the snapshot command draws it on a terminal.
-        self.progress: Progress = NoProgress()
+        self.progress: Progress = Progress()
 
     @property
     def layout(self):
