@@ -107,8 +107,11 @@ def classify(entry: int, version: int, external: bool = False) -> int:
 def run_end(table, i: int, stop: int, entry: int, step: int) -> int:
     """The index after the last entry of table[i:stop] that continues `entry` =
     table[i]: each `step` more than the one before (the next host cluster; 0: the same
-    entry again). A run of one costs one compare; longer runs are compared a slice at a
-    time in C, slices doubling while they match, then the end found by halving."""
+    entry again), never past the offset field. A run of one costs one compare; longer
+    runs are compared a slice at a time in C, slices doubling while they match, then
+    the end found by halving."""
+    if step:  # host offsets never carry past the offset field (bits 9-55)
+        stop = min(stop, i + (L2E_OFFSET_MASK - (entry & L2E_OFFSET_MASK)) // step + 1)
     j = i + 1
     if j >= stop or table[j] != entry + step:
         return j

@@ -77,8 +77,6 @@ class Mapper:
                 # The entries that continue this one's run are of its kind with the same
                 # flags: found in bulk, not entry by entry.
                 stop = i + ((table_end - pos + in_cluster + cs - 1) >> cb)
-                if host:  # each the next host cluster, never past the offset field
-                    stop = min(stop, i + ((L2E_OFFSET_MASK - host) >> cb) + 1)
                 j = run_end(table, i, stop, entry, cs if host else 0)
                 n = min(((j - i) << cb) - in_cluster, table_end - pos)
                 # Data at host 0 exists in an external data file; zero clusters without a
