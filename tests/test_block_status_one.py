@@ -11,6 +11,7 @@ import pytest
 
 from peers import qemu_img, qemu_io
 from qnbd.block.base import HOLE, ZERO
+from qnbd.block.overlay import SnapshotOverlay
 from qnbd.formats import open_image
 from qnbd.nbd.contexts import FIRST_WINDOW, contexts_for
 
@@ -80,3 +81,25 @@ def test_without_req_one_every_extent_still_comes(fragmented):
     finally:
         image.close()
     assert got == [(end - start, flags) for start, end, flags in _peer_runs(fragmented)]
+
+
+def test_a_snapshot_overlay_maps_each_extent_once(fragmented, tmp_path):
+    """qnbd serve -s: the overlay answers one extent a call, so it asks its base for the
+    first extent only (block/extents.py first_extent); asking for the whole rest each
+    time walked up to 64 L2 tables per extent. A full map touches each table about
+    twice, plus the first windows."""
+    runs = _peer_runs(fragmented)
+    image = open_image(str(fragmented))
+    overlay = SnapshotOverlay(image, str(tmp_path))
+    try:
+        base = contexts_for(SimpleNamespace(device=overlay, allocation_depth=False,
+                                            bitmaps=[]))[0]
+        cache = image.tables.l2_cache
+        before = cache.hits + cache.misses
+        got = base.extents(0, SIZE, one=False)
+        touched = cache.hits + cache.misses - before
+    finally:
+        overlay.close()
+    assert got == [(end - start, flags) for start, end, flags in runs]
+    tables = SIZE // TABLE_SPAN
+    assert touched <= 2 * tables + len(runs) * (FIRST_WINDOW // TABLE_SPAN + 2), touched

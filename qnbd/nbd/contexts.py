@@ -24,12 +24,11 @@ Query rules, as qemu-nbd's nbd_negotiate_meta_queries (qemu nbd/server.c):
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..block.extents import FIRST_WINDOW
+
 # Descriptors per chunk: the spec asks for at most 2^20; far fewer keeps replies small
 # while a client still always makes progress.
 MAX_DESCRIPTORS = 1 << 16
-# What a REQ_ONE request asks its source for first (MetaContext.extents): a qcow2 image of
-# 512-byte clusters maps it with two L2 tables, one of 64 KiB clusters with one entry.
-FIRST_WINDOW = 64 << 10
 
 BASE_ALLOCATION = "base:allocation"
 ALLOCATION_DEPTH = "qemu:allocation-depth"
@@ -52,7 +51,8 @@ class MetaContext:
         neighbours merged, one only for NBD_CMD_FLAG_REQ_ONE, at least one always ("MUST
         return at least one status descriptor").
 
-        For REQ_ONE the source is asked for FIRST_WINDOW bytes, then for twice as many
+        For REQ_ONE the source is asked for FIRST_WINDOW bytes (as block/extents.py's
+        first_extent does, here merging by the context's flags), then for twice as many
         each time the first descriptor is still growing, and no more once a second one
         begins: qemu's client sends REQ_ONE for the rest of the disk each time, and
         mapping all of it to answer one extent cost ~1 ms a request on an image of small
