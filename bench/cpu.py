@@ -29,7 +29,7 @@ import bench  # noqa: E402  (bench.py beside this file: images, servers, the job
 
 # Fixed work per job: fio I/O count (nbdcopy jobs: the whole image).
 COUNTS = {"seqread-1M": 4096, "randread-4k": 200_000, "randwrite-4k-alloc": 100_000,
-          "seqwrite-1M-alloc": 2048, "cold-randread-4k": 30_000}
+          "seqwrite-1M-alloc": 2048, "smallwrite-flush": 5000, "cold-randread-4k": 30_000}
 TICK = os.sysconf("SC_CLK_TCK")
 
 
