@@ -178,7 +178,8 @@ def test_a_write_waits_until_the_spliced_read_before_it_is_read(shm_image, serve
 def test_a_client_that_does_not_read_holds_others_writes_only_briefly(shm_image, serve):  # noqa: F811
     """Connection A leaves a large spliced READ reply unread; B's write of the same range
     waits for it at most SPLICE_WAIT_S (their requests are concurrent: either outcome is
-    A's to see), never for as long as A does not read."""
+    A's to see), never for as long as A does not read. A's own write after that read
+    still waits until A has taken it."""
     path, _raw, model = shm_image
     server = serve(path, "-f", "qcow2", "-e", "2")
     a = nbd.NBD()
@@ -193,8 +194,14 @@ def test_a_client_that_does_not_read_holds_others_writes_only_briefly(shm_image,
         b.pwrite(b"x" * 4096, 0)
         assert time.monotonic() - t0 < 10
         assert b.pread(4096, 0) == b"x" * 4096
+        # A's own write after its read still waits for A to take that reply.
+        a.aio_pwrite(b"y" * 4096, 0)
+        time.sleep(0.2)
         while a.aio_in_flight():
             a.poll(-1)
+        assert buf.to_bytearray()[:4096] in (model[:4096], b"x" * 4096)
+        assert buf.to_bytearray()[4096:] == model[4096:4 * MiB]
+        assert a.pread(4096, 0) == b"y" * 4096
     finally:
         a.shutdown()
         b.shutdown()

@@ -107,6 +107,11 @@ class ReadPool:
         called once the reads out on it have completed and its clients have read the
         bytes spliced to them (splice.py; `own` is the asking connection's Splicer)."""
         state = self.exports.get(export)
+        if own is not None and (own.spliced or own.queue):
+            # Its own unread replies count even if a wait by another write gave up on
+            # them (SPLICE_WAIT_S) and dropped them from `spliced`.
+            state = self._state(export)
+            state.spliced.add(own)
         if state is None:
             return True
         if not state.waiters:
