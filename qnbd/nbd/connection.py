@@ -35,7 +35,7 @@ from . import tls
 from .handshake import Close, Handshake, Ready, Send, StartTLS
 from .reads import THREAD_BYTES
 from .requests import ProtocolError
-from .splice import Splicer, memory_backed, spliceable
+from .splice import SPLICE_MIN, Splicer, memory_backed, spliceable
 from .transmission import Transmission
 
 log = logging.getLogger("qnbd.serve")
@@ -317,9 +317,9 @@ class Connection(asyncio.BufferedProtocol):
                     if self.reads.fill(pieces, tx.export, done):
                         out += pieces
                         tx.read_done(tx.planned, started)
-                        if tx.export in self.reads.inline and self.splicer is None:
+                        if tx.export in self.reads.inline:
                             # No RWF_NOWAIT here: small reads as before the pool.
-                            tx.plan_min = THREAD_BYTES
+                            tx.plan_min = THREAD_BYTES if self.splicer is None else SPLICE_MIN
                     else:
                         self.pending += 1
                 if made >= budget or tx.work >= turn_end:
@@ -372,7 +372,8 @@ class Connection(asyncio.BufferedProtocol):
         find it in the splicer (may_mutate)."""
         splicer = self.splicer
         export = self.tx.export
-        if splicer is None or not self.reads.may_splice(export):
+        if splicer is None or self.tx.planned.length < SPLICE_MIN or \
+                not self.reads.may_splice(export):
             return False
         for piece in pieces:
             if piece.__class__ is HostRead and not memory_backed(piece):

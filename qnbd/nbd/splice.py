@@ -35,6 +35,10 @@ import termios
 from ..block.plan import HostRead
 
 _OUTQ = struct.Struct("i")
+# READs shorter than this are copied as before: a 4 KiB copy out of the page cache costs
+# less than the sendfile call and the separate header write (randread-4k, quiet machine:
+# 14-15 us of CPU a read copied, 22-23 us spliced; 1 MiB: 0.27 ms spliced, 1.4 ms copied).
+SPLICE_MIN = 64 << 10
 # Buffers per writev: well under the kernel's UIO_MAXIOV (1024).
 _IOV = 256
 
