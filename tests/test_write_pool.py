@@ -327,3 +327,38 @@ def test_multi_conn_large_writes_with_reads_flushes_zeroes(tmp_path, serve, fmt)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
     if fmt == "qcow2":
         qemu_img("check", path)
+
+
+def test_control_commands_wait_for_the_writes_out(image, loop, held_writes):
+    """A control-socket command (a checkpoint splits the bitmaps there) runs only once
+    no write is out: it sees every write sent before it completed."""
+    from types import SimpleNamespace
+
+    from qnbd.control.service import ControlConnection
+
+    export = Export.open(ExportConfig(image=image, format="qcow2"))
+    (a,), server = pooled_connections(loop, export)
+    seen = []
+
+    def answer(line):
+        seen.append((line, allocated(export, 2 * MiB, 256 * KiB)))
+        return b"{}\n"
+
+    service = SimpleNamespace(server=server, answer=answer, clients=set())
+    control = ControlConnection(service)
+    control.transport = SimpleNamespace(is_closing=lambda: False, write=lambda data: None,
+                                        pause_reading=lambda: None,
+                                        resume_reading=lambda: None)
+    try:
+        a.data_received(request(p.CMD_WRITE, 1, 2 * MiB, payload=b"\x55" * 256 * KiB))
+        spin(loop, 0.1)
+        control.data_received(b'{"command": "checkpoint"}\n')
+        spin(loop, 0.2)
+        assert not seen
+        held_writes.set()
+        wait(loop, lambda: seen)
+        assert seen == [(b'{"command": "checkpoint"}', True)]
+    finally:
+        server.writes.shutdown()
+        server.reads.shutdown()
+        export.close()

@@ -18,7 +18,9 @@ Requests run inline on the loop (the engines are synchronous by design, see
 docs/DESIGN.md), in request order. The data of a READ may not: the HostReads of its
 reply are performed by the server's ReadPool (reads.py), inline on a page-cache hit, else
 in a worker thread, and that reply is written when they complete (NBD lets replies leave
-in any order; docs/DESIGN.md "I/O model"). Close waits for such replies.
+in any order; docs/DESIGN.md "I/O model"). So may the data of a large WRITE: the
+server's WritePool (writes.py) writes it in a worker thread and commits its mapping on
+the loop, and that reply is written then. Close waits for such replies.
 """
 
 import asyncio
