@@ -493,7 +493,7 @@ def pooled_ops(rng: random.Random, size: int, count: int) -> list:
             # writes out.
             pattern, n = 17 * rng.randrange(1, 15), min(n, 4096)
         elif pattern % 17 == 0:
-            pattern += 1
+            pattern -= 1
         ops.append((kind, off, max(1, min(n, size - off)), pattern))
     return ops
 
