@@ -344,7 +344,7 @@ def test_control_commands_wait_for_the_writes_out(image, loop, held_writes):
         seen.append((line, allocated(export, 2 * MiB, 256 * KiB)))
         return b"{}\n"
 
-    service = SimpleNamespace(server=server, answer=answer, clients=set())
+    service = SimpleNamespace(writes=server.writes, answer=answer, clients=set())
     control = ControlConnection(service)
     control.transport = SimpleNamespace(is_closing=lambda: False, write=lambda data: None,
                                         pause_reading=lambda: None,

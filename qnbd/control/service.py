@@ -69,7 +69,7 @@ class ControlConnection(asyncio.Protocol):
         rest in later turns. What waits is at most one read's worth of requests and
         REPLY_HIGH of replies."""
         transport = self.transport
-        writes = getattr(self.service.server, "writes", None)
+        writes = self.service.writes
         for _ in range(PER_TURN):
             if not self.pending or self.paused or transport.is_closing():
                 break
@@ -111,7 +111,7 @@ class ControlConnection(asyncio.Protocol):
 
 class ControlService:
     def __init__(self, server, path: str, mode: int = DEFAULT_CONTROL_MODE, metrics=None):
-        self.server = server
+        self.writes = getattr(server, "writes", None)   # the NBD server's WritePool
         self.handlers = Handlers(server, metrics)
         self.path = path
         self.mode = mode
