@@ -7,13 +7,11 @@ dropped or torn, as a power cut would.
 
 import contextlib
 import contextvars
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import functools
-import logging
 import os
+import struct
 
 from . import direct_io
 from .errors import ImageError
@@ -29,18 +27,15 @@ F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 # preadv2 flag: fail with EAGAIN instead of waiting for the disk (Linux 4.14+).
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-log = logging.getLogger("qnbd.fileio")
 # Whether open_file opens with O_DIRECT (serve --cache=none|directsync): set around the
 # opening of a whole device, so that its backing chain and data file follow, as qemu's
 # cache.direct is inherited by the children of a node.
 _direct = contextvars.ContextVar("direct", default=False)
 
 
-class _Flock(ctypes.Structure):
-    """struct flock; ctypes lays it out (and pads it) as the C compiler does."""
-    _fields_ = [("l_type", ctypes.c_short), ("l_whence", ctypes.c_short),
-                ("l_start", ctypes.c_int64), ("l_len", ctypes.c_int64),
-                ("l_pid", ctypes.c_int)]
+# struct flock (l_type, l_whence, l_start, l_len, l_pid): native mode aligns the fields
+# as the C compiler does, and the final "0q" pads the end to the struct's alignment.
+_FLOCK = struct.Struct("@hhqqi0q")
 
 
 class File:
@@ -160,7 +155,7 @@ class File:
         """Give the space back to the filesystem; the range then reads as zeros.
         Returns False (data untouched) where the filesystem cannot punch holes."""
         try:
-            _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            _fallocate()(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
@@ -178,12 +173,12 @@ class File:
     def byte_locked_elsewhere(self, offset: int) -> bool:
         """Whether another open file holds a lock on the byte, i.e. whether an exclusive
         lock would conflict (QEMU's qemu_lock_fd_test); our own locks never count."""
-        return self._ofd(F_OFD_GETLK, fcntl.F_WRLCK, offset).l_type != fcntl.F_UNLCK
+        return self._ofd(F_OFD_GETLK, fcntl.F_WRLCK, offset) != fcntl.F_UNLCK
 
-    def _ofd(self, command: int, lock_type: int, offset: int) -> _Flock:
-        # l_pid must be 0 for OFD locks.
-        request = _Flock(lock_type, os.SEEK_SET, offset, 1, 0)
-        return _Flock.from_buffer_copy(fcntl.fcntl(self.fd, command, bytes(request)))
+    def _ofd(self, command: int, lock_type: int, offset: int) -> int:
+        """The l_type the kernel hands back. l_pid must be 0 for OFD locks."""
+        request = _FLOCK.pack(lock_type, os.SEEK_SET, offset, 1, 0)
+        return _FLOCK.unpack(fcntl.fcntl(self.fd, command, request))[0]
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -192,17 +187,21 @@ class File:
 
 
 @functools.cache
-def _libc_fallocate():
-    # os.posix_fallocate cannot punch holes; fallocate(2) with its mode argument can.
-    fallocate = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).fallocate
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+def _fallocate():
+    """fallocate(2) through ctypes: os.posix_fallocate cannot punch holes, fallocate with
+    its mode argument can. ctypes.util (subprocess, tempfile, shutil) is imported here,
+    by what punches holes, not by every tool that opens a file."""
+    import ctypes
+    import ctypes.util
+    libc_fallocate = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).fallocate
+    libc_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
+                               ctypes.c_longlong]
+
+    def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+        if libc_fallocate(fd, mode, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
     return fallocate
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc_fallocate()(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def open_file(path: str, writable: bool) -> File:
@@ -214,8 +213,9 @@ def open_file(path: str, writable: bool) -> File:
         raise ImageError(f"Could not open '{path}': {e.strerror}") from None
     file = File(path, fd, writable)
     if _direct.get() and not file.use_direct():
-        log.warning("%s: the file system does not support O_DIRECT; using buffered I/O",
-                    path)
+        import logging  # only here: the tools that open files need no logging (issue 17)
+        logging.getLogger("qnbd.fileio").warning(
+            "%s: the file system does not support O_DIRECT; using buffered I/O", path)
     return file
 
 

@@ -8,88 +8,104 @@ too, so that their container bytes are never served as raw unless `-f raw` is gi
 (docs/DESIGN.md rule 14: a client could otherwise rewrite the container's header).
 """
 
-import logging
+import importlib
 import os
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from . import fileio, protocols
-from .block import parallels
 from .block.chain import MAX_BACKING_DEPTH, BackingChain
-from .block.raw import CREATE_OPTIONS as RAW_CREATE_OPTIONS, RawDevice, create_raw, raw_info
 from .errors import ImageError
-from .qcow2 import check as qcow2_check
-from .qcow2 import create as qcow2_create
-from .qcow2 import header as qcow2_header
-from .qcow2 import info as qcow2_info
-from .qcow2.image import Qcow2Image
-from .qed import check as qed_check
-from .qed import create as qed_create
-from .qed import info as qed_info
-from .qed.image import QedImage
+from .signatures import QCOW_MAGIC, QED_MAGIC, is_parallels
 
-log = logging.getLogger("qnbd.formats")
 PROBE_BYTES = 512  # qemu's BLOCK_PROBE_BUF_SIZE
 _U32 = struct.Struct(">I")
 _U32_LE = struct.Struct("<I")
+# A format's entry points, besides probe and open.
+_ENTRY_POINTS = ("create", "create_options", "info", "check", "describe")
 
 
-@dataclass(frozen=True)
 class Format:
-    name: str
-    probe: Callable[[bytes], bool] | None = None  # first PROBE_BYTES of the file
-    # open(path, read_only, open_backing, **options) -> BlockDevice; None: no driver
-    open: Callable | None = None
-    # create(path, size, open_backing=..., **options) -> virtual size
-    create: Callable | None = None
-    create_options: dict | None = None  # -o key -> (argument, parser), qnbd/block/options.py
-    info: Callable | None = None  # info(path, file, stat) -> qemu-img info's dict
-    check: Callable | None = None  # check(path, fix, force_share, progress) -> CheckResult
-    # describe(size, options) -> qemu-img create's "fmt=... size=..." words, where the
-    # format's differ from the generic ones (the CLI prints them)
-    describe: Callable | None = None
-    internal_snapshots: bool = False  # open() takes snapshot= (qemu-nbd -l)
+    """One format. Its drivers' entry points are named "module:attribute" (modules under
+    qnbd) and imported on first use, so that a command loads only the driver it runs:
+    importing every driver (parallels' hashlib and OpenSSL, QED, the NBD client) costs
+    more than a whole `qnbd check` of a sparse 1 TiB image (issue 17).
+
+    probe(head): whether the first PROBE_BYTES of a file are this format's;
+    open(path, read_only, open_backing, **options) -> BlockDevice, None: no driver;
+    create(path, size, open_backing=..., **options) -> virtual size;
+    create_options: -o key -> (argument, parser), qnbd/block/options.py;
+    info(path, file, stat) -> qemu-img info's dict;
+    check(path, fix, force_share, progress) -> CheckResult;
+    describe(size, options) -> qemu-img create's "fmt=... size=..." words, where the
+    format's differ from the generic ones (the CLI prints them);
+    internal_snapshots: open() takes snapshot= (qemu-nbd -l)."""
+
+    def __init__(self, name: str, probe=None, open=None, internal_snapshots=False,
+                 **entry_points: str):
+        self.name = name
+        self.probe = probe
+        self.open = open
+        self.internal_snapshots = internal_snapshots
+        self._entry_points = entry_points
 
     @property
     def has_driver(self) -> bool:
         return self.open is not None
 
+    def __getattr__(self, name: str):
+        if name not in _ENTRY_POINTS:
+            raise AttributeError(name)
+        where = self._entry_points.get(name)
+        value = None
+        if where is not None:
+            module, attribute = where.split(":")
+            value = getattr(importlib.import_module(module, __package__), attribute)
+        setattr(self, name, value)  # found once; __getattr__ is not asked again
+        return value
 
-def _magic(magic: bytes, at: int = 0) -> Callable[[bytes], bool]:
+
+def _magic(magic: bytes, at: int = 0):
     return lambda head: head[at:at + len(magic)] == magic
 
 
-def _qcow_version(accept: Callable[[int], bool]) -> Callable[[bytes], bool]:
+def _qcow_version(accept):
     """qcow (version 1) and qcow2 (2 and later: qcow2_probe) share their magic."""
-    return lambda head: head[:4] == qcow2_header.MAGIC and len(head) >= 8 \
+    return lambda head: head[:4] == QCOW_MAGIC and len(head) >= 8 \
         and accept(_U32.unpack_from(head, 4)[0])
 
 
+# The open functions adapt the backing chain's call to each driver, imported then.
 def _open_qcow2(path, read_only, open_backing, **options):
+    from .qcow2.image import Qcow2Image
     return Qcow2Image.open(path, read_only, open_backing=open_backing, **options)
 
 
 def _open_qed(path, read_only, open_backing, data_file_path=None, **options):
+    from .qed.image import QedImage
     return QedImage.open(path, read_only, open_backing=open_backing, **options)
 
 
 def _open_raw(path, read_only, open_backing, force_share=False, probed=None,
               **_cache_options):
+    from .block.raw import RawDevice
     return RawDevice(path, read_only=read_only, force_share=force_share, probed=probed)
 
 
 def _open_parallels(path, read_only, open_backing, force_share=False, **_cache_options):
-    return parallels.ParallelsImage(path, read_only=read_only, force_share=force_share)
+    from .block.parallels import ParallelsImage
+    return ParallelsImage(path, read_only=read_only, force_share=force_share)
 
 
 _REGISTRY = (
-    Format("qcow2", _qcow_version(lambda v: v >= 2), _open_qcow2, qcow2_create.create,
-           qcow2_create.CREATE_OPTIONS, qcow2_info.image_info, qcow2_check.check_image,
-           internal_snapshots=True),
-    Format("qed", _magic(b"QED\0"), _open_qed, qed_create.create, qed_create.CREATE_OPTIONS,
-           qed_info.image_info, qed_check.check_image, qed_create.describe),
-    Format("raw", None, _open_raw, create_raw, RAW_CREATE_OPTIONS, raw_info),
+    Format("qcow2", _qcow_version(lambda v: v >= 2), _open_qcow2, internal_snapshots=True,
+           create=".qcow2.create:create", create_options=".qcow2.create:CREATE_OPTIONS",
+           info=".qcow2.info:image_info", check=".qcow2.check:check_image"),
+    Format("qed", _magic(QED_MAGIC), _open_qed,
+           create=".qed.create:create", create_options=".qed.create:CREATE_OPTIONS",
+           info=".qed.info:image_info", check=".qed.check:check_image",
+           describe=".qed.create:describe"),
+    Format("raw", None, _open_raw, create=".block.raw:create_raw",
+           create_options=".block.raw:CREATE_OPTIONS", info=".block.raw:raw_info"),
     # Known to qemu, no driver here: recognised so they are never exported as raw.
     Format("qcow", _qcow_version(lambda v: v == 1)),
     Format("vmdk", lambda head: head[:4] in (b"KDMV", b"COWD")
@@ -98,7 +114,7 @@ _REGISTRY = (
            and _U32_LE.unpack_from(head, 0x40)[0] == 0xBEDA107F),
     Format("vpc", _magic(b"conectix")),
     Format("vhdx", _magic(b"vhdxfile")),
-    Format("parallels", parallels.probe, _open_parallels),
+    Format("parallels", is_parallels, _open_parallels),
     Format("luks", _magic(b"LUKS\xba\xbe")),
     Format("bochs", _magic(b"Bochs Virtual HD Image")),
     Format("cloop", _magic(b"#!/bin/sh\n#V2.0 Format\n")),
@@ -172,10 +188,13 @@ def _open_one(path: str, fmt: str | None, read_only: bool, open_backing, snapsho
         device = get(name).open(path, read_only, open_backing, **options)
     if fmt is None and not read_only and getattr(device, "request_alignment", 1) > 1:
         # qemu's words (block/raw-format.c, raw_open) for a writable probed raw image.
-        log.warning("WARNING: Image format was not specified for '%s' and probing guessed "
-                    "raw.\n         Automatically detecting the format is dangerous for raw "
-                    "images, write operations on block 0 will be restricted.\n         "
-                    "Specify the 'raw' format explicitly to remove the restrictions.", path)
+        # logging is imported here, not by every command that probes (issue 17).
+        import logging
+        logging.getLogger("qnbd.formats").warning(
+            "WARNING: Image format was not specified for '%s' and probing guessed raw.\n"
+            "         Automatically detecting the format is dangerous for raw images, "
+            "write operations on block 0 will be restricted.\n         Specify the 'raw' "
+            "format explicitly to remove the restrictions.", path)
     return device
 
 

@@ -11,8 +11,6 @@ protocol, or another format over one, fails at once with one line.
 
 import os
 
-from .block.nbd_client import SCHEMES, NbdDevice
-from .block.null import DEFAULT_SIZE, NullDevice
 from .errors import ImageError
 
 SECTOR = 512
@@ -29,13 +27,17 @@ def file_path(name) -> str:
     return name[len("file:"):] if protocol_of(name) == "file" else name
 
 
-def open_protocol(name: str, read_only: bool, probed: bool, size: int = DEFAULT_SIZE,
+def open_protocol(name: str, read_only: bool, probed: bool, size: int | None = None,
                   read_zeroes: bool = False, **_options):
     """The device behind `name`. probed: the format was not given (a probed raw image's
-    requests are aligned to 512 bytes, as qemu's raw_refresh_limits)."""
+    requests are aligned to 512 bytes, as qemu's raw_refresh_limits). The devices are
+    imported here: the tools that open plain files need neither (libnbd's client)."""
+    from .block.nbd_client import SCHEMES, NbdDevice
+    from .block.null import DEFAULT_SIZE, NullDevice
     protocol = protocol_of(name)
     if protocol == "null-co":
-        return NullDevice(size, read_zeroes, read_only, SECTOR if probed else 1)
+        return NullDevice(DEFAULT_SIZE if size is None else size, read_zeroes, read_only,
+                          SECTOR if probed else 1)
     if protocol in SCHEMES:
         device = NbdDevice(name, read_only)
         device.request_alignment = SECTOR if probed else 1

@@ -10,7 +10,6 @@ number of bytes to the other.
 """
 
 import re
-from fractions import Fraction
 
 MAX_SIZE = (1 << 63) - 1  # qemu-img: sizes are int64_t
 _SUFFIXES = "BKMGTPE"  # index = power of 1024
@@ -36,10 +35,12 @@ def parse_size(text: str, what: str = "image size") -> int:
         if not whole and not frac:  # "", ".", ".k": no digits at all
             raise ValueError(_INVALID.format(what=what))
         mul = _multiplier(suffix)
-        fraction = Fraction(f"0.{frac}") if frac else Fraction(0)
-        if fraction and mul == 1:  # "1.5" or "1.5b": a byte count must be whole
+        # The fraction 0.frac as numerator / 10**digits, in integers: exact, and without
+        # importing fractions (decimal, numbers) into every command that parses options.
+        numerator = int(frac or 0)
+        if numerator and mul == 1:  # "1.5" or "1.5b": a byte count must be whole
             raise ValueError(_INVALID.format(what=what))
-        value = int(whole or 0) * mul + int(fraction * mul)
+        value = int(whole or 0) * mul + numerator * mul // 10 ** len(frac or "")
     if value > MAX_SIZE:
         raise ValueError(_RANGE.format(what=what, max=MAX_SIZE))
     return value

@@ -24,11 +24,16 @@ MiB = 1 << 20
 
 SHAPES = [("v3", ""), ("v2", "compat=0.10"), ("c512-r64", "cluster_size=512,refcount_bits=64"),
           ("lazy", "lazy_refcounts=on"), ("extl2", "extended_l2=on,cluster_size=16384"),
+          # Every cluster allocated, host-contiguous: whole L2 tables and refcount blocks
+          # are one run for the bulk updates (issue 17).
+          ("prealloc", "preallocation=metadata"),
+          ("prealloc-c512", "preallocation=metadata,cluster_size=512"),
           ("backing", None)]
 
 
 def _build(directory, options: str | None, size=4 * MiB) -> str:
-    """An image written by qemu-io: data, a compressed cluster, zeroes, a discard."""
+    """An image written by qemu-io: data, a compressed cluster (but over preallocated
+    clusters), zeroes, a discard."""
     image = str(directory / "img.qcow2")
     args = ["create", "-q", "-f", "qcow2"]
     if options is None:
@@ -39,7 +44,9 @@ def _build(directory, options: str | None, size=4 * MiB) -> str:
     elif options:
         args += ["-o", options]
     qemu_img(*args, image, str(size))
-    qemu_io(image, "qcow2", "write -P 1 0 1M", "write -c -P 2 2M 64k",
+    # qemu writes compressed to unallocated clusters only.
+    compressed = "-c " if "preallocation" not in (options or "") else ""
+    qemu_io(image, "qcow2", "write -P 1 0 1M", f"write {compressed}-P 2 2M 64k",
             "write -z 3M 128k", "write -P 3 3200k 4k", "discard 512k 64k")
     return image
 

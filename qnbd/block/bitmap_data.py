@@ -23,8 +23,6 @@ from array import array
 
 import cachetools
 
-from typing import Protocol
-
 # A table entry (qcow2.rst "Bitmap table"): a data cluster's host offset, or 0 with
 # TABLE_ENTRY_ALL_ONES clear (all bits clear) or set (all bits set).
 TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -37,16 +35,6 @@ READ_CACHE_BYTES = 8 << 20  # clean data clusters kept per image, for reads of t
 
 def bitmap_bytes(disk_size: int, granularity: int) -> int:
     return -(-(-(-disk_size // granularity)) // 8)
-
-
-class BitmapEntry(Protocol):
-    """What a bitmap's bits need of its description (a qcow2 directory entry, a
-    parallels bitmap feature)."""
-    name: str
-    granularity_bits: int
-
-    @property
-    def granularity(self) -> int: ...
 
 
 class _Uniform:
@@ -87,9 +75,11 @@ class ChunkReader:
 
 class DirtyBitmap:
     """One bitmap: the directory entry it came from (or will become), its stored table
-    (None: nothing stored, all clear) and the bits set since."""
+    (None: nothing stored, all clear) and the bits set since. Of the entry (a qcow2
+    directory entry, a parallels bitmap feature) only its name, granularity_bits and
+    granularity are used."""
 
-    def __init__(self, entry: BitmapEntry, disk_size: int, cluster_size: int,
+    def __init__(self, entry, disk_size: int, cluster_size: int,
                  reader: ChunkReader | None = None, table: array | None = None):
         self.entry = entry
         self.disk_size = disk_size

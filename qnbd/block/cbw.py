@@ -21,6 +21,7 @@ import tempfile
 
 from ..fileio import File
 from .base import Extent
+from .extents import first_extent
 from .grainmap import GRAIN, GrainMap
 from .overlay import grain_runs, read_grains
 
@@ -78,7 +79,7 @@ class PointInTime:
         start, n, mine = next(self._runs(offset, min(length, self.size - offset)))
         if mine:
             return [Extent(n, 0, 1)]   # data: always a safe answer for saved bytes
-        ext = self.source.block_status(start, n)[0]
+        ext = first_extent(self.source, start, n)
         return [Extent(min(ext.length, n), ext.flags, ext.depth)]
 
     def flush(self) -> None:

@@ -2,24 +2,19 @@
 it (qapi/block-core.json, ImageCheck), whatever the format. How it is shown (text, JSON,
 progress) is the command's business (qnbd/commands/check.py)."""
 
-from dataclasses import dataclass, field
-from typing import Protocol
-
 # Repair modes, as qemu-img check -r leaks|all (BdrvCheckMode).
 FIX_LEAKS = 1
 FIX_ERRORS = 2
 FIX_ALL = FIX_LEAKS | FIX_ERRORS
 
 
-class Progress(Protocol):
-    """Where a long check reports how far it is (qnbd/commands/progress.py draws it)."""
+# Plain classes, no dataclass or typing.Protocol: `qnbd check` imports this module, and
+# those imports would cost its start-up more than checking a sparse image (issue 17).
 
-    def add_total(self, n: int) -> None: ...
+class Progress:
+    """Where a long check reports how far it is: this one reports nowhere;
+    qnbd/commands/progress.py draws a bar."""
 
-    def step(self) -> None: ...
-
-
-class NoProgress:
     def add_total(self, n: int) -> None:
         pass
 
@@ -27,22 +22,23 @@ class NoProgress:
         pass
 
 
-@dataclass
 class CheckResult:
     """qemu-img check's ImageCheck (qapi/block-core.json)."""
-    filename: str
-    format: str = "qcow2"
-    check_errors: int = 0
-    corruptions: int = 0
-    leaks: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
-    messages: list[str] = field(default_factory=list)
+
+    def __init__(self, filename: str, format: str = "qcow2"):
+        self.filename = filename
+        self.format = format
+        self.check_errors = 0
+        self.corruptions = 0
+        self.leaks = 0
+        self.corruptions_fixed = 0
+        self.leaks_fixed = 0
+        self.image_end_offset = 0
+        self.total_clusters = 0
+        self.allocated_clusters = 0
+        self.fragmented_clusters = 0
+        self.compressed_clusters = 0
+        self.messages: list[str] = []
 
     @property
     def exit_code(self) -> int:

@@ -12,6 +12,7 @@ from ..errors import NotFast
 from ..fileio import File
 from .base import Extent
 from .cache import caches_behind
+from .extents import first_extent
 from .grainmap import GRAIN, GrainMap
 
 _ZERO_GRAIN = bytes(GRAIN)
@@ -87,7 +88,7 @@ class SnapshotOverlay:
         start, n, mine = next(self._runs(offset, length))
         if mine:
             return [Extent(n, 0, 1)]
-        ext = self.base.block_status(start, n)[0]
+        ext = first_extent(self.base, start, n)
         return [Extent(min(ext.length, n), ext.flags, ext.depth + 1 if ext.depth else 0)]
 
     def close(self):

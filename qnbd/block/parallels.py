@@ -24,18 +24,15 @@ import struct
 from ..errors import ImageError, IOFailure
 from ..fileio import File, open_file
 from ..lock import lock_image
+from ..signatures import PARALLELS_MAGIC_CLUSTERS as MAGIC_CLUSTERS, \
+    PARALLELS_MAGIC_SECTORS as MAGIC_SECTORS
 from .base import HOLE, ZERO, Extent
 from .parallels_ext import SECTOR, ParallelsBitmaps, read_bitmaps
 
-MAGIC_SECTORS, MAGIC_CLUSTERS = b"WithoutFreeSpace", b"WithouFreSpacExt"
 HEADER = struct.Struct("<16sIIIIIQIIIQ")
 # qemu's limits (parallels_open): clusters and catalogs it refuses as invalid.
 _MAX_TRACKS = 0x7FFFFFFF // 513
 _MAX_BAT = 0x7FFFFFFF // 4
-
-
-def probe(head: bytes) -> bool:
-    return head[:16] in (MAGIC_SECTORS, MAGIC_CLUSTERS)
 
 
 class ParallelsImage:

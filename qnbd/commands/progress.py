@@ -3,8 +3,10 @@ terminal. Engines only count (qnbd/block/check_result.py, Progress); drawing is 
 
 import sys
 
+from ..block.check_result import Progress
 
-class ProgressBar:
+
+class ProgressBar(Progress):
     def __init__(self, enabled: bool = True, min_total: int = 1024):
         """Drawn only on a terminal, and only for work of at least `min_total` steps:
         a quick operation prints nothing, as with qemu-img."""

@@ -16,7 +16,7 @@ exported, only removable.
 import struct
 import sys
 from array import array
-from dataclasses import dataclass
+from collections import namedtuple
 
 from ..block.bitmap_data import (  # noqa: F401 (the table encoding, named here too)
     TABLE_ENTRY_ALL_ONES, TABLE_ENTRY_OFFSET_MASK, bitmap_bytes)
@@ -49,15 +49,13 @@ def table_entries(disk_size: int, granularity: int, cluster_size: int) -> int:
     return -(-bitmap_bytes(disk_size, granularity) // cluster_size)
 
 
-@dataclass
-class DirectoryEntry:
-    name: str
-    table_offset: int
-    table_size: int
-    flags: int
-    granularity_bits: int
-    type: int = TYPE_DIRTY_TRACKING
-    extra_data: bytes = b""
+# A named tuple, not a dataclass: `qnbd check` reads the directory, and the dataclasses
+# import costs its start-up more than checking a sparse image (issue 17).
+class DirectoryEntry(namedtuple("DirectoryEntry", ("name", "table_offset", "table_size",
+                                                   "flags", "granularity_bits", "type",
+                                                   "extra_data"),
+                                defaults=(TYPE_DIRTY_TRACKING, b""))):
+    __slots__ = ()
 
     @property
     def granularity(self) -> int:

@@ -15,7 +15,6 @@ header no longer names them).
 import logging
 from array import array
 from collections.abc import Callable
-from dataclasses import replace
 
 from ..block.storage import Barrier, Storage
 from ..errors import ImageError
@@ -93,7 +92,7 @@ class PersistentBitmaps:
         """Rule 9: in_use is on disk before the first write can change the disk."""
         for i, entry in enumerate(self.entries):
             if entry.name in self.loaded:
-                entry = replace(entry, flags=entry.flags | bm.FLAG_IN_USE)
+                entry = entry._replace(flags=entry.flags | bm.FLAG_IN_USE)
                 self.entries[i] = entry
         offset, _size = self._directory
         self.storage.pwrite(bm.encode_directory(self.entries), offset)
@@ -157,7 +156,7 @@ class PersistentBitmaps:
         bitmap = self.get(name)
         flags = (bitmap.entry.flags | bm.FLAG_AUTO) if enabled else \
             (bitmap.entry.flags & ~bm.FLAG_AUTO)
-        bitmap.entry = replace(bitmap.entry, flags=flags)
+        bitmap.entry = bitmap.entry._replace(flags=flags)
         self.entries[self._entry_index(name)] = bitmap.entry
         self._changed = True
         self._retrack()
@@ -210,9 +209,9 @@ class PersistentBitmaps:
                                                                                      writes)))
             tables[entry.name] = table
             table_offset = self._place(bm.encode_table(table), writes) if table else 0
-            new_entries.append(replace(bitmap.entry, table_offset=table_offset,
-                                       table_size=len(table),
-                                       flags=bitmap.entry.flags & ~bm.FLAG_IN_USE))
+            new_entries.append(bitmap.entry._replace(
+                table_offset=table_offset, table_size=len(table),
+                flags=bitmap.entry.flags & ~bm.FLAG_IN_USE))
         kept = {e.name for e in new_entries if e.name not in self.loaded}
         releases = self._old_clusters(kept, tables)
         h = self.header

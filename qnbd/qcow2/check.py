@@ -26,7 +26,7 @@ from array import array
 from itertools import compress
 
 from .. import fileio
-from ..block.check_result import FIX_ALL, FIX_ERRORS, FIX_LEAKS, CheckResult, NoProgress, Progress
+from ..block.check_result import FIX_ALL, FIX_ERRORS, FIX_LEAKS, CheckResult, Progress
 from ..block.storage import Barrier, Storage
 from ..errors import QnbdError
 from ..lock import lock_image
@@ -67,7 +67,7 @@ def check_storage(storage: Storage, filename: str, fix: int = 0,
                   progress: Progress | None = None) -> CheckResult:
     """Check (and with `fix`, repair) the qcow2 image in `storage` (writable when
     fixing). Errors that stop the check are counted in check_errors."""
-    progress = progress or NoProgress()
+    progress = progress or Progress()
     result = _Checker(storage, filename, progress).run(fix)
     if fix and (result.corruptions_fixed or result.leaks_fixed):
         again = _Checker(storage, filename, progress).run(0)

@@ -104,6 +104,38 @@ def classify(entry: int, version: int, external: bool = False) -> int:
     return UNALLOCATED
 
 
+def run_end(table, i: int, stop: int, entry: int, step: int) -> int:
+    """The index after the last entry of table[i:stop] that continues `entry` =
+    table[i]: each `step` more than the one before (the next host cluster; 0: the same
+    entry again), never past the offset field. A run of one costs one compare; longer
+    runs are compared a slice at a time in C, slices doubling while they match, then
+    the end found by halving."""
+    if step:  # host offsets never carry past the offset field (bits 9-55)
+        stop = min(stop, i + (L2E_OFFSET_MASK - (entry & L2E_OFFSET_MASK)) // step + 1)
+    j = i + 1
+    if j >= stop or table[j] != entry + step:
+        return j
+    j += 1
+    size = 2
+    while j < stop:
+        k = min(size, stop - j)
+        first = entry + (j - i) * step
+        expected = array("Q", range(first, first + k * step, step)) if step \
+            else array("Q", (entry,)) * k
+        if table[j:j + k] != expected:
+            matched, unmatched = 0, k  # table[j:j + matched] matches, [j:j + unmatched] not
+            while unmatched - matched > 1:
+                mid = (matched + unmatched) // 2
+                if table[j:j + mid] == expected[:mid]:
+                    matched = mid
+                else:
+                    unmatched = mid
+            return j + matched
+        j += k
+        size *= 2
+    return j
+
+
 _RUN = 256
 _ZERO_RUN = array("Q", bytes(8 * _RUN))
 

@@ -6,11 +6,11 @@ code relies on, so the rest of the engine can trust a `Header`.
 """
 
 import struct
-from dataclasses import dataclass, field
 
 from ..errors import ImageError, UnsupportedFeature, printable
+from ..signatures import QCOW_MAGIC
 
-MAGIC = b"QFI\xfb"
+MAGIC = QCOW_MAGIC
 
 # (name, struct code) in on-disk order. The v2 header is the first 72 bytes; v3 adds the
 # feature bitmaps, refcount_order and header_length (104 bytes), then optional fields.
@@ -98,31 +98,45 @@ MAX_REFTABLE_BYTES = 8 << 20  # qemu's limit on the refcount table
 MAX_SNAPSHOTS = 65536
 
 
-@dataclass
 class Header:
-    version: int
-    cluster_bits: int
-    size: int
-    l1_size: int
-    l1_table_offset: int
-    refcount_table_offset: int
-    refcount_table_clusters: int
-    nb_snapshots: int = 0
-    snapshots_offset: int = 0
-    crypt_method: int = 0
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = V3_HEADER_LENGTH
-    compression_type: int = COMPRESSION_DEFLATE
-    # Bytes of the header beyond the fields above (unknown newer fields): kept verbatim.
-    extra_fields: bytes = b""
-    backing_file: str | None = None
-    backing_format: str | None = None
-    # Extensions other than backing format and feature table, in file order: kept verbatim.
-    other_extensions: list[tuple[int, bytes]] = field(default_factory=list)
-    feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
+    """The header's fields (qcow2.rst, "Header"), its extensions and feature names. A
+    plain class, not a dataclass: `qnbd check` imports this module, and the dataclasses
+    import costs its start-up more than checking a sparse image (issue 17)."""
+
+    def __init__(self, version: int, cluster_bits: int, size: int, l1_size: int,
+                 l1_table_offset: int, refcount_table_offset: int,
+                 refcount_table_clusters: int, nb_snapshots: int = 0,
+                 snapshots_offset: int = 0, crypt_method: int = 0,
+                 incompatible_features: int = 0, compatible_features: int = 0,
+                 autoclear_features: int = 0, refcount_order: int = 4,
+                 header_length: int = V3_HEADER_LENGTH,
+                 compression_type: int = COMPRESSION_DEFLATE, extra_fields: bytes = b"",
+                 backing_file: str | None = None, backing_format: str | None = None,
+                 other_extensions: list[tuple[int, bytes]] | None = None,
+                 feature_names: dict[tuple[int, int], str] | None = None):
+        self.version = version
+        self.cluster_bits = cluster_bits
+        self.size = size
+        self.l1_size = l1_size
+        self.l1_table_offset = l1_table_offset
+        self.refcount_table_offset = refcount_table_offset
+        self.refcount_table_clusters = refcount_table_clusters
+        self.nb_snapshots = nb_snapshots
+        self.snapshots_offset = snapshots_offset
+        self.crypt_method = crypt_method
+        self.incompatible_features = incompatible_features
+        self.compatible_features = compatible_features
+        self.autoclear_features = autoclear_features
+        self.refcount_order = refcount_order
+        self.header_length = header_length
+        self.compression_type = compression_type
+        # Bytes of the header beyond the fields above (unknown newer fields): verbatim.
+        self.extra_fields = extra_fields
+        self.backing_file = backing_file
+        self.backing_format = backing_format
+        # Extensions other than backing format and feature table, in file order: verbatim.
+        self.other_extensions = other_extensions if other_extensions is not None else []
+        self.feature_names = feature_names if feature_names is not None else {}
 
     @property
     def cluster_size(self) -> int:

@@ -24,7 +24,7 @@ from ..block.storage import Barrier, Storage, sync_all
 from ..errors import ImageError, IOFailure
 from ..lock import lock_image
 from . import header as hdr
-from ..block.check_result import FIX_ALL, NoProgress
+from ..block.check_result import FIX_ALL, Progress
 from .bitmap_lifecycle import PersistentBitmaps
 from .check import check_storage
 from .compression import compress
@@ -373,7 +373,7 @@ class Qcow2Image:
         sec, nsec = divmod(date_ns, 10**9)
         new = Snapshot(next_id(self.snapshots), name.decode("utf-8", "replace"), 0, 0,
                        sec, nsec, 0, 0, self.size, 0, raw_name=name)
-        self.snapshot_updater.progress = progress or NoProgress()
+        self.snapshot_updater.progress = progress or Progress()
         self.snapshots = self.snapshot_updater.create(self.snapshots, new)
         return self.snapshots[-1]
 
@@ -390,7 +390,7 @@ class Qcow2Image:
         if snapshot is None:
             raise SnapshotFailure(f"no snapshot '{text}'", errno.ENOENT)
         size = self.size if snapshot.disk_size is None else snapshot.disk_size
-        self.snapshot_updater.progress = progress or NoProgress()
+        self.snapshot_updater.progress = progress or Progress()
         self.snapshot_updater.apply(snapshot, size)
         self._set_size(size)
         return snapshot
@@ -398,7 +398,7 @@ class Qcow2Image:
     def snapshot_delete(self, snapshot: Snapshot, progress=None) -> None:
         """qemu-img snapshot -d of a snapshot found by the caller."""
         self._snapshots_writable()
-        self.snapshot_updater.progress = progress or NoProgress()
+        self.snapshot_updater.progress = progress or Progress()
         self.snapshots = self.snapshot_updater.delete(self.snapshots, snapshot)
 
     # -- flush and close ---------------------------------------------------------------

@@ -16,7 +16,8 @@ from ..block.plan import HostRead
 from ..block.storage import Storage
 from ..errors import IOFailure
 from .compression import decompress
-from .entries import COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK, UNALLOCATED, ZERO, classify
+from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK, UNALLOCATED, ZERO,
+                      classify, run_end)
 from .layout import Layout
 from .tables import ClusterTables
 
@@ -60,29 +61,30 @@ class Mapper:
             while pos < table_end:
                 entry = table[i]
                 in_cluster = pos & (cs - 1)
-                n = min(cs - in_cluster, table_end - pos)
                 kind = classify(entry, version, external)
-                if kind == DATA:
-                    host = entry & L2E_OFFSET_MASK
-                    if host & (cs - 1):
-                        self.bad_entry(entry)
-                    value = host + in_cluster
-                elif kind == COMPRESSED:
+                if kind == COMPRESSED:
                     if external:
                         self.bad_entry(entry, "a compressed cluster in an image with an "
                                        "external data file")
+                    n = min(cs - in_cluster, table_end - pos)
                     runs.append([pos, n, COMPRESSED, entry])
                     pos += n
                     i += 1
                     continue
-                elif kind == ZERO:
-                    host = entry & L2E_OFFSET_MASK
-                    value = host + in_cluster if host else 0
-                else:
-                    value = 0
+                host = entry & L2E_OFFSET_MASK
+                if kind == DATA and host & (cs - 1):
+                    self.bad_entry(entry)
+                # The entries that continue this one's run are of its kind with the same
+                # flags: found in bulk, not entry by entry.
+                stop = i + ((table_end - pos + in_cluster + cs - 1) >> cb)
+                j = run_end(table, i, stop, entry, cs if host else 0)
+                n = min(((j - i) << cb) - in_cluster, table_end - pos)
+                # Data at host 0 exists in an external data file; zero clusters without a
+                # host cluster, and unallocated ones, lie nowhere.
+                value = host + in_cluster if kind == DATA or host else 0
                 _append_run(runs, pos, n, kind, value)
                 pos += n
-                i += 1
+                i = j
         return runs
 
     def bad_entry(self, entry: int, what: str = "an unaligned cluster"):

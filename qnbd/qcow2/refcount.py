@@ -48,6 +48,12 @@ class WordBlock:
     def set(self, i: int, value: int) -> None:
         self.entries[i] = value
 
+    def get_range(self, start: int, n: int):
+        return self.entries[start:start + n]
+
+    def set_range(self, start: int, values) -> None:
+        self.entries[start:start + len(values)] = array(self.entries.typecode, values)
+
     def find_zero(self, start: int) -> int:
         try:
             return self.entries.index(0, start)
@@ -82,6 +88,13 @@ class SubByteBlock:
         byte, slot = divmod(i, self.per_byte)
         shift = slot * self.bits
         self.data[byte] = (self.data[byte] & ~(self.mask << shift) & 0xFF) | (value << shift)
+
+    def get_range(self, start: int, n: int) -> list[int]:
+        return [self.get(i) for i in range(start, start + n)]
+
+    def set_range(self, start: int, values) -> None:
+        for i, value in enumerate(values, start):
+            self.set(i, value)
 
     def find_zero(self, start: int) -> int:
         # Skip whole bytes that are fully used, then look inside the first other one.
@@ -185,25 +198,27 @@ class Refcounts:
             self.free_hint = cluster
         return value
 
+    def counts(self, first: int, count: int) -> list[int]:
+        """The refcounts of clusters [first, first + count), a refcount block at a time."""
+        out: list[int] = []
+        for block, start, n in self._block_runs(first, count):
+            out.extend(block.get_range(start, n) if block is not None else [0] * n)
+        return out
+
     def highest(self, first: int, count: int) -> int:
         """The highest refcount among clusters [first, first + count)."""
-        top = 0
-        for block, start, n in self._block_runs(first, count):
-            if block is not None:
-                top = max(top, max(block.get(i) for i in range(start, start + n)))
-        return top
+        return max(self.counts(first, count), default=0)
 
     def increment(self, first: int, count: int) -> None:
-        """+1 for clusters [first, first + count), one block at a time (an internal
-        snapshot takes a reference to every cluster it reaches); the caller has checked
-        that none is at the maximum (highest)."""
+        """+1 for clusters [first, first + count), a refcount block at a time (an
+        internal snapshot takes a reference to every cluster it reaches); the caller has
+        checked that none is at the maximum (highest)."""
         c = first
         for block_index in range(first // self.per_block,
                                  (first + count - 1) // self.per_block + 1):
             self._ensure_block(block_index)
         for block, start, n in self._block_runs(first, count):
-            for i in range(start, start + n):
-                block.set(i, block.get(i) + 1)
+            block.set_range(start, [v + 1 for v in block.get_range(start, n)])
             self.cache.mark_dirty(self.table[c // self.per_block] & ~REFTABLE_ENTRY_RESERVED,
                                   block)
             c += n
@@ -270,12 +285,27 @@ class Refcounts:
         past the image) changes nothing and raises ReleaseRefused: qemu's update_refcount
         fails such a decrease as a whole too (undoing what it had done)."""
         first = offset >> self.cluster_bits
-        last = (offset + length - 1) >> self.cluster_bits
-        for c in range(first, last + 1):
-            if self.get(c) == 0:
-                raise ReleaseRefused(f"cluster 0x{c << self.cluster_bits:x} has no "
-                                     "reference to drop")
-        return [c for c in range(first, last + 1) if self.add(c, -1) == 0]
+        count = ((offset + length - 1) >> self.cluster_bits) - first + 1
+        counts = self.counts(first, count)
+        if 0 in counts:
+            c = first + counts.index(0)
+            raise ReleaseRefused(f"cluster 0x{c << self.cluster_bits:x} has no reference "
+                                 "to drop")
+        # A refcount block at a time: a snapshot's deletion drops a reference from
+        # every cluster of the image (issue 17).
+        freed = []
+        c = first
+        for block, start, n in self._block_runs(first, count):
+            values = [v - 1 for v in block.get_range(start, n)]
+            block.set_range(start, values)
+            self.cache.mark_dirty(self.table[c // self.per_block] & ~REFTABLE_ENTRY_RESERVED,
+                                  block)
+            if 0 in values:
+                freed += [c + k for k, v in enumerate(values) if not v]
+            c += n
+        if freed and freed[0] < self.free_hint:
+            self.free_hint = freed[0]
+        return freed
 
     def _next_free(self, cluster: int) -> int:
         while True:

@@ -26,12 +26,12 @@ import errno
 from array import array
 from collections.abc import Callable, Iterator
 
-from ..block.check_result import NoProgress, Progress
+from ..block.check_result import Progress
 from ..block.storage import Barrier, Storage
 from ..errors import CorruptImage, IOFailure, ImageError
 from . import header as hdr
-from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED,
-                      ZERO, decode_table, encode_table, l2_entries)
+from .entries import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+                      decode_table, encode_table, run_end)
 from .header_update import HeaderWriter
 from .metadata_map import MetadataMap
 from .refcount import Refcounts
@@ -73,7 +73,7 @@ class SnapshotUpdater:
         self.flush = flush
         # One step per L2 table walked, the total known when an operation starts (so
         # that the bar only grows): the snapshot command draws it on a terminal.
-        self.progress: Progress = NoProgress()
+        self.progress: Progress = Progress()
 
     @property
     def layout(self):
@@ -191,37 +191,59 @@ class SnapshotUpdater:
     def _expect(self, *walks: tuple[array, int]) -> None:
         """The progress total: (L1 table, how many times it is walked) of an operation."""
         for l1, times in walks:
-            self.progress.add_total(times * sum(1 for e in l1 if e & L1E_OFFSET_MASK))
+            self.progress.add_total(times * len(_allocated(l1)))
 
     def _l2_tables(self, l1) -> Iterator[tuple[int, int, int]]:
         """(index, entry, L2 table offset) of each L1 entry that has a table, one
         progress step each."""
-        tables = [(i, e, e & L1E_OFFSET_MASK) for i, e in enumerate(l1) if e & L1E_OFFSET_MASK]
-        for table in tables:
+        for table in _allocated(l1):
             yield table
             self.progress.step()
 
-    def _entries(self, table: array):
-        """(index of the descriptor word, descriptor, kind) of each entry of an L2 table,
-        64-bit or extended (the subcluster bitmap words are never touched here)."""
-        layout = self.layout
-        for i, e, kind, _bitmap in l2_entries(table, layout.version, False,
-                                              layout.extended_l2):
-            yield i, e, kind
+    def _descriptors(self, table: array) -> array:
+        """The descriptor words of an L2 table: the table itself, or a copy of every
+        other word with extended entries (their subcluster bitmaps never matter here:
+        a descriptor alone says where its host cluster is)."""
+        return table[0::2] if self.layout.extended_l2 else table
+
+    def _store_descriptors(self, table: array, descriptors: array) -> None:
+        """Changed _descriptors() back into their table (a copy only when extended)."""
+        if self.layout.extended_l2:
+            table[0::2] = descriptors
+
+    def _runs_of_table(self, descriptors: array) -> Iterator[tuple[int, int, int]]:
+        """(index, end index, host offset) of each run of descriptors that map host
+        clusters one after another with the same flags (data and zero clusters that
+        have a host cluster), found in bulk (entries.run_end); a compressed descriptor
+        is a run of one, host offset -1. A preallocated table is one run."""
+        cs = self.layout.cluster_size
+        i, n = 0, len(descriptors)
+        while i < n:
+            e = descriptors[i]
+            if e & OFLAG_COMPRESSED:
+                yield i, i + 1, -1
+                i += 1
+                continue
+            host = e & L2E_OFFSET_MASK
+            j = run_end(descriptors, i, n, e, cs if host else 0)
+            if host:
+                yield i, j, host
+            i = j
 
     def _references(self, l1: array) -> Callable[[], Iterator[tuple[int, int]]]:
         """The host ranges an L1 table reaches, one per reference: each L2 table, then
-        each cluster its entries map (compressed data: every cluster it touches)."""
+        the clusters its entries map, a run at a time (compressed data: every cluster
+        it touches)."""
         layout = self.layout
+        cs = layout.cluster_size
 
         def walk():
             for _i, _entry, offset in self._l2_tables(l1):
-                yield offset, layout.cluster_size
-                for _i, e, kind in self._entries(self.tables.l2_cache.get(offset)):
-                    if kind == COMPRESSED:
-                        yield layout.compressed.host_range(e)
-                    elif kind in (DATA, ZERO) and e & L2E_OFFSET_MASK:
-                        yield e & L2E_OFFSET_MASK, layout.cluster_size
+                yield offset, cs
+                descriptors = self._descriptors(self.tables.l2_cache.get(offset))
+                for i, j, host in self._runs_of_table(descriptors):
+                    yield layout.compressed.host_range(descriptors[i]) if host < 0 \
+                        else (host, (j - i) * cs)
         return walk
 
     def _runs(self, ranges) -> Iterator[tuple[int, int]]:
@@ -260,35 +282,42 @@ class SnapshotUpdater:
             self.refcounts.increment(first, count)
 
     def _clear_copied(self, l1: array, active_l1: bool) -> None:
+        """No COPIED flag left in the tables `l1` reaches (nor in `l1` itself when it is
+        the active table), a table at a time."""
         tables = self.tables
         for i, entry, offset in self._l2_tables(l1):
             table = tables.l2_cache.get(offset)
-            changed = False
-            for j, e, _kind in self._entries(table):
-                if e & OFLAG_COPIED:
-                    table[j] = e & ~OFLAG_COPIED
-                    changed = True
-            if changed:
+            descriptors = self._descriptors(table)
+            cleared = array("Q", [e & ~OFLAG_COPIED for e in descriptors])
+            if cleared != descriptors:
+                descriptors[:] = cleared
+                self._store_descriptors(table, descriptors)
                 tables.l2_cache.mark_dirty(offset, table)
             if active_l1 and entry & OFLAG_COPIED:
                 tables.set_l1(i, entry & ~OFLAG_COPIED)
 
     def _set_copied(self) -> None:
         """COPIED exactly where the refcount is 1, in the active tables (what qemu's
-        qcow2_update_snapshot_refcount(..., 0) does after a delete)."""
+        qcow2_update_snapshot_refcount(..., 0) does after a delete); the refcounts of a
+        run of descriptors read together."""
         tables, refcounts, layout = self.tables, self.refcounts, self.layout
         cb = layout.cluster_bits
         for i, entry, offset in self._l2_tables(tables.l1[:self.header.l1_size]):
             table = tables.l2_cache.get(offset)
+            descriptors = self._descriptors(table)
             changed = False
-            for j, e, kind in self._entries(table):
-                if kind not in (DATA, ZERO) or not e & L2E_OFFSET_MASK:
-                    continue
-                want = OFLAG_COPIED if refcounts.get((e & L2E_OFFSET_MASK) >> cb) == 1 else 0
-                if e & OFLAG_COPIED != want:
-                    table[j] = (e & ~OFLAG_COPIED) | want
+            for first, end, host in self._runs_of_table(descriptors):
+                if host < 0:
+                    continue  # compressed: never COPIED (qcow2.rst)
+                run = descriptors[first:end]
+                counts = refcounts.counts(host >> cb, end - first)
+                wanted = array("Q", [(e & ~OFLAG_COPIED) | (OFLAG_COPIED if n == 1 else 0)
+                                     for e, n in zip(run, counts)])
+                if wanted != run:
+                    descriptors[first:end] = wanted
                     changed = True
             if changed:
+                self._store_descriptors(table, descriptors)
                 tables.l2_cache.mark_dirty(offset, table)
             want = OFLAG_COPIED if refcounts.get(offset >> cb) == 1 else 0
             if entry & OFLAG_COPIED != want:
@@ -334,6 +363,11 @@ class SnapshotUpdater:
         self.table_bytes = len(raw)
         if old_count and old_bytes:
             self.writer.queue_release(old_offset, old_bytes)
+
+
+def _allocated(l1) -> list[tuple[int, int, int]]:
+    """(index, entry, L2 table offset) of each entry of an L1 table that has a table."""
+    return [(i, e, e & L1E_OFFSET_MASK) for i, e in enumerate(l1) if e & L1E_OFFSET_MASK]
 
 
 def _check_l1_size(entries: int) -> None:

@@ -3,7 +3,7 @@ metadata lies (to protect it), that the table is sane, what qemu-img info and sn
 list, and which snapshot a user's `-l` names (qemu's block/snapshot.c)."""
 
 import struct
-from typing import NamedTuple
+from collections import namedtuple
 
 from ..block.options import split_options
 from ..errors import ImageError, printable
@@ -20,23 +20,16 @@ MAX_SNAPSHOTS = 65536  # qemu's QCOW_MAX_SNAPSHOTS
 SNAPSHOT_OPT_BASE = "snapshot."  # qemu-nbd/qemu-img -l snapshot.id=…,snapshot.name=…
 
 
-class Snapshot(NamedTuple):
-    id: str
-    name: str
-    l1_offset: int
-    l1_size: int
-    date_sec: int = 0
-    date_nsec: int = 0
-    vm_clock_nsec: int = 0
-    vm_state_size: int = 0
-    disk_size: int | None = None  # None: not recorded (extra data shorter than 16 bytes)
-    icount: int = -1  # -1: not recorded
-    # As stored, so that rewriting the table keeps them byte for byte: the id and name
-    # (None: encode the str), extra data past the fields we know (qcow2.rst: "must be
-    # preserved").
-    raw_id: bytes | None = None
-    raw_name: bytes | None = None
-    extra_rest: bytes = b""
+# One entry of the table. disk_size None: not recorded (extra data shorter than 16
+# bytes); icount -1: not recorded. raw_id, raw_name and extra_rest are as stored, so
+# that rewriting the table keeps them byte for byte: the id and name (None: encode the
+# str), extra data past the fields we know (qcow2.rst: "must be preserved").
+# collections.namedtuple rather than typing.NamedTuple: `qnbd check` reads the table,
+# and importing typing costs its start-up a few ms (issue 17).
+Snapshot = namedtuple("Snapshot", (
+    "id", "name", "l1_offset", "l1_size", "date_sec", "date_nsec", "vm_clock_nsec",
+    "vm_state_size", "disk_size", "icount", "raw_id", "raw_name", "extra_rest"),
+    defaults=(0, 0, 0, 0, None, -1, None, None, b""))
 
 
 def read_table(file, offset: int, count: int, cluster_size: int,

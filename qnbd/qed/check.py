@@ -18,7 +18,7 @@ Memory is one bit per cluster of the file's real size, never what a header claim
 """
 
 from .. import fileio
-from ..block.check_result import FIX_ALL, FIX_LEAKS, CheckResult, NoProgress, Progress
+from ..block.check_result import FIX_ALL, FIX_LEAKS, CheckResult, Progress
 from ..block.storage import Barrier, Storage
 from ..lock import lock_image
 from . import header as hdr
@@ -40,7 +40,7 @@ def check_image(path: str, fix: int = 0, force_share: bool = False,
 
 def check_storage(storage: Storage, filename: str, fix: int = 0,
                   progress: Progress | None = None) -> CheckResult:
-    progress = progress or NoProgress()
+    progress = progress or Progress()
     result = _Check(storage, filename, progress).run(fix)
     if fix and (result.corruptions_fixed or result.leaks_fixed):
         again = _Check(storage, filename, progress).run(0)
@@ -54,7 +54,7 @@ def repair_storage(storage: Storage, filename: str) -> CheckResult:
     everything found can be fixed is anything written. A cluster referenced twice cannot
     be (which reference is right?), so such an image is left as it is and the result
     says so (its corruptions)."""
-    dry = _Check(storage, filename, NoProgress())
+    dry = _Check(storage, filename, Progress())
     result = dry.run(0)
     if dry.duplicates or result.check_errors:
         return result
