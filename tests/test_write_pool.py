@@ -362,3 +362,27 @@ def test_control_commands_wait_for_the_writes_out(image, loop, held_writes):
         server.writes.shutdown()
         server.reads.shutdown()
         export.close()
+
+
+def test_shutdown_waits_for_the_writes_out_and_commits_them(image, loop, held_writes):
+    """Shutdown (before the images close) waits for a write still out and installs its
+    mapping: what the client sent is in the image, though nobody takes the reply."""
+    export = Export.open(ExportConfig(image=image, format="qcow2"))
+    (a,), server = pooled_connections(loop, export)
+    data = random.randbytes(256 * KiB)
+    try:
+        a.data_received(request(p.CMD_WRITE, 1, 2 * MiB, payload=data))
+        spin(loop, 0.1)
+        assert server.writes.exports and not allocated(export, 2 * MiB, len(data))
+        threading.Timer(0.2, held_writes.set).start()
+        server.writes.shutdown()
+        assert not server.writes.exports and allocated(export, 2 * MiB, len(data))
+        assert not a.transport.data
+    finally:
+        held_writes.set()
+        server.writes.shutdown()
+        server.reads.shutdown()
+        export.close()
+    qemu_img("check", image)
+    assert qemu_io(image, "qcow2", "read -v 2M 16").stdout.split(":")[1].split()[:16] == \
+        [f"{b:02x}" for b in data[:16]]
