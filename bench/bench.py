@@ -69,16 +69,19 @@ class Server:
     def __init__(self, kind, image, sock, options=()):
         self.kind = kind
         self.sock = sock
-        env = None
+        env = cwd = None
         if kind.startswith("qnbd"):
             cmd = [sys.executable, "-m", "qnbd.cli", "serve", "-f", "qcow2", "-t",
                    "-k", sock, *options, image]
             if kind == "qnbd-base":
+                # `-m` puts the working directory first on sys.path: from inside another
+                # tree, PYTHONPATH alone would run that tree's qnbd.
                 env = dict(os.environ, PYTHONPATH=self.baseline)
+                cwd = self.baseline
         else:
             cmd = ["qemu-nbd", "-f", "qcow2", "-t", "-k", sock, *options, image]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     env=env)
+                                     env=env, cwd=cwd)
         deadline = time.monotonic() + 15
         while not os.path.exists(sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:

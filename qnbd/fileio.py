@@ -45,8 +45,10 @@ class File:
         self.path = path
         self.fd = fd
         self.writable = writable
-        # Whether preadv2(RWF_NOWAIT) works here (read_cached turns it off if not).
+        # Whether preadv2(RWF_NOWAIT) works here (read_cached turns it off if not), and
+        # whether read_cached has found out yet.
         self.nowait = _RWF_NOWAIT != 0
+        self.nowait_known = not self.nowait
         # O_DIRECT: every transfer aligned through qnbd/direct_io.py.
         self.direct = False
 
@@ -110,12 +112,15 @@ class File:
             try:
                 n = os.preadv(self.fd, [view[total:]], offset + total, _RWF_NOWAIT)
             except BlockingIOError:
+                self.nowait_known = True
                 return total, False
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                     raise
                 self.nowait = False
+                self.nowait_known = True
                 break
+            self.nowait_known = True
             if n == 0:
                 return total, True
             total += n

@@ -374,6 +374,18 @@ def test_dirty_bit_with_broken_refcounts_is_repaired_on_open(copy):
     assert "Pattern verification failed" not in r.stdout and r.returncode == 0
 
 
+def test_dirty_image_with_damaged_tables_is_refused_untouched(copy):
+    """Rule 6: the repair on open fixes what a crash inside the dirty bit leaves (refcounts,
+    COPIED flags), not damaged tables. An extended-L2 image whose header lost the EXTL2
+    bit reads its bitmap words as L2 entries: the read-write open is refused in one line
+    with not a byte written (before, it "fixed" some entries, then failed anyway)."""
+    path = copy("data-extl2")
+    patch_fields(path, incompatible_features=INCOMPAT_DIRTY)
+    expect_error(path, "tables are damaged", read_only=[False])  # checks: file unchanged
+    r = subprocess.run(["qemu-img", "check", path], capture_output=True, text=True)
+    assert r.returncode == 2, r.stdout + r.stderr   # what qemu sees: corruptions, still
+
+
 def test_unknown_compatible_and_autoclear_bits_are_accepted(copy):
     path = copy("data")
     patch_fields(path, compatible_features=1 << 40, autoclear_features=1 << 40)

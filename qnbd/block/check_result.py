@@ -39,6 +39,10 @@ class CheckResult:
         self.fragmented_clusters = 0
         self.compressed_clusters = 0
         self.messages: list[str] = []
+        # Of `corruptions`, those in the tables that hold references (L1, L2, snapshot
+        # and bitmap tables) rather than in refcounts: a crash inside the dirty bit cannot
+        # explain them, so an open does not repair them (docs/DESIGN.md rule 6).
+        self.table_damage = 0
 
     @property
     def exit_code(self) -> int:

@@ -20,7 +20,9 @@ reply are performed by the server's ReadPool (reads.py), inline on a page-cache 
 in a worker thread, and that reply is written when they complete (NBD lets replies leave
 in any order; docs/DESIGN.md "I/O model"). So may the data of a large WRITE: the
 server's WritePool (writes.py) writes it in a worker thread and commits its mapping on
-the loop, and that reply is written then. Close waits for such replies.
+the loop, and that reply is written then. Close waits for such replies. On a unix
+socket without TLS the connection writes its replies itself (splice.py): the data of
+memory-backed files goes by sendfile, uncopied, and close waits for that queue too.
 """
 
 import asyncio
@@ -35,6 +37,7 @@ from . import tls
 from .handshake import Close, Handshake, Ready, Send, StartTLS
 from .reads import THREAD_BYTES
 from .requests import ProtocolError
+from .splice import SPLICE_MIN, Splicer, memory_backed, spliceable
 from .transmission import Transmission
 
 log = logging.getLogger("qnbd.serve")
@@ -72,6 +75,7 @@ class Connection(asyncio.BufferedProtocol):
         self.writes = None                   # and its WritePool (writes.py)
         self.parked: list = []               # such replies done while another streams
         self.flush_scheduled = False         # _flush_parked is queued
+        self.splicer: Splicer | None = None  # READ data by sendfile (unix sockets, no TLS)
         # Received bytes land in a WRITE's payload buffer when one is being received (a
         # copy less per written byte), else in `scratch`; `in_place` says which.
         self.scratch = memoryview(bytearray(RECEIVE_BYTES))
@@ -105,6 +109,8 @@ class Connection(asyncio.BufferedProtocol):
     def set_budget(self, budget: int):
         """Reply bytes that may wait for this client (the server shares its cap)."""
         self.budget = budget
+        if self.splicer is not None:
+            self.splicer.limit = budget
         if self.transport is not None and not self.lost:
             if self.raw is None:
                 self.transport.set_write_buffer_limits(high=budget)
@@ -173,6 +179,8 @@ class Connection(asyncio.BufferedProtocol):
             self.upgrade.cancel()
         if self.tx is not None:
             self.tx.export.clients -= 1
+        if self.splicer is not None:
+            self.splicer.close()
         self.server.released(self)
 
     # --- phases ---
@@ -215,7 +223,13 @@ class Connection(asyncio.BufferedProtocol):
         if reads is not None:
             self.tx.plans = True
             export = session.export
-            self.tx.may_mutate = lambda: reads.may_mutate(export, self._resume)
+            sock = self.transport.get_extra_info("socket")
+            if self.raw is None and spliceable(sock) and \
+                    not self.transport.get_write_buffer_size():
+                self.splicer = Splicer(self.server.loop, sock, self.budget,
+                                       self.pause_writing, self.resume_writing,
+                                       self._send_failed)
+            self.tx.may_mutate = lambda: reads.may_mutate(export, self._resume, self.splicer)
         idle = self.server.config.idle_timeout
         if idle:
             self.active_at = self.server.loop.time()
@@ -278,7 +292,9 @@ class Connection(asyncio.BufferedProtocol):
         tx = self.tx
         transport = self.transport
         next_output = tx.next_output
-        budget = self.budget - transport.get_write_buffer_size()
+        splicer = self.splicer
+        budget = self.budget - (transport.get_write_buffer_size() if splicer is None
+                                else splicer.queued)
         turn_end = tx.work + TURN_BYTES
         out = []
         made = 0
@@ -299,6 +315,12 @@ class Connection(asyncio.BufferedProtocol):
                     out += pieces
                     if started:   # a planned READ with nothing to read (holes, zeros)
                         tx.read_done(tx.planned, started)
+                elif self._splice(out, pieces):
+                    planned = False
+                    out = []
+                    tx.read_done(tx.planned, started)
+                    if self.closing:
+                        return
                 else:
                     planned = False
                     done = functools.partial(self._deliver, tx.planned, started, pieces)
@@ -307,7 +329,7 @@ class Connection(asyncio.BufferedProtocol):
                         tx.read_done(tx.planned, started)
                         if tx.export in self.reads.inline:
                             # No RWF_NOWAIT here: small reads as before the pool.
-                            tx.plan_min = THREAD_BYTES
+                            tx.plan_min = THREAD_BYTES if self.splicer is None else SPLICE_MIN
                     else:
                         self.pending += 1
                 if made >= budget or tx.work >= turn_end:
@@ -323,7 +345,7 @@ class Connection(asyncio.BufferedProtocol):
             self.parked = []
         self.bytes_out += made   # replies whose reads went to the pool count now too
         if out:
-            transport.writelines(out)   # may call pause_writing
+            self._write(out)   # may call pause_writing
         if pieces is not None and not self.blocked:
             # More work may be waiting: let the other connections have this turn first.
             self.scheduled = True
@@ -346,6 +368,42 @@ class Connection(asyncio.BufferedProtocol):
     def _wrote(self, req, started: int, error) -> None:
         self._deliver(req, started, self.tx.write_reply(req, error), None)
 
+    def _write(self, pieces: list) -> None:
+        if self.splicer is not None:
+            self.splicer.send(pieces)
+        else:
+            self.transport.writelines(pieces)
+
+    def _close_transport(self) -> None:
+        """Close once every reply is written (the transport's own buffer, then ours)."""
+        splicer = self.splicer
+        if splicer is not None and splicer.queue:
+            splicer.on_empty = self.transport.close
+        else:
+            self.transport.close()
+
+    def _send_failed(self, e: OSError) -> None:
+        log.info("%s: sending a reply failed: %s, disconnecting", self.peer, e)
+        self.closing = True
+        self.abort()
+
+    def _splice(self, out: list, pieces: list) -> bool:
+        """Send `out` and then the planned reply `pieces` with their data spliced from
+        the page cache (splice.py), when every HostRead of it can be; False if not.
+        Sent now, not with the turn's other replies: a write later in this turn must
+        find it in the splicer (may_mutate)."""
+        splicer = self.splicer
+        export = self.tx.export
+        if splicer is None or self.tx.planned.length < SPLICE_MIN or \
+                not self.reads.may_splice(export):
+            return False
+        for piece in pieces:
+            if piece.__class__ is HostRead and not memory_backed(piece):
+                return False
+        self.reads.spliced(export, splicer)
+        splicer.send(out + pieces)   # may call pause_writing, or _send_failed
+        return True
+
     def _deliver(self, req, started: int, pieces: list, error) -> None:
         """A reply whose reads were in the pool: its bytes are in place (or failed)."""
         self.pending -= 1
@@ -365,10 +423,10 @@ class Connection(asyncio.BufferedProtocol):
                 self.server.loop.call_soon(self._flush_parked)
             return
         pieces, self.parked = self.parked + pieces, []
-        self.transport.writelines(pieces)   # may call pause_writing
+        self._write(pieces)   # may call pause_writing
         if self.closing:
             if not self.pending:
-                self.transport.close()
+                self._close_transport()
         elif self.tx.finished and not self.pending:
             self.close()
 
@@ -376,7 +434,7 @@ class Connection(asyncio.BufferedProtocol):
         self.flush_scheduled = False
         if self.parked and not self.tx.mid_reply and not self.lost:
             parked, self.parked = self.parked, []
-            self.transport.writelines(parked)   # may call pause_writing
+            self._write(parked)   # may call pause_writing
 
     def _resume(self):
         """The reads a held write waited for have completed."""
@@ -397,7 +455,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.early is not None:
             self.abort()   # nothing of ours is queued before the TLS session exists
         elif not self.pending:   # else the last of those replies closes it (_deliver)
-            self.transport.close()
+            self._close_transport()
 
     def abort(self):
         self.transport.abort()

@@ -40,6 +40,8 @@ MAX_OUT_BYTES = 16 << 20
 RETRY_S = 0.001
 MAX_RETRIES = 20
 POLL_GAP_S = 0.0002
+# How long a write waits for other connections' clients to read spliced replies.
+SPLICE_WAIT_S = 1.0
 # A read this large goes to a worker thread at once, cached or not: copying it is work
 # enough to be worth a hand-off, and done there it runs beside the loop, on the other
 # core, while the loop sends replies (multi-connection copies, 1 MiB reads). So does
@@ -48,12 +50,25 @@ THREAD_BYTES = 128 << 10
 
 
 class _Export:
-    __slots__ = ("out", "waiters", "draining")
+    __slots__ = ("out", "waiters", "draining", "spliced", "holders", "since")
 
     def __init__(self):
         self.out = 0           # replies with reads in the pool
-        self.waiters = []      # callables to run once `out` drops to 0
+        self.waiters = []      # callables to run once `out` drops to 0 (and `spliced` read)
         self.draining = False  # those run in this loop turn: no read may leave meanwhile
+        self.spliced = set()   # Splicers (splice.py) whose sockets may hold its pages
+        self.holders = set()   # the Splicers of the connections whose writes wait
+        self.since = 0.0       # loop time when the first of those began to wait
+
+    def unread(self, now: float) -> set:
+        """The Splicers still holding unread pages that a waiting write must wait for:
+        its own connection's always (its client sees its requests run one by one); the
+        others' for SPLICE_WAIT_S at most: their READs are concurrent with this write
+        (any outcome is theirs), and a client that does not read its replies must not
+        hold another's writes forever."""
+        late = now - self.since >= SPLICE_WAIT_S
+        return {s for s in self.spliced
+                if (not late or s in self.holders) and s.unread()}
 
 
 class ReadPool:
@@ -79,6 +94,7 @@ class ReadPool:
         self.timer = None
         self.polled = 0.0   # loop time of the last retry of the parked reads
         self.exports: dict[object, _Export] = {}
+        self.splice_timer = None
 
     def _state(self, export) -> _Export:
         state = self.exports.get(export)
@@ -86,14 +102,58 @@ class ReadPool:
             state = self.exports[export] = _Export()
         return state
 
-    def may_mutate(self, export, resume) -> bool:
+    def may_mutate(self, export, resume, own=None) -> bool:
         """Whether a write, zero or discard may run on `export` now; if not, `resume` is
-        called once the reads out on it have completed."""
+        called once the reads out on it have completed and its clients have read the
+        bytes spliced to them (splice.py; `own` is the asking connection's Splicer)."""
         state = self.exports.get(export)
-        if state is None or not state.out:
+        if own is not None and (own.spliced or own.queue):
+            # Its own unread replies count even if a wait by another write gave up on
+            # them (SPLICE_WAIT_S) and dropped them from `spliced`.
+            state = self._state(export)
+            state.spliced.add(own)
+        if state is None:
+            return True
+        if not state.waiters:
+            state.since = self.loop.time()
+        if state.spliced:
+            state.spliced = state.unread(self.loop.time())
+        if not state.out and not state.spliced:
+            if not state.waiters and not state.draining:
+                del self.exports[export]
             return True
         state.waiters.append(resume)
+        if own is not None:
+            state.holders.add(own)
+        if state.spliced and self.splice_timer is None:
+            self.splice_timer = self.loop.call_later(RETRY_S, self._spliced_read)
         return False
+
+    def may_splice(self, export) -> bool:
+        """Whether a READ of `export` may be spliced now: not while a write waits (it
+        would wait for that reply too, and could be starved)."""
+        state = self.exports.get(export)
+        return not self.closed and (state is None or not (state.waiters or state.draining))
+
+    def spliced(self, export, splicer) -> None:
+        """`splicer` has sent pages of `export`'s files: writes wait until they are read."""
+        self._state(export).spliced.add(splicer)
+
+    def _spliced_read(self) -> None:
+        """Poll the sockets that writes wait for (a client's read of them raises no
+        event here); resume the writes once every spliced byte has been read."""
+        self.splice_timer = None
+        waiting = False
+        for export, state in list(self.exports.items()):
+            if not state.spliced or not state.waiters:
+                continue
+            state.spliced = state.unread(self.loop.time())
+            if state.spliced:
+                waiting = True
+            elif not state.out:
+                self._release(export, state)
+        if waiting:
+            self.splice_timer = self.loop.call_later(RETRY_S, self._spliced_read)
 
     def fill(self, pieces: list, export, done) -> bool:
         """Put the bytes of every HostRead in `pieces` in its place. True when that is
@@ -239,29 +299,39 @@ class ReadPool:
         self.out_bytes -= size
         state.out -= 1
         if not state.out:
-            waiters, state.waiters = state.waiters, []
-            if waiters:
-                # The held writes run in callbacks queued now (resume); until the
-                # one queued after them, reads stay on the loop: none overtakes them.
-                state.draining = True
-                for resume in waiters:
-                    resume()
-                self.loop.call_soon(self._drained, export, state)
-            elif self.exports.get(export) is state:
-                del self.exports[export]
+            if state.spliced:
+                state.spliced = state.unread(self.loop.time())
+            if not state.spliced:
+                self._release(export, state)
         done(error)
+
+    def _release(self, export, state: _Export) -> None:
+        """No read of `export` is out any more: run the writes that waited."""
+        waiters, state.waiters = state.waiters, []
+        state.holders = set()
+        if waiters:
+            # The held writes run in callbacks queued now (resume); until the
+            # one queued after them, reads stay on the loop: none overtakes them.
+            state.draining = True
+            for resume in waiters:
+                resume()
+            self.loop.call_soon(self._drained, export, state)
+        elif self.exports.get(export) is state:
+            del self.exports[export]
 
     def _drained(self, export, state: _Export) -> None:
         state.draining = False
-        if not state.out and not state.waiters and self.exports.get(export) is state:
+        if not state.out and not state.waiters and not state.spliced \
+                and self.exports.get(export) is state:
             del self.exports[export]
 
     def shutdown(self) -> None:
         """Wait for every read still out (before the images close)."""
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        for timer in (self.timer, self.splice_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.splice_timer = None
         self.parked = []   # nobody awaits their replies any more; no thread reads them
         for _ in self.threads:
             self.jobs.put(None)

@@ -173,6 +173,7 @@ class _Checker:
         if self.inc(*reftable):
             self.refcount_structure.append(reftable)
         self.walk_bitmaps()
+        self.result.table_damage = self.result.corruptions
         return self.walk_refblocks()
 
     def inc(self, offset: int, size: int) -> bool:

@@ -474,6 +474,15 @@ def repair_if_dirty(storage: Storage, path: str) -> None:
     h = hdr.read(storage)
     if not h.dirty or h.corrupt:
         return  # a corrupt image is refused read-write anyway
+    # Look before writing: damage to the tables themselves is no crash's doing (the image
+    # may not be what its header says, e.g. a cleared extended-L2 bit), and "repairing"
+    # it would rewrite metadata that may not be ours. Refused, untouched, as qemu-img
+    # check -r all is the user's call.
+    found = check_storage(storage, path, 0)
+    if found.table_damage or found.check_errors:
+        raise ImageError(f"'{path}' was left dirty and its tables are damaged "
+                         f"({found.corruptions} corruptions, {found.check_errors} errors); "
+                         "nothing was repaired, see 'qnbd check -r all'")
     result = check_storage(storage, path, FIX_ALL)
     if result.exit_code not in (0, 3) or result.leaks:
         raise ImageError(f"'{path}' was left dirty and could not be repaired "
