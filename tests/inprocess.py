@@ -106,6 +106,9 @@ class RecordingTransport:
     def set_write_buffer_limits(self, high):
         pass
 
+    def get_extra_info(self, name, default=None):
+        return default   # no socket: replies go through writelines, never spliced
+
     def get_write_buffer_size(self):
         return 0
 
