@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from . import fileio
 from .block.base import read_parts
-from .block.plan import read_plan
+from .block.plan import read_plan, write_plan
 from .block.chain import BACKING_POLICIES
 from .block.overlay import SnapshotOverlay
 from .block.window import Window
@@ -110,6 +110,9 @@ class Export:
         self.bitmaps = [_bitmap(device, name) for name in dict.fromkeys(config.bitmaps)]
         self.can_fast_zero = not self.read_only and device.supports_fast_zero
         self.can_multi_conn = self.shared != 1
+        # Two writes may be out at once only when they touch no common unit of this
+        # size (a qcow2 cluster: they never allocate or map the same one).
+        self.write_unit = getattr(device, "cluster_size", 1)
 
     @classmethod
     def open(cls, config: ExportConfig) -> "Export":
@@ -159,10 +162,20 @@ class Export:
     def read_plan(self, offset: int, length: int):
         return read_plan(self.device, offset, length)
 
+    def _zeroes(self, data) -> bool:
+        """detect-zeroes applies: ordinary data fails at its first byte, so it costs
+        nothing (the payload may be a bytearray, whose lstrip would copy it)."""
+        return self.detect_zeroes and data and data[0] == 0 and data.count(0) == len(data)
+
+    def write_plan(self, offset: int, data, fua: bool):
+        """The device's plan for this write (qnbd/block/plan.py), or None: the caller
+        then calls `write`."""
+        if self._zeroes(data):
+            return None
+        return write_plan(self.device, offset, data, self._fua(fua))
+
     def write(self, offset: int, data: bytes, fua: bool) -> None:
-        # detect-zeroes: ordinary data fails at its first byte, so it costs nothing (the
-        # payload may be a bytearray, whose lstrip would copy it).
-        if self.detect_zeroes and data and data[0] == 0 and data.count(0) == len(data):
+        if self._zeroes(data):
             self.device.write_zeroes(offset, len(data), may_trim=self.may_trim,
                                      fua=self._fua(fua))
         else:

@@ -90,9 +90,10 @@ def record_driven(shape, directory, monkeypatch, drive):
 
 
 def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False,
-              outcomes=()):
+              outcomes=(), pooled: random.Random | None = None):
     """record_driven on an image already made (opening it may itself write: a repair).
-    outcomes: what a snapshot operation may leave (Context.outcomes)."""
+    outcomes: what a snapshot operation may leave (Context.outcomes). pooled: WRITEs go
+    through write plans as the server's WritePool runs them (_PooledWrites)."""
     fmt = probe(image)
     start = converted(image, fmt, directory)
     state = {"flushed": bytes(start), "touched": bytearray(len(start) // SECTOR + 1),
@@ -113,26 +114,82 @@ def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False,
     dev = open_image(image, fmt, read_only=False)
     model = Model(start, discard_unit(dev), discard_keeps=discard_keeps)
     done = []
+    out = _PooledWrites(dev, model, pooled) if pooled else None
+
+    def touch(off, n):
+        first, last = off // SECTOR, (off + n - 1) // SECTOR
+        state["touched"][first:last + 1] = b"\1" * (last - first + 1)
 
     def do(op):
         kind, off, n, pattern = op
-        state["op"] = f"op {len(done)} {op}"
+        fua = kind == "write" and pattern % 17 == 0
+        if out is not None and not out.may_run(op):
+            out.settle()
+        state["op"] = f"op {len(done)} {op}" + (" (pooled)" if out and out.plans else "")
         done.append(op)
         if kind != "flush":
-            first, last = off // SECTOR, (off + n - 1) // SECTOR
-            state["touched"][first:last + 1] = b"\1" * (last - first + 1)
+            touch(off, n)
+        if out is not None and kind == "write" and not fua:
+            out.plan(op)
+            return
         apply_ops(dev, model, [op])
-        if kind == "flush" or (kind == "write" and pattern % 17 == 0):  # FUA
+        if kind == "flush" or fua:
+            # The model holds what was committed; writes still out stay "touched".
             state["flushed"] = bytes(model.data)
             state["touched"] = bytearray(len(start) // SECTOR + 1)
+            for _plan, (_k, o, m, _p) in out.plans if out else ():
+                touch(o, m)
 
     try:
         drive(dev, do)
+        if out is not None:
+            state["op"] = "the last writes out"
+            out.settle()
         state["op"] = "close"
     finally:
         dev.close()
         monkeypatch.setattr(qnbd.fileio, "open_file", real_open)
     return image, intervals
+
+
+class _PooledWrites:
+    """WRITEs as the server runs them with its WritePool (qnbd/nbd/writes.py): each one
+    planned on arrival (write_plan), while it touches no cluster of a write still out;
+    then the HostWrites of all those out performed in a random order, interleaved, and
+    the plans committed in a random order. Meanwhile a FUA write touching none of their
+    clusters runs inline, flush included, as the server lets a small one do; anything
+    else first waits for every write out (settle)."""
+
+    def __init__(self, dev, model, rng: random.Random):
+        self.dev = dev
+        self.model = model
+        self.rng = rng
+        self.cs = dev.cluster_size
+        self.plans: list = []   # (plan, op)
+
+    def may_run(self, op) -> bool:
+        kind, off, n, _pattern = op
+        if kind != "write":
+            return not self.plans
+        first, end = off // self.cs, -(-(off + n) // self.cs)
+        return all(end <= o // self.cs or -(-(o + m) // self.cs) <= first
+                   for _plan, (_k, o, m, _p) in self.plans)
+
+    def plan(self, op) -> None:
+        _kind, off, n, pattern = op
+        buf = bytes([pattern]) * n
+        self.plans.append((self.dev.write_plan(off, buf, False), op))
+
+    def settle(self) -> None:
+        writes = [w for plan, _op in self.plans for w in plan.writes]
+        self.rng.shuffle(writes)
+        for w in writes:
+            w.perform()
+        plans, self.plans = self.plans, []
+        self.rng.shuffle(plans)
+        for plan, (_kind, off, n, pattern) in plans:
+            plan.commit()
+            self.model.write(off, bytes([pattern]) * n)
 
 
 # The two workers of enumerate_crashes are threads of this process. A repair opens an image
@@ -420,6 +477,61 @@ def data_file_resize_scenario(raw: bool):
     return scenario
 
 
+def pooled_ops(rng: random.Random, size: int, count: int) -> list:
+    """Runs of writes (a few sectors to several clusters; one in five FUA) with a zero,
+    discard or flush now and then: many writes out together, and FUA flushes among them."""
+    ops = []
+    for i in range(count):
+        kind = rng.choice(["write"] * 8 + ["zero", "discard", "flush"])
+        off = rng.randrange(0, size)
+        if rng.random() < 0.3:
+            off = off // 4096 * 4096
+        n = rng.choice([1, 512, 3000, 4096, 9000, 65536, rng.randrange(1, 70000)])
+        pattern = rng.randrange(1, 256)
+        if i % 5 == 4 and kind == "write":
+            # FUA (apply_ops: a multiple of 17), small enough to run inline beside the
+            # writes out.
+            pattern, n = 17 * rng.randrange(1, 15), min(n, 4096)
+        elif pattern % 17 == 0:
+            pattern -= 1
+        ops.append((kind, off, max(1, min(n, size - off)), pattern))
+    return ops
+
+
+# Shapes for the pooled workloads, with the span their writes go to: 4 KiB clusters
+# over a raw backing file, in the part the backing file covers (a partial write copies
+# its sectors around the new data: they show if an entry maps the cluster before its
+# data is there); 512-byte clusters with 64-bit refcounts; subclusters.
+POOLED_SHAPES = [
+    (Shape("c4k-raw", "cluster_size=4096", backing="raw", size=4 * MiB), MiB),
+    *((s, s.size) for s in SHAPES if s.name in ("c512-r64-raw", "extl2-c16k")),
+]
+
+
+def pooled_scenario(shape: Shape, span: int, seed: int, count: int):
+    def scenario(directory, monkeypatch):
+        ops = pooled_ops(random.Random(seed), span, count)
+        return record_on(shape.build(directory), directory, monkeypatch,
+                         lambda dev, do: [do(op) for op in ops],
+                         pooled=random.Random(seed))
+    return scenario
+
+
+def pooled_mapping_scenario(directory, monkeypatch):
+    """Rule 4 with writes out: partial writes into unallocated 4 KiB clusters over a raw
+    backing file full of data are planned (each new cluster gets the backing file's
+    bytes around the new ones), then a FUA write beside them runs inline and flushes
+    the L2 tables while their data is not written yet. An entry that reached the disk
+    before its cluster's data would show zeros in place of the backing file's bytes."""
+    (directory / "base.raw").write_bytes(random.Random(9).randbytes(MiB))
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b",
+        "base.raw", "-F", "raw", "img.qcow2", str(MiB), cwd=directory)
+    ops = [("write", 16384 * k + 1024, 512, 101 + 4 * k) for k in range(10)]
+    ops += [("write", 512 * 1024, 512, 34), ("flush", 0, 0, 0)]   # 34: FUA
+    return record_on(str(directory / "img.qcow2"), directory, monkeypatch,
+                     lambda dev, do: [do(op) for op in ops], pooled=random.Random(1))
+
+
 def random_scenario(shape_name: str, seed: int, count: int):
     shape = next(s for s in SHAPES + QED_SHAPES if s.name == shape_name)
     return lambda directory, monkeypatch: record_workload(
@@ -485,4 +597,6 @@ SCENARIOS = {
     "data-file-reuse": data_file_reuse_scenario,
     "data-file-resize": data_file_resize_scenario(raw=False),
     "data-file-raw-resize": data_file_resize_scenario(raw=True),
+    "pooled-mapping": pooled_mapping_scenario,
+    "pooled-c4k-raw": pooled_scenario(*POOLED_SHAPES[0], 3, 30),
 }

@@ -94,3 +94,58 @@ def in_process_connection(budget: int, device=None):
     export = Export(ExportConfig(image="-"), device or _Zeros())
     conn.tx = Transmission(Session(export, transmission_flags(export, False), False))
     return conn, transport, server.loop
+
+
+class RecordingTransport:
+    """Keeps every reply byte; never pushes back."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.closed = False
+
+    def set_write_buffer_limits(self, high):
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default   # no socket
+
+    def get_write_buffer_size(self):
+        return 0
+
+    def writelines(self, pieces):
+        for piece in pieces:
+            self.data += piece
+
+    def write(self, data):
+        self.data += data
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def pooled_connections(loop, export: Export, count: int = 1, structured: bool = False):
+    """`count` Connections in transmission phase on `export`, wired to a ReadPool and a
+    WritePool on the real event loop `loop`, as the server wires them; returns the
+    connections (each `.transport.data` holds its replies) and the server namespace."""
+    from qnbd.nbd.reads import ReadPool
+    from qnbd.nbd.writes import WritePool
+
+    config = ServerConfig(exports=[], listeners=[])
+    server = types.SimpleNamespace(loop=loop, config=config, reads=ReadPool(loop),
+                                   writes=WritePool(loop),
+                                   catalog=types.SimpleNamespace(stats={}))
+    server.released = server.accepted = lambda conn: None
+    conns = []
+    for _ in range(count):
+        conn = Connection(server)
+        conn.transport = RecordingTransport()
+        session = Session(export, transmission_flags(export, structured), structured)
+        conn._transmission(types.SimpleNamespace(session=session, leftover=b""))
+        conns.append(conn)
+    return conns, server

@@ -221,6 +221,7 @@ def test_a_flood_in_one_read_is_answered_a_few_requests_a_loop_turn():
     every NBD client for that long. The rest waits for later turns, unread meanwhile."""
     class Service:
         clients = set()
+        writes = None   # no NBD writes to wait for
 
         def answer(self, line):
             return b'{"ok":true}\n'

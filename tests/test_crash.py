@@ -12,8 +12,8 @@ import random
 
 import pytest
 
-from crashrun import (SCENARIOS, SHAPE_IDS, SHAPES, SNAPSHOT_SCENARIOS, crash_ops,
-                      enumerate_crashes, record_workload)
+from crashrun import (POOLED_SHAPES, SCENARIOS, SHAPE_IDS, SHAPES, SNAPSHOT_SCENARIOS,
+                      crash_ops, enumerate_crashes, pooled_scenario, record_workload)
 from workload import with_compressed
 
 def run_enumeration(shape, tmp_path, seed, count, monkeypatch, compressed=False) -> int:
@@ -52,6 +52,20 @@ def test_snapshot_power_cuts(name, tmp_path, monkeypatch):
     checked, failures = enumerate_crashes(image, intervals, 1, tmp_path)
     print(f"\n{name}: {checked} crash states")
     assert checked >= 3, f"only {checked} crash states"
+    assert not failures, f"{len(failures)} of {checked} crash states fail:\n" + \
+        "\n".join(failures[:3])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,span", POOLED_SHAPES, ids=[s.name for s, _ in POOLED_SHAPES])
+@pytest.mark.parametrize("seed", range(20, 24))
+def test_pooled_power_cuts_long(shape, span, seed, tmp_path, monkeypatch):
+    """Writes through write plans as the server's WritePool runs them (tests/crashrun.py
+    _PooledWrites): several out at once, their data written in a random order, their
+    mappings committed in a random order, FUA writes flushing beside them."""
+    image, intervals = pooled_scenario(shape, span, seed, 40)(tmp_path, monkeypatch)
+    checked, failures = enumerate_crashes(image, intervals, seed, tmp_path)
+    assert checked >= 20, f"only {checked} crash states"
     assert not failures, f"{len(failures)} of {checked} crash states fail:\n" + \
         "\n".join(failures[:3])
 

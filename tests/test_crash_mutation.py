@@ -12,7 +12,8 @@ import pytest
 import qnbd.fileio
 from qnbd.block.storage import Barrier, Storage
 
-from crashrun import SCENARIOS, SNAPSHOT_SCENARIOS, enumerate_crashes, random_scenario
+from crashrun import (SCENARIOS, SNAPSHOT_SCENARIOS, _PooledWrites, enumerate_crashes,
+                      random_scenario)
 
 EXPOSED_BY = [
     (Barrier.BEFORE_L2, "issue-10"),
@@ -61,3 +62,36 @@ def test_removing_a_barrier_breaks_some_crash_state(barrier, scenario, tmp_path,
     checked, failures = enumerate_crashes(image, intervals, 1, tmp_path)
     assert failures, f"without {barrier.name}, none of {checked} crash states failed"
     print(f"\nwithout {barrier.name}: {len(failures)} of {checked} states fail, e.g. {failures[0][:300]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mutation", ["map-at-plan", "commit-before-write"])
+def test_mapping_before_the_pooled_data_breaks_some_crash_state(mutation, tmp_path,
+                                                                monkeypatch):
+    """Write plans (qnbd/block/plan.py): the L2 entry changes only at the plan's commit,
+    after its HostWrites. Installed when the write is planned, or committed before the
+    data is written, it reaches the disk (a FUA write's flush in between) ahead of the
+    data, and the enumeration finds a cluster that reads what was never written."""
+    from qnbd.qcow2.writer import ClusterWriter
+
+    with monkeypatch.context() as m:
+        m.setattr(qnbd.fileio.File, "punch_hole", lambda self, offset, length: False)
+        if mutation == "map-at-plan":
+            install = ClusterWriter._install
+            m.setattr(ClusterWriter, "_install",
+                      lambda self, table, updates, dropped, plan:
+                      install(self, table, updates, dropped, None))
+        else:
+            def settle(self):   # as _PooledWrites.settle, but each commit first
+                plans, self.plans = self.plans, []
+                for plan, (_kind, off, n, pattern) in plans:
+                    plan.commit()
+                    self.dev.flush()   # the next request may be a FLUSH
+                    for w in plan.writes:
+                        w.perform()
+                    self.model.write(off, bytes([pattern]) * n)
+            m.setattr(_PooledWrites, "settle", settle)
+        image, intervals = SCENARIOS["pooled-mapping"](tmp_path, m)
+    checked, failures = enumerate_crashes(image, intervals, 1, tmp_path)
+    assert failures, f"{mutation}: none of {checked} crash states failed"
+    print(f"\n{mutation}: {len(failures)} of {checked} states fail, e.g. {failures[0][:300]}")

@@ -112,6 +112,16 @@ class CopyBeforeWrite:
         self._preserve(offset, len(data))
         self.device.write(offset, data, fua=fua)
 
+    def write_plan(self, offset: int, data, fua: bool = False):
+        """The device's write plan (plan.py), once the views have saved what it will
+        overwrite (read now, before any of its HostWrites runs); None where the device
+        has none (then `write`)."""
+        own = getattr(self.device, "write_plan", None)
+        if own is None:
+            return None
+        self._preserve(offset, len(data))
+        return own(offset, data, fua)
+
     def write_zeroes(self, offset: int, length: int, may_trim: bool = False,
                      fast: bool = False, fua: bool = False) -> None:
         self._preserve(offset, length)

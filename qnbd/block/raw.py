@@ -21,6 +21,7 @@ from ..errors import ImageError, IOFailure, NotFast
 from ..fileio import File, open_file
 from ..lock import create_locked, lock_image
 from .base import HOLE, ZERO, Extent, LayerExtent
+from .plan import HostWrite, WritePlan
 
 _ZERO_CHUNK = bytes(1 << 20)
 SECTOR = 512  # qemu-img rounds the size of a new raw image up to whole sectors
@@ -93,6 +94,19 @@ class RawDevice:
         self.file.pwrite(data, offset)
         if fua:
             self.file.fsync()
+
+    def write_plan(self, offset: int, data, fua: bool = False) -> WritePlan | None:
+        """`write` as a plan (plan.py): one HostWrite in place, the FUA flush at its
+        commit. None with O_DIRECT (partial blocks are read, modified and written)."""
+        if self.file.direct:
+            return None
+        self._check_writable()
+        self._check_block0(offset, data, len(data))
+        plan = WritePlan()
+        plan.writes.append(HostWrite(self.file, offset, [data]))
+        if fua:
+            plan.on_commit(self.file.fsync)
+        return plan
 
     def write_zeroes(self, offset, length, may_trim=False, fast=False, fua=False):
         self._check_writable()

@@ -45,13 +45,17 @@ class Storage:
         # lock keeps every other writer out and every write of ours comes through here
         # (allocating writes ask for it once per new cluster).
         self._size: int | None = None
+        # The end of the furthest write handed to another thread (`planned`): the file
+        # is at least that long as far as anything on the loop is concerned, so that
+        # nothing truncates or "extends" over a write still out.
+        self._planned_end = 0
 
     # -- reads -------------------------------------------------------------------------
 
     def size(self) -> int:
         if self._size is not None:
             return self._size
-        size = self.file.size()
+        size = max(self.file.size(), self._planned_end)
         if self.file.writable:
             self._size = size
         return size
@@ -78,9 +82,28 @@ class Storage:
         if known is not None:
             self._size = max(known, offset + sum(memoryview(b).nbytes for b in buffers))
 
+    def planned(self, offset: int, length: int) -> None:
+        """A write of [offset, offset + length) that another thread performs
+        (qnbd/block/plan.py): unsynced from now, as a failed write may land in part, and
+        the file's size counts it. Call `landed` on this thread once it is done."""
+        self._unsynced = True
+        end = offset + length
+        self._planned_end = max(self._planned_end, end)
+        if self._size is not None:
+            self._size = max(self._size, end)
+
+    def landed(self, ok: bool) -> None:
+        """A planned write has completed (`ok`) or failed: unsynced again, since a sync
+        may have run while it was out and did not cover it; after a failure the size
+        is asked of the file again."""
+        self._unsynced = True
+        if not ok:
+            self._size = None
+
     def truncate(self, length: int) -> None:
         self._unsynced = True
         self._size = None
+        self._planned_end = min(self._planned_end, length)
         self.file.truncate(length)
         if self.file.writable:
             self._size = length

@@ -36,6 +36,7 @@ class ControlConnection(asyncio.Protocol):
         self.pending = collections.deque()   # lines of the last read not yet answered
         self.paused = False      # the client is not taking its replies
         self.scheduled = False   # the next PER_TURN wait for the loop's next turn
+        self.waiting = False     # for the NBD writes out to complete
         self.reading = True
 
     def connection_made(self, transport):
@@ -68,8 +69,14 @@ class ControlConnection(asyncio.Protocol):
         rest in later turns. What waits is at most one read's worth of requests and
         REPLY_HIGH of replies."""
         transport = self.transport
+        writes = self.service.writes
         for _ in range(PER_TURN):
             if not self.pending or self.paused or transport.is_closing():
+                break
+            if writes is not None and not writes.idle(self._writes_done):
+                # A command sees every write before it completed (a checkpoint splits
+                # the bitmaps there): it waits for the writes out (qnbd/nbd/writes.py).
+                self.waiting = True
                 break
             item = self.pending.popleft()
             if isinstance(item, protocol.ControlError):
@@ -77,7 +84,7 @@ class ControlConnection(asyncio.Protocol):
             else:
                 transport.write(self.service.answer(item))
         if self.pending and not self.paused and not self.scheduled and \
-                not transport.is_closing():
+                not self.waiting and not transport.is_closing():
             self.scheduled = True
             asyncio.get_running_loop().call_soon(self._next_turn)
         self._set_reading()
@@ -85,6 +92,11 @@ class ControlConnection(asyncio.Protocol):
     def _next_turn(self):
         self.scheduled = False
         self._answer()
+
+    def _writes_done(self):
+        self.waiting = False
+        if not self.transport.is_closing():
+            self._answer()
 
     def _set_reading(self):
         """Read while nothing waits: no request unanswered, no reply untaken."""
@@ -99,6 +111,7 @@ class ControlConnection(asyncio.Protocol):
 
 class ControlService:
     def __init__(self, server, path: str, mode: int = DEFAULT_CONTROL_MODE, metrics=None):
+        self.writes = getattr(server, "writes", None)   # the NBD server's WritePool
         self.handlers = Handlers(server, metrics)
         self.path = path
         self.mode = mode

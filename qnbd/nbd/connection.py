@@ -18,7 +18,9 @@ Requests run inline on the loop (the engines are synchronous by design, see
 docs/DESIGN.md), in request order. The data of a READ may not: the HostReads of its
 reply are performed by the server's ReadPool (reads.py), inline on a page-cache hit, else
 in a worker thread, and that reply is written when they complete (NBD lets replies leave
-in any order; docs/DESIGN.md "I/O model"). Close waits for such replies.
+in any order; docs/DESIGN.md "I/O model"). So may the data of a large WRITE: the
+server's WritePool (writes.py) writes it in a worker thread and commits its mapping on
+the loop, and that reply is written then. Close waits for such replies.
 """
 
 import asyncio
@@ -67,6 +69,7 @@ class Connection(asyncio.BufferedProtocol):
         self.idle_timer = None
         self.pending = 0                     # replies whose reads are in the pool
         self.reads = None                    # the server's ReadPool, once transmitting
+        self.writes = None                   # and its WritePool (writes.py)
         self.parked: list = []               # such replies done while another streams
         self.flush_scheduled = False         # _flush_parked is queued
         # Received bytes land in a WRITE's payload buffer when one is being received (a
@@ -203,6 +206,11 @@ class Connection(asyncio.BufferedProtocol):
         log.info("%s: serving export %r", self.peer, session.export.name)
         self.tx = Transmission(session, self.server.config.max_request, self.peer,
                                self.server.catalog.stats.get(session.export.name))
+        writes = self.writes = getattr(self.server, "writes", None)
+        if writes is not None:
+            export = session.export
+            self.tx.may_run = lambda req: writes.may_run(export, req, self._resume)
+            self.tx.plan_writes = lambda length: writes.may_plan(export, length)
         reads = self.reads = getattr(self.server, "reads", None)
         if reads is not None:
             self.tx.plans = True
@@ -280,6 +288,8 @@ class Connection(asyncio.BufferedProtocol):
                 pieces = next_output()
                 if pieces is None:
                     break
+                if tx.write_plan is not None:
+                    self._write_out(tx)
                 for piece in pieces:
                     made += len(piece)
                     if piece.__class__ is HostRead:
@@ -323,6 +333,18 @@ class Connection(asyncio.BufferedProtocol):
             # their replies are written.
             self.close()
         self._set_reading(not self.blocked and tx.backlog < INPUT_HIGH)
+
+    def _write_out(self, tx: Transmission) -> None:
+        """The WRITE next_output just planned goes to the WritePool; its reply is
+        delivered as a pooled read's is, once the plan is committed."""
+        plan, tx.write_plan = tx.write_plan, None
+        req = tx.planned
+        started, tx.planned_start = tx.planned_start, 0
+        self.pending += 1
+        self.writes.submit(tx.export, req, plan, functools.partial(self._wrote, req, started))
+
+    def _wrote(self, req, started: int, error) -> None:
+        self._deliver(req, started, self.tx.write_reply(req, error), None)
 
     def _deliver(self, req, started: int, pieces: list, error) -> None:
         """A reply whose reads were in the pool: its bytes are in place (or failed)."""

@@ -23,6 +23,7 @@ from . import tls
 from .catalog import Catalog
 from .connection import Connection
 from .reads import ReadPool
+from .writes import WritePool
 from .listeners import listen
 from .pidfile import PidFile
 
@@ -53,6 +54,7 @@ class Server:
         self.stopping = False
         self.stopped = loop.create_future()
         self.reads = ReadPool(loop)   # reads that miss the page cache (docs/DESIGN.md "I/O model")
+        self.writes = WritePool(loop)   # large writes (writes.py)
 
     def install_signals(self):
         # qemu-nbd stops cleanly on SIGHUP too (a closed terminal): images closed, the
@@ -200,6 +202,7 @@ def serve(config, on_ready=None, services=()) -> int:
         for close in closers:
             close()
         try:
+            server.writes.shutdown()   # nor a write, and each one's mapping is installed
             server.reads.shutdown()   # no read may be out on a file being closed
             for export in exports:
                 export.close()

@@ -137,6 +137,15 @@ class Transmission:
         # after it) until the I/O side calls again; it keeps planned reads valid.
         self.may_mutate = None
         self.held: Request | None = None
+        # Write plans (qnbd/block/plan.py, qnbd/nbd/writes.py): asked before any request
+        # runs, `may_run(req)` False holds it (and all after it) until the I/O side calls
+        # again, so that nothing overtakes a write still out. `plan_writes(length)` says
+        # whether a WRITE of that many bytes is to be answered with a plan:
+        # `write_plan` is then that plan, for the I/O side to perform and commit (`planned`
+        # is its request, whose reply it makes; the reply pieces returned are none).
+        self.may_run = None
+        self.plan_writes = None
+        self.write_plan = None
 
     def receive_data(self, data) -> None:
         self.parser.push(data)
@@ -180,7 +189,9 @@ class Transmission:
             req = self.parser.pop()
             if req is None:
                 return None
-        if req.cmd in _WRITES and self.may_mutate is not None and not self.may_mutate():
+        if (self.may_run is not None and not self.may_run(req)) or (
+                req.cmd in _WRITES and self.may_mutate is not None
+                and not self.may_mutate()):
             self.held = req
             return None
         self.held = None
@@ -282,8 +293,23 @@ class Transmission:
 
     def _write(self, req: Request) -> list:
         self.work += req.length
-        if req.length:
-            self.export.write(req.offset, req.payload, bool(req.flags & p.CMD_FLAG_FUA))
+        if not req.length:
+            return self.replies.ok(req)
+        fua = bool(req.flags & p.CMD_FLAG_FUA)
+        if self.plan_writes is not None and self.plan_writes(req.length):
+            plan = self.export.write_plan(req.offset, req.payload, fua)
+            if plan is not None:
+                self.planned = req
+                self.write_plan = plan
+                return []
+        self.export.write(req.offset, req.payload, fua)
+        return self.replies.ok(req)
+
+    def write_reply(self, req: Request, error: Exception | None) -> list:
+        """The reply to a planned WRITE, once its plan was performed and committed (or
+        failed: then nothing of it is mapped)."""
+        if error is not None:
+            return self._error(req, *_why(self.peer, req, error))
         return self.replies.ok(req)
 
     def _disc(self, req: Request) -> list:

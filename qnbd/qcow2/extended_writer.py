@@ -10,6 +10,8 @@ the L2 cache's barrier), and a reference the entry drops is released only once t
 change is durable (rule 3).
 """
 
+import functools
+
 from ..errors import NotFast
 from .entries import (ALL_SUBCLUSTERS, COMPRESSED, DATA, L2E_OFFSET_MASK, OFLAG_COPIED,
                       SUBCLUSTERS, UNALLOCATED, subcluster_mask)
@@ -19,14 +21,14 @@ _ALL_ZERO = ALL_SUBCLUSTERS << SUBCLUSTERS
 
 
 class ExtendedWriter(ClusterWriter):
-    def _write_in_table(self, l1_index: int, pos: int, data) -> None:
+    def _write_in_table(self, l1_index: int, pos: int, data, plan) -> None:
         layout = self.layout
         cs, sb, external = layout.cluster_size, layout.subcluster_bits, layout.external
         check_entry = self.mapper.check_entry
         table_offset, table = self._l2_for_write(l1_index)
         i = layout.l2_index(pos) << 1
         # Rule 8 guards the image file; a data file holds no metadata to overlap.
-        writes = _WriteGather(self.data, None if external else self.metadata)
+        writes = _WriteGather(self.data, None if external else self.metadata, plan)
         updates = []
         dropped = []  # (entry, kind) whose reference goes once the entries change
         done = 0
@@ -51,6 +53,8 @@ class ExtendedWriter(ClusterWriter):
             else:
                 new_host = self.refcounts.allocate(1)
                 dropped.append((entry, kind))
+                if plan is not None:
+                    plan.on_abort(functools.partial(self.queue_release, new_host, cs))
             if new_host != host and kind != UNALLOCATED:
                 # A shared or compressed cluster moves whole: its allocated subclusters
                 # (all of a compressed one, which has no subclusters) come along.
@@ -67,15 +71,12 @@ class ExtendedWriter(ClusterWriter):
             done += n
             i += 2
         writes.flush()
-        # Rule 4 (data before the mapping): entries change only after the data writes
-        # succeeded, and reach the disk after the L2 cache's barrier.
+        self._install(table_offset, updates, dropped, plan)
+
+    def _set_entries(self, table, updates: list) -> None:
         for i, entry, bitmap in updates:
             table[i] = entry
             table[i + 1] = bitmap
-        if updates:
-            self.tables.l2_cache.mark_dirty(table_offset, table)
-        for entry, kind in dropped:  # rule 3: freed only once the change is durable
-            self._release_entry(entry, kind)
 
     def _write_subclusters(self, writes: _WriteGather, host: int, cluster: int,
                            in_cluster: int, chunk, held: int, first: int, end: int) -> None:

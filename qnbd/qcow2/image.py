@@ -15,9 +15,11 @@ See docs/DESIGN.md, "Rules of the qcow2 format" (the rules cited as "rule N").
 
 import dataclasses
 import errno
+import functools
 import logging
 
 from .. import fileio
+from ..block.plan import WritePlan
 from ..block.storage import Barrier, Storage, sync_all
 from ..errors import ImageError, IOFailure
 from ..lock import lock_image
@@ -207,6 +209,19 @@ class Qcow2Image:
         self.bitmaps.mark(offset, len(view))
         self.writer.write(offset, view)
         self._after_update(fua)
+
+    def write_plan(self, offset: int, data, fua: bool = False) -> WritePlan | None:
+        """`write` as a plan (qnbd/block/plan.py) whose HostWrites another thread may
+        perform; None with O_DIRECT files, whose partial blocks are read, modified and
+        written back (qnbd/direct_io.py): two of those must not overlap."""
+        if getattr(self.data_storage.file, "direct", False):
+            return None
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        self.bitmaps.mark(offset, len(view))
+        plan = self.writer.plan_write(offset, view)
+        plan.on_commit(functools.partial(self._after_update, fua))
+        return plan
 
     def write_compressed(self, offset: int, data) -> None:
         """One whole guest cluster at a cluster-aligned offset (the image's last cluster

@@ -14,9 +14,11 @@ file and are not refcounted: nothing is allocated or released for them, and with
 alone stays the guest's disk.
 """
 
+import functools
 import logging
 from array import array
 
+from ..block.plan import HostWrite, WritePlan
 from ..block.storage import Storage
 from ..errors import IOFailure, NotFast
 from .entries import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
@@ -114,23 +116,45 @@ class ClusterWriter:
     # -- writes ------------------------------------------------------------------------
 
     def write(self, offset: int, view: memoryview) -> None:
+        self._map_write(offset, view, None)
+
+    def plan_write(self, offset: int, view: memoryview) -> WritePlan:
+        """The write as a plan (qnbd/block/plan.py): clusters mapped and allocated now
+        (refcounts first, rule 2), copy-on-write data made now, the data written by
+        whoever performs the plan's HostWrites; the L2 entries change at its commit
+        (rule 4), releases are queued then too (rule 3). Its abort queues the clusters
+        allocated for it for release: they were never mapped."""
+        plan = WritePlan()
+        data = self.data
+        plan.on_commit(lambda: data.landed(True))
+        plan.on_abort(lambda: data.landed(False))
+        try:
+            self._map_write(offset, view, plan)
+        except BaseException:
+            plan.abort()
+            raise
+        return plan
+
+    def _map_write(self, offset: int, view: memoryview, plan: WritePlan | None) -> None:
         table_shift = self.layout.table_shift
         pos, end = offset, offset + len(view)
         while pos < end:
             l1_index = pos >> table_shift
             table_end = min(end, (l1_index + 1) << table_shift)
-            self._write_in_table(l1_index, pos, view[pos - offset:table_end - offset])
+            self._write_in_table(l1_index, pos, view[pos - offset:table_end - offset], plan)
             pos = table_end
 
-    def _write_in_table(self, l1_index: int, pos: int, data: memoryview) -> None:
+    def _write_in_table(self, l1_index: int, pos: int, data: memoryview,
+                        plan: WritePlan | None) -> None:
         layout = self.layout
         cs, version, external = layout.cluster_size, layout.version, layout.external
         table_offset, table = self._l2_for_write(l1_index)
         i = layout.l2_index(pos)
         last = layout.l2_index(pos + len(data) - 1)
         # Rule 8 guards the image file; a data file holds no metadata to overlap.
-        writes = _WriteGather(self.data, None if external else self.metadata)
+        writes = _WriteGather(self.data, None if external else self.metadata, plan)
         updates = []
+        dropped = []  # (entry, kind) whose reference goes once the entries change
         fresh: list[int] = []  # clusters allocated ahead, as one run, for what follows
         done = 0
         while done < len(data):
@@ -154,7 +178,9 @@ class ClusterWriter:
                     if not fresh:
                         fresh = self._allocate_run(table, i, last)
                     host = fresh.pop()
-                    self._release_entry(entry, kind)
+                    dropped.append((entry, kind))
+                    if plan is not None:
+                        plan.on_abort(functools.partial(self.queue_release, host, cs))
                 if n == cs:
                     writes.add(host, chunk)
                 elif self._reads_zero_before_write(kind) and self._past_eof(writes, host):
@@ -171,12 +197,32 @@ class ClusterWriter:
             done += n
             i += 1
         writes.flush()
-        # Rule 4 (data before the mapping): entries change only after the data writes
-        # succeeded, and reach the disk after the L2 cache's barrier.
-        if updates:
-            for i, entry in updates:
-                table[i] = entry
-            self.tables.l2_cache.mark_dirty(table_offset, table)
+        self._install(table_offset, updates, dropped, plan)
+
+    def _install(self, table_offset: int, updates: list, dropped: list,
+                 plan: WritePlan | None) -> None:
+        """Rule 4 (data before the mapping): entries change only after the data writes
+        succeeded (at once, or at the plan's commit), and reach the disk after the L2
+        cache's barrier. Rule 3: the references they drop are released once that change
+        is durable."""
+        if not updates:
+            return
+        if plan is not None:
+            plan.on_commit(functools.partial(self._install, table_offset, updates,
+                                             dropped, None))
+            return
+        cache = self.tables.l2_cache
+        # Taken from the cache again: while a plan's data was being written the table
+        # may have been evicted (written back) and read again.
+        table = cache.get(table_offset)
+        self._set_entries(table, updates)
+        cache.mark_dirty(table_offset, table)
+        for entry, kind in dropped:
+            self._release_entry(entry, kind)
+
+    def _set_entries(self, table: array, updates: list) -> None:
+        for i, entry in updates:
+            table[i] = entry
 
     def _allocate_run(self, table: array, i: int, last: int) -> list[int]:
         """New clusters for entries i..last that need one, up to the first that does not,
@@ -387,12 +433,14 @@ def _owned(entry: int, kind: int) -> bool:
 
 
 class _WriteGather:
-    """Coalesces writes to consecutive host offsets into one pwritev; every write is
-    checked against the metadata map first (rule 8)."""
+    """Coalesces writes to consecutive host offsets into one pwritev (or, for a plan,
+    one HostWrite); every write is checked against the metadata map first (rule 8)."""
 
-    def __init__(self, data: Storage, metadata: MetadataMap | None):
+    def __init__(self, data: Storage, metadata: MetadataMap | None,
+                 plan: WritePlan | None = None):
         self.data = data
         self.metadata = metadata
+        self.plan = plan
         self.start = 0
         self.end = 0
         self.buffers: list = []
@@ -408,9 +456,14 @@ class _WriteGather:
         self.end += len(data)
 
     def flush(self) -> None:
-        if self.buffers:
+        if not self.buffers:
+            return
+        if self.plan is None:
             self.data.pwritev(self.buffers, self.start)
-            self.buffers = []
+        else:
+            self.data.planned(self.start, self.end - self.start)
+            self.plan.writes.append(HostWrite(self.data.file, self.start, self.buffers))
+        self.buffers = []
 
 
 def _runs_of(clusters: list[int]):

@@ -1,0 +1,195 @@
+"""Performing write plans off the event loop (docs/DESIGN.md, "I/O model").
+
+A WRITE of THREAD_BYTES or more is mapped and allocated on the loop, like every write,
+and answered with a write plan (qnbd/block/plan.py): its HostWrites go to a worker thread
+(os.pwritev releases the GIL), so the loop receives the next request's payload while the
+file is written, which is what qemu-nbd's thread pool overlaps too. When they are done the
+plan is committed on the loop (the L2 entries that map new clusters change only now,
+rule 4) and the WRITE is answered. Smaller writes stay inline: for them the hand-off
+costs more than the write.
+
+What keeps it as safe as writing inline:
+- Ordering, per export (across all its connections): while writes of an export are out,
+  a request waits (`may_run`) unless it is a WRITE that touches none of their units
+  (`Export.write_unit`, a qcow2 cluster: two writes never allocate or map the same
+  cluster). Reads, FLUSH, trim, write-zeroes, block status, overlapping writes, control
+  socket commands (`idle`) and shutdown see every earlier write completed. A request that
+  waits stops new writes from leaving the loop (they run inline meanwhile), so it cannot
+  starve.
+- The write waits for the reads out on the export as every write does (reads.py).
+- A failed HostWrite aborts the plan: nothing is mapped, the clusters allocated for it are
+  queued for release, the WRITE answers with the error.
+- Memory is bounded: at most MAX_OUT_BYTES of writes are out at once; past that a write
+  runs inline (the socket is read no further meanwhile).
+- `shutdown` waits for the writes still out and commits them before the images close.
+"""
+
+import collections
+import queue
+import threading
+
+from . import protocol as p
+from .reads import THREAD_BYTES
+
+# One thread: the kernel runs buffered writes to one file one at a time (the inode's
+# lock): on tmpfs a second thread only spun on that lock (perf: rwsem_spin_on_owner)
+# and cost 10-20% more CPU per GiB for no gain in rate.
+WORKERS = 1
+MAX_OUT_BYTES = 32 << 20
+
+
+class _Export:
+    __slots__ = ("out", "waiters", "draining")
+
+    def __init__(self):
+        self.out: dict = {}    # plan -> (first unit, end unit) of the guest range
+        self.waiters = []      # callables to run once `out` is empty
+        self.draining = False  # those run in this loop turn: no write may leave meanwhile
+
+
+class WritePool:
+    def __init__(self, loop, workers: int = WORKERS, max_out_bytes: int = MAX_OUT_BYTES):
+        self.loop = loop
+        self.workers = workers
+        self.max_out_bytes = max_out_bytes
+        self.out_bytes = 0
+        self.threads: list[threading.Thread] = []
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        # Results come back through `results` and one wake-up of the loop per batch, as
+        # in reads.py.
+        self.results: collections.deque = collections.deque()
+        self.lock = threading.Lock()
+        self.woken = False
+        self.closed = False
+        self.exports: dict[object, _Export] = {}
+        self.idle_waiters: list = []   # control commands waiting for no write out at all
+
+    def may_run(self, export, req, resume) -> bool:
+        """Whether `req` may run on `export` now; if not, `resume` is called once the
+        writes it must not overtake have completed."""
+        state = self.exports.get(export)
+        if state is None or not state.out:
+            return True
+        if req.cmd == p.CMD_WRITE and not state.waiters:
+            unit = export.write_unit
+            first, end = req.offset // unit, -(-(req.offset + req.length) // unit)
+            if all(end <= a or b <= first for a, b in state.out.values()):
+                return True
+        state.waiters.append(resume)
+        return False
+
+    def may_plan(self, export, length: int) -> bool:
+        """Whether a WRITE of `length` bytes on `export` goes to the pool (else inline)."""
+        if length < THREAD_BYTES or self.closed:
+            return False
+        if self.out_bytes + length > self.max_out_bytes:
+            return False
+        state = self.exports.get(export)
+        return state is None or not (state.waiters or state.draining)
+
+    def idle(self, resume) -> bool:
+        """Whether no write is out on any export; if some are, `resume` is called once
+        none is (control socket commands: a checkpoint must see every earlier write)."""
+        if not any(state.out for state in self.exports.values()):
+            return True
+        self.idle_waiters.append(resume)
+        return False
+
+    def submit(self, export, req, plan, done) -> None:
+        """Perform `plan` (the WRITE `req`'s) in a worker thread, then commit it on the
+        loop (abort it if a HostWrite failed) and call `done(error)`."""
+        state = self.exports.get(export)
+        if state is None:
+            state = self.exports[export] = _Export()
+        unit = export.write_unit
+        state.out[plan] = (req.offset // unit, -(-(req.offset + req.length) // unit))
+        self.out_bytes += req.length
+        if not self.threads:
+            self._start()
+        self.jobs.put((plan, export, state, req.length, done))
+
+    def _start(self) -> None:
+        for n in range(self.workers):
+            t = threading.Thread(target=self._work, name=f"qnbd-write-{n}", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _work(self) -> None:
+        jobs, results = self.jobs, self.results
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            error = None
+            try:
+                for w in job[0].writes:
+                    w.perform()
+            except BaseException as e:   # reported to the request, never lost here
+                error = e
+            results.append((job, error))
+            with self.lock:
+                if self.woken:
+                    continue   # a _completed call is queued and will take this one
+                self.woken = True
+            try:
+                self.loop.call_soon_threadsafe(self._completed)
+            except RuntimeError:   # the loop is closed: shutdown() commits it
+                pass
+
+    def _completed(self) -> None:
+        with self.lock:
+            self.woken = False
+        results = self.results
+        while results:
+            job, error = results.popleft()
+            self._finish(*job, error)
+
+    def _finish(self, plan, export, state: _Export, size: int, done, error,
+                answer: bool = True) -> None:
+        if error is None:
+            try:
+                plan.commit()
+            except Exception as e:   # e.g. the FUA flush: the request's error
+                error = e
+        else:
+            plan.abort()
+        self.out_bytes -= size
+        del state.out[plan]
+        if answer:
+            done(error)   # its reply is queued before what waited for it runs
+        if not state.out:
+            waiters, state.waiters = state.waiters, []
+            if waiters:
+                # The held requests run in callbacks queued now (resume); until the one
+                # queued after them, writes stay on the loop: none overtakes them.
+                state.draining = True
+                for resume in waiters:
+                    resume()
+                self.loop.call_soon(self._drained, export, state)
+            else:
+                del self.exports[export]
+            self._resume_idle()
+
+    def _drained(self, export, state: _Export) -> None:
+        state.draining = False
+        if not state.out and not state.waiters and self.exports.get(export) is state:
+            del self.exports[export]
+
+    def _resume_idle(self) -> None:
+        if self.idle_waiters and not any(state.out for state in self.exports.values()):
+            idle, self.idle_waiters = self.idle_waiters, []
+            for resume in idle:
+                resume()
+
+    def shutdown(self) -> None:
+        """Wait for the writes still out and commit them (before the images close);
+        nobody awaits their replies any more."""
+        self.closed = True
+        for _ in self.threads:
+            self.jobs.put(None)
+        for t in self.threads:
+            t.join()
+        self.threads = []
+        while self.results:
+            job, error = self.results.popleft()
+            self._finish(*job, error, answer=False)
