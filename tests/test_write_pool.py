@@ -5,9 +5,11 @@ once it is there; nothing that must see it overtakes it, and a failed one maps n
 import asyncio
 import errno
 import json
+import os
 import random
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -15,7 +17,7 @@ import nbd
 import pytest
 
 from inprocess import pooled_connections, read_request
-from nbdserver import serve  # noqa: F401 (fixture)
+from nbdserver import RawClient, serve  # noqa: F401 (fixture)
 from peers import qemu_img, qemu_io, run
 from qnbd import fileio
 from qnbd.block.plan import HostWrite
@@ -386,3 +388,38 @@ def test_shutdown_waits_for_the_writes_out_and_commits_them(image, loop, held_wr
     qemu_img("check", image)
     assert qemu_io(image, "qcow2", "read -v 2M 16").stdout.split(":")[1].split()[:16] == \
         [f"{b:02x}" for b in data[:16]]
+
+
+def test_writes_never_wait_for_the_client_to_read(request, serve):  # noqa: F811
+    """A client that sends a READ and then 16 MiB of WRITEs before reading any reply
+    (legal: NBD replies may be read at any time) gets every reply. A write that waited
+    for the client to take earlier replies (as the reverted zero-copy replies did, to
+    keep spliced pages unchanged) deadlocks here: the server stops reading, the client
+    stops in send. The writes go through the pool (1 MiB >= THREAD_BYTES). The image is
+    on tmpfs where there is one: that design spliced only memory-backed files."""
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    work = tempfile.TemporaryDirectory(dir=shm)
+    request.addfinalizer(work.cleanup)
+    path = os.path.join(work.name, "img.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", path, str(64 * MiB))
+    qemu_io(path, "qcow2", "write -P 7 0 1M")
+    server = serve(path, "-f", "qcow2")
+    c = RawClient(server.sock, timeout=30)
+    c.go()
+    count = 16
+
+    def send():
+        c.request(p.CMD_READ, 0, 1 * MiB, cookie=100)
+        for i in range(count):
+            c.request(p.CMD_WRITE, (4 + i) * MiB, MiB, cookie=i, payload=bytes([i]) * MiB)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    sender.join(20)
+    assert not sender.is_alive(), "the client could not send its writes: the server waits"
+    assert c.simple_reply() == (0, 100) and c.recv(MiB) == b"\x07" * MiB
+    assert sorted(c.simple_reply() for _ in range(count)) == [(0, i) for i in range(count)]
+    for i in (0, count - 1):
+        c.request(p.CMD_READ, (4 + i) * MiB, MiB, cookie=200 + i)
+        assert c.simple_reply() == (0, 200 + i) and c.recv(MiB) == bytes([i]) * MiB
+    c.close()
