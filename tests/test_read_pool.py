@@ -211,7 +211,7 @@ def test_large_reads_go_to_a_thread_even_when_cached(tmp_path, nowait):
         assert not pool.fill(pieces, object(), result.set_result)
         assert loop.run_until_complete(result) is None
         assert pieces == [b"hdr", data[7:7 + THREAD_BYTES]]
-        assert pool.threads and pool.out_bytes == 0
+        assert pool.threads.started and pool.out_bytes == 0
         pool.shutdown()
     finally:
         loop.close()

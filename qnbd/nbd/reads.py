@@ -22,11 +22,8 @@ What keeps it safe:
 - `shutdown` waits for the reads still out before the images are closed.
 """
 
-import collections
-import queue
-import threading
-
 from ..block.plan import HostRead
+from .workers import Workers
 
 WORKERS = 16
 MAX_OUT_BYTES = 16 << 20
@@ -59,18 +56,9 @@ class _Export:
 class ReadPool:
     def __init__(self, loop, workers: int = WORKERS, max_out_bytes: int = MAX_OUT_BYTES):
         self.loop = loop
-        self.workers = workers
         self.max_out_bytes = max_out_bytes
         self.out_bytes = 0
-        # Worker threads, started with the first miss. Jobs go in through a SimpleQueue;
-        # results come back through `results` and one wake-up of the loop per batch
-        # (a thread pool executor's futures and a loop callback per read cost more than
-        # the read itself on a cold 4 KiB one).
-        self.threads: list[threading.Thread] = []
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.results: collections.deque = collections.deque()
-        self.lock = threading.Lock()
-        self.woken = False
+        self.threads = Workers(loop, workers, "read", _read_job, self._read_done)
         self.closed = False
         self.parked: list = []   # [missing, export, state, size, done, retries]
         # Exports whose files cannot tell a miss (no RWF_NOWAIT: tmpfs): their small
@@ -151,9 +139,7 @@ class ReadPool:
         return False
 
     def _to_thread(self, job) -> None:
-        if not self.threads:
-            self._start()
-        self.jobs.put(job)
+        self.threads.submit(job)
 
     def _tick(self) -> None:
         self.timer = None
@@ -197,43 +183,9 @@ class ReadPool:
         for (_missing, export, state, size, done, _n), error in finished:
             self._finish(export, state, size, done, error)
 
-    def _start(self) -> None:
-        for n in range(self.workers):
-            t = threading.Thread(target=self._work, name=f"qnbd-read-{n}", daemon=True)
-            t.start()
-            self.threads.append(t)
-
-    def _work(self) -> None:
-        """A worker thread: blocking reads (short only at end of file, where the buffer
-        keeps its zeros); os.preadv releases the GIL while it waits."""
-        jobs, results = self.jobs, self.results
-        while True:
-            job = jobs.get()
-            if job is None:
-                return
-            error = None
-            try:
-                for file, view, offset in job[0]:
-                    file.preadinto(view, offset)
-            except BaseException as e:   # reported to the request, never lost here
-                error = e
-            results.append((job, error))
-            with self.lock:
-                if self.woken:
-                    continue   # a _completed call is queued and will take this one
-                self.woken = True
-            try:
-                self.loop.call_soon_threadsafe(self._completed)
-            except RuntimeError:   # the loop is closed: nobody waits for the reply
-                pass
-
-    def _completed(self) -> None:
-        with self.lock:
-            self.woken = False
-        results = self.results
-        while results:
-            (_missing, export, state, size, done), error = results.popleft()
-            self._finish(export, state, size, done, error)
+    def _read_done(self, job, error) -> None:
+        _missing, export, state, size, done = job
+        self._finish(export, state, size, done, error)
 
     def _finish(self, export, state: _Export, size: int, done, error) -> None:
         self.out_bytes -= size
@@ -263,8 +215,11 @@ class ReadPool:
             self.timer.cancel()
             self.timer = None
         self.parked = []   # nobody awaits their replies any more; no thread reads them
-        for _ in self.threads:
-            self.jobs.put(None)
-        for t in self.threads:
-            t.join()
-        self.threads = []
+        self.threads.stop()   # nor the results of those done meanwhile
+
+
+def _read_job(job) -> None:
+    """In a worker thread: blocking reads (short only at end of file, where the buffer
+    keeps its zeros); os.preadv releases the GIL while it waits."""
+    for file, view, offset in job[0]:
+        file.preadinto(view, offset)

@@ -24,12 +24,9 @@ What keeps it as safe as writing inline:
 - `shutdown` waits for the writes still out and commits them before the images close.
 """
 
-import collections
-import queue
-import threading
-
 from . import protocol as p
 from .reads import THREAD_BYTES
+from .workers import Workers
 
 # One thread: the kernel runs buffered writes to one file one at a time (the inode's
 # lock): on tmpfs a second thread only spun on that lock (perf: rwsem_spin_on_owner)
@@ -50,16 +47,9 @@ class _Export:
 class WritePool:
     def __init__(self, loop, workers: int = WORKERS, max_out_bytes: int = MAX_OUT_BYTES):
         self.loop = loop
-        self.workers = workers
         self.max_out_bytes = max_out_bytes
         self.out_bytes = 0
-        self.threads: list[threading.Thread] = []
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        # Results come back through `results` and one wake-up of the loop per batch, as
-        # in reads.py.
-        self.results: collections.deque = collections.deque()
-        self.lock = threading.Lock()
-        self.woken = False
+        self.threads = Workers(loop, workers, "write", _write_job, self._written)
         self.closed = False
         self.exports: dict[object, _Export] = {}
         self.idle_waiters: list = []   # control commands waiting for no write out at all
@@ -104,45 +94,10 @@ class WritePool:
         unit = export.write_unit
         state.out[plan] = (req.offset // unit, -(-(req.offset + req.length) // unit))
         self.out_bytes += req.length
-        if not self.threads:
-            self._start()
-        self.jobs.put((plan, export, state, req.length, done))
+        self.threads.submit((plan, export, state, req.length, done))
 
-    def _start(self) -> None:
-        for n in range(self.workers):
-            t = threading.Thread(target=self._work, name=f"qnbd-write-{n}", daemon=True)
-            t.start()
-            self.threads.append(t)
-
-    def _work(self) -> None:
-        jobs, results = self.jobs, self.results
-        while True:
-            job = jobs.get()
-            if job is None:
-                return
-            error = None
-            try:
-                for w in job[0].writes:
-                    w.perform()
-            except BaseException as e:   # reported to the request, never lost here
-                error = e
-            results.append((job, error))
-            with self.lock:
-                if self.woken:
-                    continue   # a _completed call is queued and will take this one
-                self.woken = True
-            try:
-                self.loop.call_soon_threadsafe(self._completed)
-            except RuntimeError:   # the loop is closed: shutdown() commits it
-                pass
-
-    def _completed(self) -> None:
-        with self.lock:
-            self.woken = False
-        results = self.results
-        while results:
-            job, error = results.popleft()
-            self._finish(*job, error)
+    def _written(self, job, error) -> None:
+        self._finish(*job, error)
 
     def _finish(self, plan, export, state: _Export, size: int, done, error,
                 answer: bool = True) -> None:
@@ -185,11 +140,11 @@ class WritePool:
         """Wait for the writes still out and commit them (before the images close);
         nobody awaits their replies any more."""
         self.closed = True
-        for _ in self.threads:
-            self.jobs.put(None)
-        for t in self.threads:
-            t.join()
-        self.threads = []
-        while self.results:
-            job, error = self.results.popleft()
+        for job, error in self.threads.stop():
             self._finish(*job, error, answer=False)
+
+
+def _write_job(job) -> None:
+    """In a worker thread: the plan's HostWrites (os.pwritev releases the GIL)."""
+    for w in job[0].writes:
+        w.perform()
