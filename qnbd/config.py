@@ -76,6 +76,9 @@ class ServerConfig:
     control: str | None = None       # the control socket's path (qnbd/control/)
     control_mode: int = DEFAULT_CONTROL_MODE
     metrics: str | None = None       # ADDR:PORT of the Prometheus endpoint
+    # --aio (threads, native, io_uring; None: io_uring where the kernel allows, else
+    # threads): how reads that miss the page cache are waited for (qnbd/nbd/uring.py).
+    aio: str | None = None
 
 
 class ConfigError(QnbdError):

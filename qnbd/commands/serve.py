@@ -10,7 +10,7 @@ from ..cli import version_text
 from ..config import (DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT, Listener, ServerConfig,
                       check_tls_only, load_config, parse_mode)
 from ..errors import QnbdError
-from ..export import ExportConfig
+from ..export import DIRECT_CACHE_MODES, ExportConfig
 from ..logconfig import FORMATS as LOG_FORMATS, LEVELS as LOG_LEVELS, configure as configure_log
 from ..nbd.listeners import socket_activation
 from ..nbd.server import serve
@@ -184,7 +184,7 @@ def build_config(args) -> ServerConfig:
         config = ServerConfig(exports=[export], listeners=[_cli_listener(args)],
                               persistent=args.persistent,
                               max_connections=export.shared or DEFAULT_MAX_CONNECTIONS,
-                              pid_file=args.pid_file)
+                              pid_file=args.pid_file, aio=args.aio)
     if args.handshake_timeout is not None:   # else the file's limits.handshake_timeout
         if args.handshake_timeout < 0:
             raise QnbdError("--handshake-timeout must not be negative")
@@ -243,6 +243,10 @@ def _cli_export(args) -> ExportConfig:
         bitmaps=(args.bitmap or [])[::-1], allocation_depth=bool(args.allocation_depth),
         load_snapshot=args.load_snapshot)
     export.validate()
+    if args.aio == "native" and export.cache not in DIRECT_CACHE_MODES:
+        # qemu's file driver refuses Linux AIO on the page cache (file-posix.c).
+        raise QnbdError("aio=native was specified, but it requires cache.direct=on, which "
+                        "was not specified.")
     return export
 
 

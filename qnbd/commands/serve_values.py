@@ -45,7 +45,10 @@ def cache(text: str) -> str:
 
 
 def aio(text: str) -> str:
-    # Accepted for qemu-nbd command lines; qnbd's own I/O model (DESIGN.md) is used.
+    # How reads that miss the page cache are waited for (qnbd/nbd/uring.py): io_uring
+    # in the ring, threads in the read pool (retries, worker threads); native (Linux
+    # AIO, which qnbd does not use) as the default. native needs --cache=none, as in
+    # qemu, and O_DIRECT reads go to worker threads whatever the mode.
     return text if text in AIO_MODES else _fail(f"Invalid aio mode '{text}'")
 
 

@@ -10,7 +10,10 @@ work) rather than handed to a thread each: measured on a cold 4 KiB random read 
 a thread per miss cost ~90 us of CPU a read (futex wake-ups, GIL hand-offs) against
 ~30 us retried on the loop, and ~44 us reading inline at queue depth 1. A read still
 missing after MAX_RETRIES ticks is waited for by a small pool of worker threads
-(os.preadv releases the GIL): the kernel may have declined to start it.
+(os.preadv releases the GIL): the kernel may have declined to start it. Where the server
+has an io_uring (uring.py: by default, and with --aio=io_uring), a miss goes to the ring
+instead of being parked: the kernel completes it and the loop hears of it through an
+eventfd, with neither retries nor threads.
 
 What keeps it safe:
 - A HostRead names a host cluster the mapping found. It stays that cluster's data only
@@ -19,10 +22,11 @@ What keeps it safe:
   (`may_mutate`), and while one waits no new read leaves the loop (it cannot starve).
 - Memory is bounded: at most MAX_OUT_BYTES of reads are out at once; past that a miss is
   read inline, blocking, as before. Each buffer belongs to its reply until sent.
-- `shutdown` waits for the reads still out before the images are closed.
+- `shutdown` waits for the reads still out (the ring's too) before the images are closed.
 """
 
 from ..block.plan import HostRead
+from .uring import open_ring
 from .workers import Workers
 
 WORKERS = 16
@@ -54,7 +58,8 @@ class _Export:
 
 
 class ReadPool:
-    def __init__(self, loop, workers: int = WORKERS, max_out_bytes: int = MAX_OUT_BYTES):
+    def __init__(self, loop, workers: int = WORKERS, max_out_bytes: int = MAX_OUT_BYTES,
+                 aio: str | None = None):
         self.loop = loop
         self.max_out_bytes = max_out_bytes
         self.out_bytes = 0
@@ -67,6 +72,9 @@ class ReadPool:
         self.timer = None
         self.polled = 0.0   # loop time of the last retry of the parked reads
         self.exports: dict[object, _Export] = {}
+        # --aio (serve_values.AIO_MODES): None is the default. RingUnavailable when
+        # io_uring was asked for and cannot be had.
+        self.ring = open_ring(loop, self._ring_done, aio)
 
     def _state(self, export) -> _Export:
         state = self.exports.get(export)
@@ -133,6 +141,9 @@ class ReadPool:
         if threaded:
             self._to_thread((missing, export, state, size, done))
             return False
+        if self.ring is not None and self.ring.read_all(
+                missing, [len(missing), None, export, state, size, done]):
+            return False
         self.parked.append([missing, export, state, size, done, 0])
         if self.timer is None:
             self.timer = self.loop.call_later(RETRY_S, self._tick)
@@ -183,6 +194,16 @@ class ReadPool:
         for (_missing, export, state, size, done, _n), error in finished:
             self._finish(export, state, size, done, error)
 
+    def _ring_done(self, job, error) -> None:
+        """One read of a job in the ring completed: [reads left, first error, export,
+        state, size, done]."""
+        job[0] -= 1
+        if job[1] is None:
+            job[1] = error
+        if not job[0]:
+            _n, error, export, state, size, done = job
+            self._finish(export, state, size, done, error)
+
     def _read_done(self, job, error) -> None:
         _missing, export, state, size, done = job
         self._finish(export, state, size, done, error)
@@ -211,6 +232,8 @@ class ReadPool:
     def shutdown(self) -> None:
         """Wait for every read still out (before the images close)."""
         self.closed = True
+        if self.ring is not None:
+            self.ring.close()   # the kernel writes into no buffer after this
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -17,12 +17,14 @@ import signal
 
 import uvloop
 
+from ..errors import QnbdError
 from ..export import Export
 from ..memory import tune_malloc
 from . import tls
 from .catalog import Catalog
 from .connection import Connection
 from .reads import ReadPool
+from .uring import RingUnavailable
 from .writes import WritePool
 from .listeners import listen
 from .pidfile import PidFile
@@ -53,7 +55,10 @@ class Server:
         self.served = 0
         self.stopping = False
         self.stopped = loop.create_future()
-        self.reads = ReadPool(loop)   # reads that miss the page cache (docs/DESIGN.md "I/O model")
+        try:   # reads that miss the page cache (docs/DESIGN.md "I/O model")
+            self.reads = ReadPool(loop, aio=config.aio)
+        except RingUnavailable as e:   # --aio=io_uring: at start-up, as qemu-nbd
+            raise QnbdError(f"Unable to use io_uring: {e}") from None
         self.writes = WritePool(loop)   # large writes (writes.py)
 
     def install_signals(self):
@@ -173,7 +178,12 @@ def serve(config, on_ready=None, services=()) -> int:
     tune_malloc()  # reply buffers are reused instead of page-faulted in per request
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    server = Server(config, loop)
+    try:
+        server = Server(config, loop)
+    except BaseException:
+        asyncio.set_event_loop(None)
+        loop.close()
+        raise
     pid_file = None
 
     async def run():
