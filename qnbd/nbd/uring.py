@@ -2,7 +2,8 @@
 "I/O model"; issue 17).
 
 ReadPool.fill (reads.py) reads each HostRead inline with preadv2(RWF_NOWAIT); what misses
-comes here. Each miss becomes a readv submission; the submissions of one loop turn go to
+comes here, and so do the reads after a miss, untried (reads.RING_RUN: the ring tries the
+page cache itself first). Each miss becomes a readv submission; the submissions of one loop turn go to
 the kernel in one io_uring_enter (a `call_soon` flush), the kernel performs them without
 a thread of ours (buffered reads wait for their pages inside the kernel), and each
 completion signals an eventfd that the loop watches, so the completions of a batch are
@@ -26,6 +27,7 @@ What keeps it safe:
   end of the file leaves zeros in the rest of its buffer, as the engines' reads do.
 """
 
+import errno
 import os
 
 # Submission queue entries: a loop turn rarely prepares more (clients x their queue
@@ -57,7 +59,15 @@ class Ring:
         self.finish = finish
         self.ring = lib.Ring()
         try:
-            lib.io_uring_queue_init(entries, self.ring)
+            try:
+                # Completions wait until _reap asks for them (io_uring_get_events) instead
+                # of interrupting the loop thread one by one; only this thread submits.
+                lib.io_uring_queue_init(entries, self.ring, lib.IORING_SETUP_DEFER_TASKRUN
+                                        | lib.IORING_SETUP_SINGLE_ISSUER)
+            except OSError as e:
+                if e.errno != errno.EINVAL:   # before Linux 6.1: no deferred task work
+                    raise
+                lib.io_uring_queue_init(entries, self.ring)
         except OSError as e:
             raise RingUnavailable("failed to init linux io_uring ring: "
                                   + os.strerror(e.errno)) from None
@@ -68,6 +78,7 @@ class Ring:
             self._teardown()
             raise RingUnavailable("failed to register the ring's eventfd: "
                                   + os.strerror(e.errno)) from None
+        self.deferred = bool(self.ring.flags & lib.IORING_SETUP_DEFER_TASKRUN)
         self.cqe = lib.Cqe()
         self.out: dict[int, tuple] = {}   # user_data -> (fd, view, offset, iovec, job)
         self.next_id = 0
@@ -97,8 +108,15 @@ class Ring:
         if sqe is None:   # the submission queue is full: hand it to the kernel first
             lib.io_uring_submit(self.ring)
             sqe = lib.io_uring_get_sqe(self.ring)
-        iov = lib.Iovec([view])
-        lib.io_uring_prep_readv(sqe, fd, iov, offset)
+        whole = view.obj
+        if view.nbytes == len(whole) and whole.__class__ is bytearray:
+            # A whole bytearray (the usual miss: nothing of it was cached) needs no
+            # iovec object: fewer allocations per read.
+            iov = None
+            lib.io_uring_prep_read(sqe, fd, whole, offset)
+        else:   # the binding takes only a bytearray for a plain read: a part goes by iovec
+            iov = lib.Iovec([view])
+            lib.io_uring_prep_readv(sqe, fd, iov, offset)
         ident = self.next_id = self.next_id + 1
         lib.io_uring_sqe_set_data64(sqe, ident)
         self.out[ident] = (fd, view, offset, iov, job)
@@ -130,6 +148,8 @@ class Ring:
         except BlockingIOError:
             pass
         continued = False
+        if self.deferred:
+            self.lib.io_uring_get_events(self.ring)
         for ident, result in self._completions():
             fd, view, offset, _iov, job = self.out.pop(ident)
             if result.__class__ is int:
