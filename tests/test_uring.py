@@ -321,3 +321,40 @@ def test_aio_native_needs_cache_direct_as_qemu_nbd(image):
         cold_reads(server, path, image[2], count=32)
     finally:
         assert server.stop() == (0, "")
+
+
+class _CountingFile(fileio.File):
+    tries = 0
+
+    def read_cached(self, view, offset):
+        self.tries += 1
+        return super().read_cached(view, offset)
+
+
+def test_after_a_miss_reads_go_to_the_ring_untried(disk_dir):
+    """A miss sends the next RING_RUN reads straight to the ring (the failed RWF_NOWAIT
+    try is what a cold read cost most); the one after is tried inline again."""
+    from qnbd.nbd.reads import RING_RUN
+
+    path = os.path.join(disk_dir, "f")
+    data = random.Random(6).randbytes(8 * MiB)
+    with open(path, "wb") as f:
+        f.write(data)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    f = _CountingFile(path, fd, False)
+    loop = asyncio.new_event_loop()
+    try:
+        pool = ReadPool(loop, workers=1)
+        evict(path)
+        offsets = random.Random(8).sample(range(0, 8 * MiB, 4096), RING_RUN + 2)
+        for n, offset in enumerate(offsets):
+            pieces = [HostRead(f, offset, 4096)]
+            assert _pool_fill(pool, pieces, loop) is None
+            assert pieces == [data[offset:offset + 4096]]
+            assert f.tries == (1 if n <= RING_RUN else 2), n
+        assert ring_completions(os.getpid()) >= RING_RUN
+        pool.shutdown()
+    finally:
+        loop.close()
+        f.close()
