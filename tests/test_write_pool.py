@@ -110,7 +110,7 @@ def test_flush_and_reads_wait_for_the_writes_before_them(image, loop, held_write
                         + request(p.CMD_FLUSH, 5))
         a.data_received(request(p.CMD_FLUSH, 2) + read_request(3, 2 * MiB + 4096, 8192))
         spin(loop, 0.2)
-        assert len(server.writes.exports[export].out) == 2
+        assert len(server.writes.gate.exports[export].out) == 2
         assert not a.transport.data and not b.transport.data
         assert not allocated(export, 1 * MiB, 2 * MiB)   # nothing mapped yet
         held_writes.set()
@@ -121,7 +121,7 @@ def test_flush_and_reads_wait_for_the_writes_before_them(image, loop, held_write
         assert all(e == 0 for _c, e, _d in got)
         assert got[2][2] == one[4096:4096 + 8192]
         assert [c for c, _e, _d in replies(b.transport.data, {})] == [4, 5]
-        assert not server.writes.exports and server.writes.out_bytes == 0
+        assert not server.writes.gate.exports and server.writes.out_bytes == 0
     finally:
         server.writes.shutdown()
         server.reads.shutdown()
@@ -154,7 +154,7 @@ def test_overlapping_writes_wait_and_disjoint_ones_do_not(image, loop, held_writ
         b.data_received(request(p.CMD_WRITE, 3, 200 * KiB, payload=over))
         model[200 * KiB:328 * KiB] = over
         spin(loop, 0.2)
-        state = server.writes.exports[export]
+        state = server.writes.gate.exports[export]
         assert len(state.out) == 2 and state.waiters
         assert len(b.transport.data) == 16 and not a.transport.data
         held_writes.set()
@@ -233,7 +233,7 @@ def test_write_waits_for_a_read_out_and_a_read_for_a_write_out(image, loop, monk
         b.data_received(request(p.CMD_WRITE, 2, 0, payload=new))
         spin(loop, 0.2)
         assert not a.transport.data and not b.transport.data
-        assert not server.writes.exports   # held before it was planned
+        assert not server.writes.gate.exports   # held before it was planned
         release_read.set()
         held_writes.set()
         wait(loop, lambda: a.transport.data and b.transport.data)
@@ -244,7 +244,7 @@ def test_write_waits_for_a_read_out_and_a_read_for_a_write_out(image, loop, monk
         newer = random.randbytes(THREAD_BYTES)
         b.data_received(request(p.CMD_WRITE, 3, 0, payload=newer))
         spin(loop, 0.1)
-        assert server.writes.exports[export].out
+        assert server.writes.gate.exports[export].out
         a.data_received(read_request(4, 4096, 4096))
         spin(loop, 0.2)
         assert len(a.transport.data) == 16 + THREAD_BYTES   # nothing more yet
@@ -375,10 +375,10 @@ def test_shutdown_waits_for_the_writes_out_and_commits_them(image, loop, held_wr
     try:
         a.data_received(request(p.CMD_WRITE, 1, 2 * MiB, payload=data))
         spin(loop, 0.1)
-        assert server.writes.exports and not allocated(export, 2 * MiB, len(data))
+        assert server.writes.gate.exports and not allocated(export, 2 * MiB, len(data))
         threading.Timer(0.2, held_writes.set).start()
         server.writes.shutdown()
-        assert not server.writes.exports and allocated(export, 2 * MiB, len(data))
+        assert not server.writes.gate.exports and allocated(export, 2 * MiB, len(data))
         assert not a.transport.data
     finally:
         held_writes.set()
