@@ -21,6 +21,7 @@ from nbdserver import RawClient, serve  # noqa: F401 (fixture)
 from peers import qemu_img, qemu_io, run
 from qnbd import fileio
 from qnbd.block.plan import HostWrite
+from qnbd.block.storage import Storage
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
 from qnbd.nbd.reads import THREAD_BYTES
@@ -423,3 +424,24 @@ def test_writes_never_wait_for_the_client_to_read(request, serve):  # noqa: F811
         c.request(p.CMD_READ, (4 + i) * MiB, MiB, cookie=200 + i)
         assert c.simple_reply() == (0, 200 + i) and c.recv(MiB) == bytes([i]) * MiB
     c.close()
+
+
+def test_storage_size_counts_a_write_only_while_it_is_out(tmp_path):
+    """While a planned write is out the file is as long as its end for everyone on the
+    loop (nothing allocates over it); once it failed, and no other is out, the file's
+    own size holds again."""
+    path = tmp_path / "f"
+    path.write_bytes(b"\1" * 4096)
+    storage = Storage(fileio.open_file(str(path), writable=True))
+    try:
+        storage.plan_opened()
+        storage.plan_opened()
+        storage.planned(8192, 4096)
+        storage.planned(16384, 4096)
+        assert storage.size() == 20480
+        storage.landed(False)      # the other is still out
+        assert storage.size() == 20480
+        storage.landed(False)
+        assert storage.size() == 4096
+    finally:
+        storage.file.close()

@@ -126,6 +126,7 @@ class ClusterWriter:
         allocated for it for release: they were never mapped."""
         plan = WritePlan()
         data = self.data
+        data.plan_opened()
         plan.on_commit(lambda: data.landed(True))
         plan.on_abort(lambda: data.landed(False))
         try:
