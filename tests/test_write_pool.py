@@ -132,6 +132,28 @@ def test_flush_and_reads_wait_for_the_writes_before_them(image, loop, held_write
     assert "verification failed" not in out
 
 
+def test_a_refused_request_waits_for_no_write_out(image, loop, held_writes):
+    """A READ past the end of the export is refused by its checks: it touches no data,
+    so its error comes back while the write before it is still out (a valid READ would
+    wait for it)."""
+    export = Export.open(ExportConfig(image=image, format="qcow2"))
+    (a,), server = pooled_connections(loop, export)
+    try:
+        a.data_received(request(p.CMD_WRITE, 1, 2 * MiB, payload=bytes(MiB))
+                        + read_request(2, 4 * MiB, 4096))
+        wait(loop, lambda: len(a.transport.data) == 16)
+        (cookie, error, _), = replies(a.transport.data, {})
+        assert (cookie, error) == (2, p.EINVAL)
+        assert server.writes.gate.exports[export].out   # the first is still out
+        held_writes.set()
+        wait(loop, lambda: len(a.transport.data) == 32)
+        assert [e for _c, e, _d in replies(a.transport.data, {})] == [p.EINVAL, 0]
+    finally:
+        server.writes.shutdown()
+        server.reads.shutdown()
+        export.close()
+
+
 def test_overlapping_writes_wait_and_disjoint_ones_do_not(image, loop, held_writes):
     """A WRITE touching a cluster of a write still out waits for it; one that touches
     none goes out beside it, or runs inline when small; the result is the requests' in
