@@ -60,8 +60,10 @@ class WritePool:
         return False
 
     def may_plan(self, export, length: int) -> bool:
-        """Whether a WRITE of `length` bytes on `export` goes to the pool (else inline)."""
-        if length < THREAD_BYTES or self.closed:
+        """Whether a WRITE of `length` bytes on `export` goes to the pool (else inline).
+        Not while a control command waits for no write out (`idle`): new writes leaving
+        the loop could keep it waiting for ever."""
+        if length < THREAD_BYTES or self.closed or self.idle_waiters:
             return False
         if self.out_bytes + length > self.max_out_bytes:
             return False
