@@ -1,6 +1,7 @@
 """Edges of the pooled write path (qnbd/nbd/writes.py) found by reviewing it: each test
 states the guarantee docs/DESIGN.md gives and failed on the code before its fix."""
 
+import errno
 import json
 import random
 import threading
@@ -10,7 +11,8 @@ import pytest
 
 from inprocess import pooled_connections
 from nbdserver import serve  # noqa: F401 (fixture)
-from peers import qemu_img, run
+from peers import qemu_img, qemu_io, run
+from qnbd import fileio
 from qnbd.block.plan import HostWrite
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
@@ -125,3 +127,37 @@ def test_a_write_of_the_advertised_maximum_size_succeeds(tmp_path, serve, cluste
     raw = tmp_path / "model.raw"
     raw.write_bytes(bytes(offset) + data + bytes(64 * MiB - offset - size))
     qemu_img("compare", "-f", "raw", "-F", "qcow2", str(raw), path)
+
+
+def test_a_failed_inline_write_leaks_no_cluster(tmp_path, loop, monkeypatch):  # noqa: F811
+    """A write small enough to run inline whose data write fails: the clusters allocated
+    for it were never mapped and are released (qemu-img check: no leak), as a failed
+    plan's are (qemu frees them too: qcow2_alloc_cluster_abort)."""
+    path = str(tmp_path / "img.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", path, "4M")
+    failing = [True]
+    real = fileio.File.pwritev
+
+    def pwritev(self, buffers, offset):
+        if failing[0] and self.path == path:
+            raise OSError(errno.EIO, "injected")
+        real(self, buffers, offset)
+
+    monkeypatch.setattr(fileio.File, "pwritev", pwritev)
+    export = Export.open(ExportConfig(image=path, format="qcow2"))
+    (a,), server = pooled_connections(loop, export)
+    try:
+        # 64 KiB, unaligned: sixteen new clusters and a seventeenth, partly written.
+        a.data_received(request(p.CMD_WRITE, 1, 1000, payload=b"\x77" * 64 * KiB))
+        wait(loop, lambda: len(a.transport.data) == 16)
+        failing[0] = False
+        a.data_received(request(p.CMD_FLUSH, 2))
+        wait(loop, lambda: len(a.transport.data) == 32)
+        assert [e for _c, e, _d in replies(a.transport.data, {})] == [p.EIO, 0]
+    finally:
+        server.writes.shutdown()
+        server.reads.shutdown()
+        export.close()
+    report = json.loads(qemu_img("check", "--output=json", path).stdout)
+    assert not report.get("leaks") and not report.get("corruptions")
+    assert "verification failed" not in qemu_io(path, "qcow2", "read -P 0 0 4M").stdout
