@@ -187,7 +187,7 @@ def test_pool_ring_fills_misses_with_zeros_past_the_end(disk_dir):
         assert _pool_fill(pool, pieces, loop) is None
         assert pieces == [b"hdr", data[4096:12288], data[64 * 1024:] + bytes(4096 - 100)]
         assert not pool.parked and not pool.threads.started and not pool.ring.out
-        assert pool.out_bytes == 0 and not pool.exports
+        assert pool.out_bytes == 0 and not pool.gate.exports
         # A ring read that stops at the end of the file zeroes the rest of its buffer.
         done = []
         view = memoryview(bytearray(b"\xff" * 4096))
@@ -219,7 +219,7 @@ def test_pool_ring_reports_eio_to_the_request():
         pool = ReadPool(loop, workers=1, aio="io_uring")
         error = _pool_fill(pool, [HostRead(f, 0, 4096)], loop)
         assert isinstance(error, OSError) and error.errno == errno.EIO
-        assert pool.out_bytes == 0 and not pool.exports and not pool.ring.out
+        assert pool.out_bytes == 0 and not pool.gate.exports and not pool.ring.out
         pool.shutdown()
     finally:
         loop.close()
