@@ -204,8 +204,10 @@ class Connection(asyncio.BufferedProtocol):
         session = event.session
         session.export.clients += 1
         log.info("%s: serving export %r", self.peer, session.export.name)
+        buffers = getattr(self.server, "buffers", None)
         self.tx = Transmission(session, self.server.config.max_request, self.peer,
-                               self.server.catalog.stats.get(session.export.name))
+                               self.server.catalog.stats.get(session.export.name),
+                               bytearray if buffers is None else buffers.take)
         writes = self.writes = getattr(self.server, "writes", None)
         if writes is not None:
             export = session.export

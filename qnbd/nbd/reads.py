@@ -18,11 +18,13 @@ What keeps it safe:
   a later write reuse it), so those wait while reads of their export are out
   (`may_mutate`), and while one waits no new read leaves the loop (it cannot starve).
 - Memory is bounded: at most MAX_OUT_BYTES of reads are out at once; past that a miss is
-  read inline, blocking, as before. Each buffer belongs to its reply until sent.
+  read inline, blocking, as before. Each buffer belongs to its reply until sent (and
+  is reused only once nothing refers to it: buffers.py).
 - `shutdown` waits for the reads still out before the images are closed.
 """
 
 from ..block.plan import HostRead
+from .buffers import Buffers
 from .workers import Workers
 
 WORKERS = 16
@@ -54,9 +56,11 @@ class _Export:
 
 
 class ReadPool:
-    def __init__(self, loop, workers: int = WORKERS, max_out_bytes: int = MAX_OUT_BYTES):
+    def __init__(self, loop, workers: int = WORKERS, max_out_bytes: int = MAX_OUT_BYTES,
+                 buffers: Buffers | None = None):
         self.loop = loop
         self.max_out_bytes = max_out_bytes
+        self.buffers = buffers if buffers is not None else Buffers()   # the replies' data
         self.out_bytes = 0
         self.threads = Workers(loop, workers, "read", _read_job, self._read_done)
         self.closed = False
@@ -107,7 +111,7 @@ class ReadPool:
                     data += bytes(piece.length - len(data))
                 pieces[i] = data
                 continue
-            buf = bytearray(piece.length)
+            buf = self.buffers.take(piece.length)   # filled whole below (zeros past EOF)
             view = memoryview(buf)
             pieces[i] = buf
             if big or file.direct:

@@ -20,6 +20,7 @@ import uvloop
 from ..export import Export
 from ..memory import tune_malloc
 from . import tls
+from .buffers import Buffers
 from .catalog import Catalog
 from .connection import Connection
 from .reads import ReadPool
@@ -53,7 +54,9 @@ class Server:
         self.served = 0
         self.stopping = False
         self.stopped = loop.create_future()
-        self.reads = ReadPool(loop)   # reads that miss the page cache (docs/DESIGN.md "I/O model")
+        self.buffers = Buffers()   # large READ replies' and WRITE payloads' (buffers.py)
+        # reads that miss the page cache (docs/DESIGN.md "I/O model")
+        self.reads = ReadPool(loop, buffers=self.buffers)
         self.writes = WritePool(loop)   # large writes (writes.py)
 
     def install_signals(self):
@@ -122,6 +125,8 @@ class Server:
             self._share_budget()
         elif conn in self.waiting:
             self.waiting.remove(conn)
+        if not self.active:
+            self.buffers.trim()   # nobody to reuse them for
         if not self.stopping and not self.config.persistent and self.served \
                 and not self.active and not self.waiting:
             # qemu-nbd without --persistent: exit once the last client has gone.
