@@ -41,9 +41,13 @@ MAX_RETRIES = 20
 POLL_GAP_S = 0.0002
 # A read this large goes to a worker thread at once, cached or not: copying it is work
 # enough to be worth a hand-off, and done there it runs beside the loop, on the other
-# core, while the loop sends replies (multi-connection copies, 1 MiB reads). So does
-# every read of an O_DIRECT file (there is no page cache to retry).
-THREAD_BYTES = 128 << 10
+# core, while the loop sends replies (1 MiB reads: 414 MiB/s threaded, 307 inline). So
+# does every read of an O_DIRECT file (there is no page cache to retry). Not 256 KiB
+# ones (nbdcopy's): the hand-off (a futex wake-up to post the job, one to return it)
+# costs about what their copy does, and a 4-connection copy leaves no core free for
+# the thread: 2246 us of server CPU per MiB inline against 3359 threaded (bench-cpu,
+# same rate; buffers branch, bench/RESULTS.md).
+THREAD_BYTES = 512 << 10
 
 
 class _Export:
