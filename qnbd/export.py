@@ -111,8 +111,11 @@ class Export:
         self.can_fast_zero = not self.read_only and device.supports_fast_zero
         self.can_multi_conn = self.shared != 1
         # Two writes may be out at once only when they touch no common unit of this
-        # size (a qcow2 cluster: they never allocate or map the same one).
-        self.write_unit = getattr(device, "cluster_size", 1)
+        # size: a qcow2 cluster (they never allocate or map the same one); a probed raw
+        # image's sector (rule 14 checks a write to the first one against all of it,
+        # so it must not run beside another write there).
+        self.write_unit = (getattr(device, "cluster_size", None)
+                           or getattr(device, "request_alignment", 1))
 
     @classmethod
     def open(cls, config: ExportConfig) -> "Export":

@@ -163,7 +163,7 @@ def test_pool_fills_misses_and_holds_writes_until_done():
         assert pieces == [b"hdr", bytearray(b"cdef"), bytearray(b"gh\0\0")]
         assert resumed == [(True, [bytearray(b"ab")])] and pool.may_mutate(export, None)
         loop.run_until_complete(asyncio.sleep(0))
-        assert not pool.exports
+        assert not pool.gate.exports
         assert pool.out_bytes == 0
         pool.shutdown()
     finally:

@@ -21,6 +21,7 @@ from nbdserver import RawClient, serve  # noqa: F401 (fixture)
 from peers import qemu_img, qemu_io, run
 from qnbd import fileio
 from qnbd.block.plan import HostWrite
+from qnbd.block.storage import Storage
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
 from qnbd.nbd.reads import THREAD_BYTES
@@ -110,7 +111,7 @@ def test_flush_and_reads_wait_for_the_writes_before_them(image, loop, held_write
                         + request(p.CMD_FLUSH, 5))
         a.data_received(request(p.CMD_FLUSH, 2) + read_request(3, 2 * MiB + 4096, 8192))
         spin(loop, 0.2)
-        assert len(server.writes.exports[export].out) == 2
+        assert len(server.writes.gate.exports[export].out) == 2
         assert not a.transport.data and not b.transport.data
         assert not allocated(export, 1 * MiB, 2 * MiB)   # nothing mapped yet
         held_writes.set()
@@ -121,7 +122,7 @@ def test_flush_and_reads_wait_for_the_writes_before_them(image, loop, held_write
         assert all(e == 0 for _c, e, _d in got)
         assert got[2][2] == one[4096:4096 + 8192]
         assert [c for c, _e, _d in replies(b.transport.data, {})] == [4, 5]
-        assert not server.writes.exports and server.writes.out_bytes == 0
+        assert not server.writes.gate.exports and server.writes.out_bytes == 0
     finally:
         server.writes.shutdown()
         server.reads.shutdown()
@@ -129,6 +130,28 @@ def test_flush_and_reads_wait_for_the_writes_before_them(image, loop, held_write
     qemu_img("check", image)
     out = qemu_io(image, "qcow2", "read -P 0x11 0 1M", "read -P 0 3M 1M").stdout
     assert "verification failed" not in out
+
+
+def test_a_refused_request_waits_for_no_write_out(image, loop, held_writes):
+    """A READ past the end of the export is refused by its checks: it touches no data,
+    so its error comes back while the write before it is still out (a valid READ would
+    wait for it)."""
+    export = Export.open(ExportConfig(image=image, format="qcow2"))
+    (a,), server = pooled_connections(loop, export)
+    try:
+        a.data_received(request(p.CMD_WRITE, 1, 2 * MiB, payload=bytes(MiB))
+                        + read_request(2, 4 * MiB, 4096))
+        wait(loop, lambda: len(a.transport.data) == 16)
+        (cookie, error, _), = replies(a.transport.data, {})
+        assert (cookie, error) == (2, p.EINVAL)
+        assert server.writes.gate.exports[export].out   # the first is still out
+        held_writes.set()
+        wait(loop, lambda: len(a.transport.data) == 32)
+        assert [e for _c, e, _d in replies(a.transport.data, {})] == [p.EINVAL, 0]
+    finally:
+        server.writes.shutdown()
+        server.reads.shutdown()
+        export.close()
 
 
 def test_overlapping_writes_wait_and_disjoint_ones_do_not(image, loop, held_writes):
@@ -154,7 +177,7 @@ def test_overlapping_writes_wait_and_disjoint_ones_do_not(image, loop, held_writ
         b.data_received(request(p.CMD_WRITE, 3, 200 * KiB, payload=over))
         model[200 * KiB:328 * KiB] = over
         spin(loop, 0.2)
-        state = server.writes.exports[export]
+        state = server.writes.gate.exports[export]
         assert len(state.out) == 2 and state.waiters
         assert len(b.transport.data) == 16 and not a.transport.data
         held_writes.set()
@@ -233,7 +256,7 @@ def test_write_waits_for_a_read_out_and_a_read_for_a_write_out(image, loop, monk
         b.data_received(request(p.CMD_WRITE, 2, 0, payload=new))
         spin(loop, 0.2)
         assert not a.transport.data and not b.transport.data
-        assert not server.writes.exports   # held before it was planned
+        assert not server.writes.gate.exports   # held before it was planned
         release_read.set()
         held_writes.set()
         wait(loop, lambda: a.transport.data and b.transport.data)
@@ -244,7 +267,7 @@ def test_write_waits_for_a_read_out_and_a_read_for_a_write_out(image, loop, monk
         newer = random.randbytes(THREAD_BYTES)
         b.data_received(request(p.CMD_WRITE, 3, 0, payload=newer))
         spin(loop, 0.1)
-        assert server.writes.exports[export].out
+        assert server.writes.gate.exports[export].out
         a.data_received(read_request(4, 4096, 4096))
         spin(loop, 0.2)
         assert len(a.transport.data) == 16 + THREAD_BYTES   # nothing more yet
@@ -375,10 +398,10 @@ def test_shutdown_waits_for_the_writes_out_and_commits_them(image, loop, held_wr
     try:
         a.data_received(request(p.CMD_WRITE, 1, 2 * MiB, payload=data))
         spin(loop, 0.1)
-        assert server.writes.exports and not allocated(export, 2 * MiB, len(data))
+        assert server.writes.gate.exports and not allocated(export, 2 * MiB, len(data))
         threading.Timer(0.2, held_writes.set).start()
         server.writes.shutdown()
-        assert not server.writes.exports and allocated(export, 2 * MiB, len(data))
+        assert not server.writes.gate.exports and allocated(export, 2 * MiB, len(data))
         assert not a.transport.data
     finally:
         held_writes.set()
@@ -423,3 +446,24 @@ def test_writes_never_wait_for_the_client_to_read(request, serve):  # noqa: F811
         c.request(p.CMD_READ, (4 + i) * MiB, MiB, cookie=200 + i)
         assert c.simple_reply() == (0, 200 + i) and c.recv(MiB) == bytes([i]) * MiB
     c.close()
+
+
+def test_storage_size_counts_a_write_only_while_it_is_out(tmp_path):
+    """While a planned write is out the file is as long as its end for everyone on the
+    loop (nothing allocates over it); once it failed, and no other is out, the file's
+    own size holds again."""
+    path = tmp_path / "f"
+    path.write_bytes(b"\1" * 4096)
+    storage = Storage(fileio.open_file(str(path), writable=True))
+    try:
+        storage.plan_opened()
+        storage.plan_opened()
+        storage.planned(8192, 4096)
+        storage.planned(16384, 4096)
+        assert storage.size() == 20480
+        storage.landed(False)      # the other is still out
+        assert storage.size() == 20480
+        storage.landed(False)
+        assert storage.size() == 4096
+    finally:
+        storage.file.close()

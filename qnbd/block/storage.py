@@ -47,8 +47,11 @@ class Storage:
         self._size: int | None = None
         # The end of the furthest write handed to another thread (`planned`): the file
         # is at least that long as far as anything on the loop is concerned, so that
-        # nothing truncates or "extends" over a write still out.
+        # nothing truncates or "extends" over a write still out. Only while plans that
+        # write here are out (`plans_out`): once none is, the file's own size holds
+        # (after a failed write it may be shorter).
         self._planned_end = 0
+        self._plans_out = 0
 
     # -- reads -------------------------------------------------------------------------
 
@@ -82,6 +85,10 @@ class Storage:
         if known is not None:
             self._size = max(known, offset + sum(memoryview(b).nbytes for b in buffers))
 
+    def plan_opened(self) -> None:
+        """A write plan that may write here (`planned`) was made; `landed` ends it."""
+        self._plans_out += 1
+
     def planned(self, offset: int, length: int) -> None:
         """A write of [offset, offset + length) that another thread performs
         (qnbd/block/plan.py): unsynced from now, as a failed write may land in part, and
@@ -97,6 +104,9 @@ class Storage:
         may have run while it was out and did not cover it; after a failure the size
         is asked of the file again."""
         self._unsynced = True
+        self._plans_out -= 1
+        if not self._plans_out:
+            self._planned_end = 0
         if not ok:
             self._size = None
 

@@ -25,7 +25,7 @@ What keeps it safe:
 
 from ..block.plan import HostRead
 from .buffers import Buffers
-from .workers import Workers
+from .workers import Gate, Held, Workers
 
 WORKERS = 16
 MAX_OUT_BYTES = 16 << 20
@@ -50,15 +50,6 @@ POLL_GAP_S = 0.0002
 THREAD_BYTES = 512 << 10
 
 
-class _Export:
-    __slots__ = ("out", "waiters", "draining")
-
-    def __init__(self):
-        self.out = 0           # replies with reads in the pool
-        self.waiters = []      # callables to run once `out` drops to 0
-        self.draining = False  # those run in this loop turn: no read may leave meanwhile
-
-
 class ReadPool:
     def __init__(self, loop, workers: int = WORKERS, max_out_bytes: int = MAX_OUT_BYTES,
                  buffers: Buffers | None = None):
@@ -74,18 +65,12 @@ class ReadPool:
         self.inline: set = set()
         self.timer = None
         self.polled = 0.0   # loop time of the last retry of the parked reads
-        self.exports: dict[object, _Export] = {}
-
-    def _state(self, export) -> _Export:
-        state = self.exports.get(export)
-        if state is None:
-            state = self.exports[export] = _Export()
-        return state
+        self.gate = Gate(loop, int)   # per export: how many replies have reads out
 
     def may_mutate(self, export, resume) -> bool:
         """Whether a write, zero or discard may run on `export` now; if not, `resume` is
         called once the reads out on it have completed."""
-        state = self.exports.get(export)
+        state = self.gate.get(export)
         if state is None or not state.out:
             return True
         state.waiters.append(resume)
@@ -129,13 +114,13 @@ class ReadPool:
                 size += len(buf) - got
         if not missing:
             return True
-        state = self._state(export)
-        if (self.closed or state.waiters or state.draining
+        if (self.closed or not self.gate.open(export)
                 or self.out_bytes + size > self.max_out_bytes):
             # Blocking, as before the pool: memory stays bounded, a waiting write runs.
             for file, view, offset in missing:
                 file.preadinto(view, offset)
             return True
+        state = self.gate.held(export)
         state.out += 1
         self.out_bytes += size
         if threaded:
@@ -195,26 +180,11 @@ class ReadPool:
         _missing, export, state, size, done = job
         self._finish(export, state, size, done, error)
 
-    def _finish(self, export, state: _Export, size: int, done, error) -> None:
+    def _finish(self, export, state: Held, size: int, done, error) -> None:
         self.out_bytes -= size
         state.out -= 1
-        if not state.out:
-            waiters, state.waiters = state.waiters, []
-            if waiters:
-                # The held writes run in callbacks queued now (resume); until the
-                # one queued after them, reads stay on the loop: none overtakes them.
-                state.draining = True
-                for resume in waiters:
-                    resume()
-                self.loop.call_soon(self._drained, export, state)
-            elif self.exports.get(export) is state:
-                del self.exports[export]
+        self.gate.settle(export, state)
         done(error)
-
-    def _drained(self, export, state: _Export) -> None:
-        state.draining = False
-        if not state.out and not state.waiters and self.exports.get(export) is state:
-            del self.exports[export]
 
     def shutdown(self) -> None:
         """Wait for every read still out (before the images close)."""

@@ -189,14 +189,15 @@ class Transmission:
             req = self.parser.pop()
             if req is None:
                 return None
-        if (self.may_run is not None and not self.may_run(req)) or (
+        err, msg = check(self.session, self.allowed, self.export.size, req, self.max_request)
+        # A request refused by its checks touches no data: it waits for no I/O out.
+        if not err and ((self.may_run is not None and not self.may_run(req)) or (
                 req.cmd in _WRITES and self.may_mutate is not None
-                and not self.may_mutate()):
+                and not self.may_mutate())):
             self.held = req
             return None
         self.held = None
         start = perf_counter_ns()
-        err, msg = check(self.session, self.allowed, self.export.size, req, self.max_request)
         if err:
             out = self._error(req, err, msg)
         else:

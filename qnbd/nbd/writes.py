@@ -25,7 +25,7 @@ What keeps it as safe as writing inline:
 """
 
 from . import protocol as p
-from .workers import Workers
+from .workers import Gate, Held, Workers
 
 # One thread: the kernel runs buffered writes to one file one at a time (the inode's
 # lock): on tmpfs a second thread only spun on that lock (perf: rwsem_spin_on_owner)
@@ -37,15 +37,6 @@ MAX_OUT_BYTES = 32 << 20
 PLAN_BYTES = 128 << 10
 
 
-class _Export:
-    __slots__ = ("out", "waiters", "draining")
-
-    def __init__(self):
-        self.out: dict = {}    # plan -> (first unit, end unit) of the guest range
-        self.waiters = []      # callables to run once `out` is empty
-        self.draining = False  # those run in this loop turn: no write may leave meanwhile
-
-
 class WritePool:
     def __init__(self, loop, workers: int = WORKERS, max_out_bytes: int = MAX_OUT_BYTES):
         self.loop = loop
@@ -53,13 +44,13 @@ class WritePool:
         self.out_bytes = 0
         self.threads = Workers(loop, workers, "write", _write_job, self._written)
         self.closed = False
-        self.exports: dict[object, _Export] = {}
+        self.gate = Gate(loop, dict)   # per export: plan -> (first, end unit) it writes
         self.idle_waiters: list = []   # control commands waiting for no write out at all
 
     def may_run(self, export, req, resume) -> bool:
         """Whether `req` may run on `export` now; if not, `resume` is called once the
         writes it must not overtake have completed."""
-        state = self.exports.get(export)
+        state = self.gate.get(export)
         if state is None or not state.out:
             return True
         if req.cmd == p.CMD_WRITE and not state.waiters:
@@ -71,18 +62,19 @@ class WritePool:
         return False
 
     def may_plan(self, export, length: int) -> bool:
-        """Whether a WRITE of `length` bytes on `export` goes to the pool (else inline)."""
-        if length < PLAN_BYTES or self.closed:
+        """Whether a WRITE of `length` bytes on `export` goes to the pool (else inline).
+        Not while a control command waits for no write out (`idle`): new writes leaving
+        the loop could keep it waiting for ever."""
+        if length < PLAN_BYTES or self.closed or self.idle_waiters:
             return False
         if self.out_bytes + length > self.max_out_bytes:
             return False
-        state = self.exports.get(export)
-        return state is None or not (state.waiters or state.draining)
+        return self.gate.open(export)
 
     def idle(self, resume) -> bool:
         """Whether no write is out on any export; if some are, `resume` is called once
         none is (control socket commands: a checkpoint must see every earlier write)."""
-        if not any(state.out for state in self.exports.values()):
+        if not self.gate.busy():
             return True
         self.idle_waiters.append(resume)
         return False
@@ -90,9 +82,7 @@ class WritePool:
     def submit(self, export, req, plan, done) -> None:
         """Perform `plan` (the WRITE `req`'s) in a worker thread, then commit it on the
         loop (abort it if a HostWrite failed) and call `done(error)`."""
-        state = self.exports.get(export)
-        if state is None:
-            state = self.exports[export] = _Export()
+        state = self.gate.held(export)
         unit = export.write_unit
         state.out[plan] = (req.offset // unit, -(-(req.offset + req.length) // unit))
         self.out_bytes += req.length
@@ -101,7 +91,7 @@ class WritePool:
     def _written(self, job, error) -> None:
         self._finish(*job, error)
 
-    def _finish(self, plan, export, state: _Export, size: int, done, error,
+    def _finish(self, plan, export, state: Held, size: int, done, error,
                 answer: bool = True) -> None:
         if error is None:
             try:
@@ -114,26 +104,11 @@ class WritePool:
         del state.out[plan]
         if answer:
             done(error)   # its reply is queued before what waited for it runs
-        if not state.out:
-            waiters, state.waiters = state.waiters, []
-            if waiters:
-                # The held requests run in callbacks queued now (resume); until the one
-                # queued after them, writes stay on the loop: none overtakes them.
-                state.draining = True
-                for resume in waiters:
-                    resume()
-                self.loop.call_soon(self._drained, export, state)
-            else:
-                del self.exports[export]
+        if self.gate.settle(export, state):
             self._resume_idle()
 
-    def _drained(self, export, state: _Export) -> None:
-        state.draining = False
-        if not state.out and not state.waiters and self.exports.get(export) is state:
-            del self.exports[export]
-
     def _resume_idle(self) -> None:
-        if self.idle_waiters and not any(state.out for state in self.exports.values()):
+        if self.idle_waiters and not self.gate.busy():
             idle, self.idle_waiters = self.idle_waiters, []
             for resume in idle:
                 resume()

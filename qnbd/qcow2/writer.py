@@ -126,6 +126,7 @@ class ClusterWriter:
         allocated for it for release: they were never mapped."""
         plan = WritePlan()
         data = self.data
+        data.plan_opened()
         plan.on_commit(lambda: data.landed(True))
         plan.on_abort(lambda: data.landed(False))
         try:
@@ -156,47 +157,57 @@ class ClusterWriter:
         updates = []
         dropped = []  # (entry, kind) whose reference goes once the entries change
         fresh: list[int] = []  # clusters allocated ahead, as one run, for what follows
+        taken: list[int] = []  # of those, the ones an inline write has put data in
         done = 0
-        while done < len(data):
-            guest = pos + done
-            in_cluster = guest & (cs - 1)
-            n = min(cs - in_cluster, len(data) - done)
-            chunk = data[done:done + n]
-            entry = table[i]
-            kind = classify(entry, version, external)
-            host = entry & L2E_OFFSET_MASK
-            if host & (cs - 1) and kind in (DATA, ZERO):
-                self.mapper.bad_entry(entry)  # never write (or free) at an unaligned offset
-            if external and kind == DATA and host != guest - in_cluster:
-                self.mapper.bad_entry(entry, "a data file offset other than its guest offset")
-            if kind == DATA and entry & OFLAG_COPIED:
-                writes.add(host + in_cluster, chunk)
-            else:
-                if external:
-                    host = guest - in_cluster  # qcow2.rst: host offset = guest offset
-                elif not _owned(entry, kind):
-                    if not fresh:
-                        fresh = self._allocate_run(table, i, last)
-                    host = fresh.pop()
-                    dropped.append((entry, kind))
-                    if plan is not None:
-                        plan.on_abort(functools.partial(self.queue_release, host, cs))
-                if n == cs:
-                    writes.add(host, chunk)
-                elif self._reads_zero_before_write(kind) and self._past_eof(writes, host):
-                    # Past the end of the file the cluster already reads as zeros: extend
-                    # the file instead of writing the zeros around the data (as QEMU skips
-                    # a copy-on-write from nothing).
-                    self.data.truncate(host + cs)
+        try:
+            while done < len(data):
+                guest = pos + done
+                in_cluster = guest & (cs - 1)
+                n = min(cs - in_cluster, len(data) - done)
+                chunk = data[done:done + n]
+                entry = table[i]
+                kind = classify(entry, version, external)
+                host = entry & L2E_OFFSET_MASK
+                if host & (cs - 1) and kind in (DATA, ZERO):
+                    self.mapper.bad_entry(entry)  # never write (or free) at an unaligned offset
+                if external and kind == DATA and host != guest - in_cluster:
+                    self.mapper.bad_entry(entry, "a data file offset other than its guest offset")
+                if kind == DATA and entry & OFLAG_COPIED:
                     writes.add(host + in_cluster, chunk)
                 else:
-                    content = self.mapper.cluster_content(entry, kind, guest - in_cluster)
-                    content[in_cluster:in_cluster + n] = chunk
-                    writes.add(host, content)
-                updates.append((i, host | OFLAG_COPIED))
-            done += n
-            i += 1
-        writes.flush()
+                    if external:
+                        host = guest - in_cluster  # qcow2.rst: host offset = guest offset
+                    elif not _owned(entry, kind):
+                        if not fresh:
+                            fresh = self._allocate_run(table, i, last)
+                        host = fresh.pop()
+                        dropped.append((entry, kind))
+                        if plan is None:
+                            taken.append(host)
+                        else:
+                            plan.on_abort(functools.partial(self.queue_release, host, cs))
+                    if n == cs:
+                        writes.add(host, chunk)
+                    elif self._reads_zero_before_write(kind) and self._past_eof(writes, host):
+                        # Past the end of the file the cluster already reads as zeros: extend
+                        # the file instead of writing the zeros around the data (as QEMU skips
+                        # a copy-on-write from nothing).
+                        self.data.truncate(host + cs)
+                        writes.add(host + in_cluster, chunk)
+                    else:
+                        content = self.mapper.cluster_content(entry, kind, guest - in_cluster)
+                        content[in_cluster:in_cluster + n] = chunk
+                        writes.add(host, content)
+                    updates.append((i, host | OFLAG_COPIED))
+                done += n
+                i += 1
+            writes.flush()
+        except BaseException:
+            # Never mapped: queued for release with no wait for an unmapping (rule 3);
+            # a plan's abort queues the ones it took (on_abort above).
+            for host in fresh + taken:
+                self.queue_release(host, cs)
+            raise
         self._install(table_offset, updates, dropped, plan)
 
     def _install(self, table_offset: int, updates: list, dropped: list,
