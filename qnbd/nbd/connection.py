@@ -259,6 +259,10 @@ class Connection(asyncio.BufferedProtocol):
     def _idle_check(self):
         idle = self.server.config.idle_timeout
         quiet = self.server.loop.time() - self.active_at
+        if self.pending or (self.tx is not None and self.tx.held is not None):
+            # The client waits for us (replies with I/O out, a request held behind
+            # another connection's): it is not idle.
+            self.active_at, quiet = self.server.loop.time(), 0
         if quiet >= idle:
             log.info("%s: idle for %ss, disconnecting", self.peer, idle)
             self.abort()
