@@ -43,6 +43,18 @@ def test_a_buffer_still_referred_to_is_never_handed_out_again():
     assert pool.taken == 4
 
 
+def test_buffers_a_stalled_client_holds_do_not_stop_reuse_of_the_others():
+    """Eight buffers still queued for a client that stopped reading must not keep the
+    others from reuse (the review of the pool: a busy buffer stayed in front of the
+    idle ones, and the scan looked at the first eight only: 0 of 100 reused)."""
+    pool = Buffers()
+    stalled = [pool.take(MiB) for _ in range(8)]   # its unread 1 MiB replies
+    for _ in range(100):   # another client's 1 MiB requests, one at a time
+        pool.take(MiB)
+    assert len(stalled) == 8
+    assert pool.reused >= 95, (pool.reused, pool.kept)
+
+
 def test_pool_keeps_a_bounded_amount():
     pool = Buffers(keep_bytes=8 * MiB)
     held = [pool.take(MiB) for _ in range(20)]   # all in use at once

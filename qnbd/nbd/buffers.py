@@ -24,6 +24,7 @@ what the caller accepted (the request size limit). `trim` drops them all when th
 has no client left.
 """
 
+import collections
 import sys
 
 # Shorter buffers are allocated per request: malloc's free lists serve them without
@@ -32,18 +33,15 @@ MIN_BYTES = 128 << 10
 # The most the pool keeps, in use or free: what the read pool and the write pool may
 # have out at once (reads.py, writes.py MAX_OUT_BYTES), for either direction's size.
 KEEP_BYTES = 32 << 20
-# Buffers of one length looked at per take, oldest taken first: the earliest taken are
-# the likeliest to be done with; past a few busy ones the rest are busier still.
-SCAN = 8
 
 
-def _refs(bufs: list, i: int) -> int:
+def _refs(bufs, i: int) -> int:
     return sys.getrefcount(bufs[i])
 
 
 # The count `_refs` sees for a buffer that only a pool's list holds (measured, not
 # assumed: what the interpreter counts for its arguments varies between versions).
-IDLE_REFS = _refs([bytearray(1)], 0)
+IDLE_REFS = _refs(collections.deque([bytearray(1)]), 0)
 
 
 class Buffers:
@@ -52,7 +50,7 @@ class Buffers:
     def __init__(self, keep_bytes: int = KEEP_BYTES):
         self.keep_bytes = keep_bytes
         self.kept = 0                            # bytes of the buffers below
-        self.sizes: dict[int, list[bytearray]] = {}   # by length, least recently taken first
+        self.sizes: dict[int, collections.deque] = {}   # by length, least recently looked at first
         self.taken = 0                           # buffers of MIN_BYTES or more handed out
         self.reused = 0                          # of which the pool already had
 
@@ -64,17 +62,20 @@ class Buffers:
         self.taken += 1
         bufs = self.sizes.get(length)
         if bufs is not None:
-            for i in range(min(SCAN, len(bufs))):
-                if _refs(bufs, i) == IDLE_REFS:
-                    buf = bufs.pop(i)
-                    bufs.append(buf)
+            # Least recently looked at first (the earliest taken are the likeliest to be
+            # done with); each one looked at goes to the back, so the ones a stalled
+            # client still holds are passed over once a take. At most KEEP_BYTES / MIN_BYTES.
+            for _ in range(len(bufs)):
+                idle = _refs(bufs, 0) == IDLE_REFS
+                bufs.rotate(-1)
+                if idle:
                     self.reused += 1
-                    return buf
+                    return bufs[-1]
         buf = bytearray(length)
         if self.kept + length > self.keep_bytes and not self._make_room(length):
             return buf   # the pool is full of buffers in use: this one is the request's
         if bufs is None:
-            bufs = self.sizes[length] = []
+            bufs = self.sizes[length] = collections.deque()
         bufs.append(buf)
         self.kept += length
         return buf
