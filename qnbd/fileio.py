@@ -85,23 +85,27 @@ class File:
         return b"".join(parts)
 
     def preadinto(self, buf, offset: int) -> int:
-        """Fill `buf` (a writable buffer) from `offset`; returns bytes read (short at EOF)."""
+        """Fill `buf` (a writable buffer) from `offset`; returns bytes read (short at EOF,
+        past which `buf` is zeroed: it may be a reused one, qnbd/nbd/buffers.py)."""
         view = memoryview(buf)
         if self.direct:
-            return direct_io.read(self.fd, view, offset)
-        total = 0
-        while total < len(view):
-            n = os.preadv(self.fd, [view[total:]], offset + total)
-            if n == 0:
-                break
-            total += n
+            total = direct_io.read(self.fd, view, offset)
+        else:
+            total = 0
+            while total < len(view):
+                n = os.preadv(self.fd, [view[total:]], offset + total)
+                if n == 0:
+                    break
+                total += n
+        if total < len(view):
+            view[total:] = bytes(len(view) - total)
         return total
 
     def read_cached(self, view: memoryview, offset: int) -> tuple[int, bool]:
         """Fill `view` from the page cache without waiting for the disk (preadv2 with
         RWF_NOWAIT; docs/DESIGN.md, "I/O model"): (bytes read, complete). Incomplete
         means the rest would block: finish it with preadinto(view[got:], offset + got),
-        in a worker thread. Complete and short means end of file. Where the file system
+        in a worker thread. Complete and short means end of file (the rest is zeroed). Where the file system
         cannot tell (EOPNOTSUPP, EINVAL, or no RWF_NOWAIT at all) the read is done here,
         blocking, as before, and every later one too."""
         if self.direct:
@@ -118,7 +122,8 @@ class File:
                     raise
                 self.nowait = False
                 break
-            if n == 0:
+            if n == 0:   # the end of the file: zeros, as preadinto gives
+                view[total:] = bytes(size - total)
                 return total, True
             total += n
         if total < size:

@@ -90,10 +90,11 @@ def record_driven(shape, directory, monkeypatch, drive):
 
 
 def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False,
-              outcomes=(), pooled: random.Random | None = None):
+              outcomes=(), pooled: random.Random | None = None, failing: float = 0.0):
     """record_driven on an image already made (opening it may itself write: a repair).
     outcomes: what a snapshot operation may leave (Context.outcomes). pooled: WRITEs go
-    through write plans as the server's WritePool runs them (_PooledWrites)."""
+    through write plans as the server's WritePool runs them (_PooledWrites), `failing`
+    of them failing part-way (aborted)."""
     fmt = probe(image)
     start = converted(image, fmt, directory)
     state = {"flushed": bytes(start), "touched": bytearray(len(start) // SECTOR + 1),
@@ -114,11 +115,20 @@ def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False,
     dev = open_image(image, fmt, read_only=False)
     model = Model(start, discard_unit(dev), discard_keeps=discard_keeps)
     done = []
-    out = _PooledWrites(dev, model, pooled) if pooled else None
 
     def touch(off, n):
         first, last = off // SECTOR, (off + n - 1) // SECTOR
         state["touched"][first:last + 1] = b"\1" * (last - first + 1)
+
+    def flushed(still_out):
+        """A flush ran: the model holds what was committed; writes still out stay
+        "touched"."""
+        state["flushed"] = bytes(model.data)
+        state["touched"] = bytearray(len(start) // SECTOR + 1)
+        for _k, o, m, _p in still_out:
+            touch(o, m)
+
+    out = _PooledWrites(dev, model, pooled, failing, flushed) if pooled else None
 
     def do(op):
         kind, off, n, pattern = op
@@ -129,16 +139,13 @@ def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False,
         done.append(op)
         if kind != "flush":
             touch(off, n)
-        if out is not None and kind == "write" and not fua:
-            out.plan(op)
+        # A small FUA write runs inline beside the writes out, as the server lets it.
+        if out is not None and kind == "write" and not (fua and n <= INLINE_FUA):
+            out.plan(op, fua)
             return
         apply_ops(dev, model, [op])
         if kind == "flush" or fua:
-            # The model holds what was committed; writes still out stay "touched".
-            state["flushed"] = bytes(model.data)
-            state["touched"] = bytearray(len(start) // SECTOR + 1)
-            for _plan, (_k, o, m, _p) in out.plans if out else ():
-                touch(o, m)
+            flushed([op for _plan, op in out.plans] if out else ())
 
     try:
         drive(dev, do)
@@ -152,18 +159,27 @@ def record_on(image: str, directory, monkeypatch, drive, discard_keeps=False,
     return image, intervals
 
 
+# FUA writes up to this size run inline in the pooled workloads; larger ones are planned.
+INLINE_FUA = 4096
+
+
 class _PooledWrites:
     """WRITEs as the server runs them with its WritePool (qnbd/nbd/writes.py): each one
     planned on arrival (write_plan), while it touches no cluster of a write still out;
     then the HostWrites of all those out performed in a random order, interleaved, and
-    the plans committed in a random order. Meanwhile a FUA write touching none of their
-    clusters runs inline, flush included, as the server lets a small one do; anything
-    else first waits for every write out (settle)."""
+    the plans committed in a random order (a FUA plan's commit flushes: `flushed`).
+    `failing` of them fail after a random number of their HostWrites landed and are
+    aborted, as the pool does on an EIO: nothing mapped, their new clusters queued for
+    release, the range as it reads now. Meanwhile a FUA write touching none of their clusters runs inline, flush
+    included, as the server lets a small one do; anything else first waits for every
+    write out (settle)."""
 
-    def __init__(self, dev, model, rng: random.Random):
+    def __init__(self, dev, model, rng: random.Random, failing: float, flushed):
         self.dev = dev
         self.model = model
         self.rng = rng
+        self.failing = failing
+        self.flushed = flushed
         self.cs = dev.cluster_size
         self.plans: list = []   # (plan, op)
 
@@ -175,21 +191,42 @@ class _PooledWrites:
         return all(end <= o // self.cs or -(-(o + m) // self.cs) <= first
                    for _plan, (_k, o, m, _p) in self.plans)
 
-    def plan(self, op) -> None:
+    def plan(self, op, fua: bool) -> None:
         _kind, off, n, pattern = op
         buf = bytes([pattern]) * n
-        self.plans.append((self.dev.write_plan(off, buf, False), op))
+        self.plans.append((self.dev.write_plan(off, buf, fua), op))
 
     def settle(self) -> None:
-        writes = [w for plan, _op in self.plans for w in plan.writes]
+        failed = set()
+        writes = []
+        for plan, _op in self.plans:
+            landed = plan.writes
+            if self.failing and self.rng.random() < self.failing:
+                failed.add(id(plan))
+                landed = landed[:self.rng.randrange(len(landed) + 1)]
+            writes += landed
         self.rng.shuffle(writes)
         for w in writes:
             w.perform()
-        plans, self.plans = self.plans, []
-        self.rng.shuffle(plans)
-        for plan, (_kind, off, n, pattern) in plans:
+        self.rng.shuffle(self.plans)
+        while self.plans:
+            plan, op = self.plans.pop(0)
+            _kind, off, n, pattern = op
+            if id(plan) in failed:
+                plan.abort()
+                # NBD leaves a failed write's range unspecified: what landed in clusters
+                # it rewrote in place shows; new ones were never mapped, so every byte
+                # reads as before or as written, never anything else.
+                got = bytes(self.dev.read(off, n))
+                old = self.model.data[off:off + n]
+                assert all(g in (o, pattern) for g, o in zip(got, old)), \
+                    f"an aborted {op} left bytes that are neither old nor its own"
+                self.model.write(off, got)
+                continue
             plan.commit()
             self.model.write(off, bytes([pattern]) * n)
+            if pattern % 17 == 0:   # FUA (apply_ops): its commit flushed
+                self.flushed([op for _plan, op in self.plans])
 
 
 # The two workers of enumerate_crashes are threads of this process. A repair opens an image
@@ -478,8 +515,9 @@ def data_file_resize_scenario(raw: bool):
 
 
 def pooled_ops(rng: random.Random, size: int, count: int) -> list:
-    """Runs of writes (a few sectors to several clusters; one in five FUA) with a zero,
-    discard or flush now and then: many writes out together, and FUA flushes among them."""
+    """Runs of writes (a few sectors to several clusters; one in five FUA and small, run
+    inline, one in seven FUA and planned) with a zero, discard or flush now and then:
+    many writes out together, and FUA flushes among them."""
     ops = []
     for i in range(count):
         kind = rng.choice(["write"] * 8 + ["zero", "discard", "flush"])
@@ -491,7 +529,10 @@ def pooled_ops(rng: random.Random, size: int, count: int) -> list:
         if i % 5 == 4 and kind == "write":
             # FUA (apply_ops: a multiple of 17), small enough to run inline beside the
             # writes out.
-            pattern, n = 17 * rng.randrange(1, 15), min(n, 4096)
+            pattern, n = 17 * rng.randrange(1, 15), min(n, INLINE_FUA)
+        elif i % 7 == 6 and kind == "write":
+            # FUA and planned: its commit flushes while other plans are out.
+            pattern, n = 17 * rng.randrange(1, 15), max(n, INLINE_FUA + 1)
         elif pattern % 17 == 0:
             pattern -= 1
         ops.append((kind, off, max(1, min(n, size - off)), pattern))
@@ -513,7 +554,7 @@ def pooled_scenario(shape: Shape, span: int, seed: int, count: int):
         ops = pooled_ops(random.Random(seed), span, count)
         return record_on(shape.build(directory), directory, monkeypatch,
                          lambda dev, do: [do(op) for op in ops],
-                         pooled=random.Random(seed))
+                         pooled=random.Random(seed), failing=0.25)
     return scenario
 
 

@@ -128,15 +128,19 @@ class RecordingTransport:
     def close(self):
         self.closed = True
 
+    def abort(self):
+        self.closed = True
 
-def pooled_connections(loop, export: Export, count: int = 1, structured: bool = False):
+
+def pooled_connections(loop, export: Export, count: int = 1, structured: bool = False,
+                       idle_timeout: float = 0.0):
     """`count` Connections in transmission phase on `export`, wired to a ReadPool and a
     WritePool on the real event loop `loop`, as the server wires them; returns the
     connections (each `.transport.data` holds its replies) and the server namespace."""
     from qnbd.nbd.reads import ReadPool
     from qnbd.nbd.writes import WritePool
 
-    config = ServerConfig(exports=[], listeners=[])
+    config = ServerConfig(exports=[], listeners=[], idle_timeout=idle_timeout)
     server = types.SimpleNamespace(loop=loop, config=config, reads=ReadPool(loop),
                                    writes=WritePool(loop),
                                    catalog=types.SimpleNamespace(stats={}))

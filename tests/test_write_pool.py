@@ -25,7 +25,7 @@ from qnbd.block.storage import Storage
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
 from qnbd.nbd.reads import THREAD_BYTES
-from qnbd.nbd.writes import WritePool
+from qnbd.nbd.writes import PLAN_BYTES, WritePool
 
 KiB = 1024
 MiB = 1 << 20
@@ -285,10 +285,10 @@ def test_write_waits_for_a_read_out_and_a_read_for_a_write_out(image, loop, monk
 def test_pool_bounds_the_bytes_out_and_small_writes_stay_inline():
     pool = WritePool(None, max_out_bytes=MiB)
     export = object()
-    assert not pool.may_plan(export, THREAD_BYTES - 1)
-    assert pool.may_plan(export, THREAD_BYTES) and pool.may_plan(export, MiB)
-    pool.out_bytes = MiB - THREAD_BYTES + 1
-    assert not pool.may_plan(export, THREAD_BYTES)
+    assert not pool.may_plan(export, PLAN_BYTES - 1)
+    assert pool.may_plan(export, PLAN_BYTES) and pool.may_plan(export, MiB)
+    pool.out_bytes = MiB - PLAN_BYTES + 1
+    assert not pool.may_plan(export, PLAN_BYTES)
 
 
 def _stripes(conn_index: int, count: int, size: int, stripe: int):
@@ -418,7 +418,7 @@ def test_writes_never_wait_for_the_client_to_read(request, serve):  # noqa: F811
     (legal: NBD replies may be read at any time) gets every reply. A write that waited
     for the client to take earlier replies (as the reverted zero-copy replies did, to
     keep spliced pages unchanged) deadlocks here: the server stops reading, the client
-    stops in send. The writes go through the pool (1 MiB >= THREAD_BYTES). The image is
+    stops in send. The writes go through the pool (1 MiB >= PLAN_BYTES). The image is
     on tmpfs where there is one: that design spliced only memory-backed files."""
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     work = tempfile.TemporaryDirectory(dir=shm)

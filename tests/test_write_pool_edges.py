@@ -161,3 +161,26 @@ def test_a_failed_inline_write_leaks_no_cluster(tmp_path, loop, monkeypatch):  #
     report = json.loads(qemu_img("check", "--output=json", path).stdout)
     assert not report.get("leaks") and not report.get("corruptions")
     assert "verification failed" not in qemu_io(path, "qcow2", "read -P 0 0 4M").stdout
+
+
+def test_a_client_waiting_for_a_write_out_is_not_idle(tmp_path, loop, held_by_offset):  # noqa: F811
+    """--idle-timeout drops clients that do nothing; one waiting for the reply to a
+    write still out (a slow disk) is not doing nothing."""
+    path = str(tmp_path / "disk.raw")
+    qemu_img("create", "-q", "-f", "raw", path, "4M")
+    export = Export.open(ExportConfig(image=path, format="raw"))
+    (a,), server = pooled_connections(loop, export, idle_timeout=0.2)
+    try:
+        a.data_received(request(p.CMD_WRITE, 1, MiB, payload=b"\x55" * 256 * KiB))
+        spin(loop, 0.6)
+        held_by_offset(MiB).set()
+        wait(loop, lambda: len(a.transport.data) == 16)
+        assert not a.transport.closed
+        assert replies(a.transport.data, {}) == [(1, 0, b"")]
+        spin(loop, 0.5)
+        assert a.transport.closed   # idle once answered
+    finally:
+        held_by_offset(MiB).set()
+        server.writes.shutdown()
+        server.reads.shutdown()
+        export.close()

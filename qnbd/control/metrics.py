@@ -41,7 +41,14 @@ def snapshot(server) -> dict:
         entry["clients"] = export.clients
         entry["table_caches"] = table_caches(export)
         out[export.name] = entry
-    return {"exports": out, "connections": len(server.active)}
+    return {"exports": out, "connections": len(server.active), "buffers": buffers(server)}
+
+
+def buffers(server) -> dict[str, int]:
+    """The payload buffer pool's counts (qnbd/nbd/buffers.py): buffers handed out,
+    of which reused, and the bytes it keeps."""
+    pool = server.buffers
+    return {"taken": pool.taken, "reused": pool.reused, "kept_bytes": pool.kept}
 
 
 class ServerCollector:
@@ -77,6 +84,16 @@ class ServerCollector:
         connections = GaugeMetricFamily("qnbd_connections", "NBD connections, in the "
                                         "handshake or in transmission")
         connections.add_metric([], len(self.server.active))
+        pool = buffers(self.server)
+        taken = CounterMetricFamily("qnbd_payload_buffers_taken", "Large READ reply and "
+                                    "WRITE payload buffers handed out")
+        taken.add_metric([], pool["taken"])
+        reused = CounterMetricFamily("qnbd_payload_buffers_reused", "Of those, buffers "
+                                     "an earlier request was done with")
+        reused.add_metric([], pool["reused"])
+        kept = GaugeMetricFamily("qnbd_payload_buffer_bytes", "Bytes of payload buffers "
+                                 "the server keeps for reuse (in use or free)")
+        kept.add_metric([], pool["kept_bytes"])
         for export in catalog.exports:
             name = export.name
             clients.add_metric([name], export.clients)
@@ -99,7 +116,7 @@ class ServerCollector:
                                    [("+Inf" if le == float("inf") else repr(le), n)
                                     for le, n in buckets], stats.latency_ns[i] / 1e9)
         yield from (requests, nbytes, latency, errors, clients, connections, cbw, hits,
-                    misses)
+                    misses, taken, reused, kept)
 
 
 def prometheus_text(registry: CollectorRegistry) -> bytes:

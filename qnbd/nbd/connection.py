@@ -204,8 +204,10 @@ class Connection(asyncio.BufferedProtocol):
         session = event.session
         session.export.clients += 1
         log.info("%s: serving export %r", self.peer, session.export.name)
+        buffers = getattr(self.server, "buffers", None)
         self.tx = Transmission(session, self.server.config.max_request, self.peer,
-                               self.server.catalog.stats.get(session.export.name))
+                               self.server.catalog.stats.get(session.export.name),
+                               bytearray if buffers is None else buffers.take)
         writes = self.writes = getattr(self.server, "writes", None)
         if writes is not None:
             export = session.export
@@ -259,6 +261,10 @@ class Connection(asyncio.BufferedProtocol):
     def _idle_check(self):
         idle = self.server.config.idle_timeout
         quiet = self.server.loop.time() - self.active_at
+        if self.pending or (self.tx is not None and self.tx.held is not None):
+            # The client waits for us (replies with I/O out, a request held behind
+            # another connection's): it is not idle.
+            self.active_at, quiet = self.server.loop.time(), 0
         if quiet >= idle:
             log.info("%s: idle for %ss, disconnecting", self.peer, idle)
             self.abort()
@@ -271,6 +277,8 @@ class Connection(asyncio.BufferedProtocol):
         """Run steps of the transmission core until it needs more bytes, the reply budget
         is used up (pause_writing stops this, and reading), or this turn's share is done."""
         self.scheduled = False
+        if self.lost:
+            return   # a turn queued before the transport went: nothing to answer
         if self.reads is not None:
             self.reads.poll()   # replies whose data has arrived meanwhile go out first
         if self.blocked or self.closing:
@@ -302,7 +310,11 @@ class Connection(asyncio.BufferedProtocol):
                 else:
                     planned = False
                     done = functools.partial(self._deliver, tx.planned, started, pieces)
-                    if self.reads.fill(pieces, tx.export, done):
+                    try:
+                        filled = self.reads.fill(pieces, tx.export, done)
+                    except OSError as e:   # read here, on the loop: the request's error
+                        pieces, filled = tx.read_failed(tx.planned, e), True
+                    if filled:
                         out += pieces
                         tx.read_done(tx.planned, started)
                         if tx.export in self.reads.inline:

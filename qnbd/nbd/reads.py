@@ -21,11 +21,13 @@ What keeps it safe:
   a later write reuse it), so those wait while reads of their export are out
   (`may_mutate`), and while one waits no new read leaves the loop (it cannot starve).
 - Memory is bounded: at most MAX_OUT_BYTES of reads are out at once; past that a miss is
-  read inline, blocking, as before. Each buffer belongs to its reply until sent.
+  read inline, blocking, as before. Each buffer belongs to its reply until sent (and
+  is reused only once nothing refers to it: buffers.py).
 - `shutdown` waits for the reads still out (the ring's too) before the images are closed.
 """
 
 from ..block.plan import HostRead
+from .buffers import Buffers
 from .uring import open_ring
 from .workers import Gate, Held, Workers
 
@@ -43,9 +45,13 @@ MAX_RETRIES = 20
 POLL_GAP_S = 0.0002
 # A read this large goes to a worker thread at once, cached or not: copying it is work
 # enough to be worth a hand-off, and done there it runs beside the loop, on the other
-# core, while the loop sends replies (multi-connection copies, 1 MiB reads). So does
-# every read of an O_DIRECT file (there is no page cache to retry).
-THREAD_BYTES = 128 << 10
+# core, while the loop sends replies (1 MiB reads: 414 MiB/s threaded, 307 inline). So
+# does every read of an O_DIRECT file (there is no page cache to retry). Not 256 KiB
+# ones (nbdcopy's): the hand-off (a futex wake-up to post the job, one to return it)
+# costs about what their copy does, and a 4-connection copy leaves no core free for
+# the thread: 2246 us of server CPU per MiB inline against 3359 threaded (bench-cpu,
+# same rate; buffers branch, bench/RESULTS.md).
+THREAD_BYTES = 512 << 10
 # With a ring, after a miss the next RING_RUN reads go to it without the RWF_NOWAIT try
 # (the ring tries the page cache itself before it waits): misses come in runs, and a
 # miss tried first cost ~35 us more CPU a read than one sent straight to the ring
@@ -56,9 +62,10 @@ RING_RUN = 32
 
 class ReadPool:
     def __init__(self, loop, workers: int = WORKERS, max_out_bytes: int = MAX_OUT_BYTES,
-                 aio: str | None = None):
+                 buffers: Buffers | None = None, aio: str | None = None):
         self.loop = loop
         self.max_out_bytes = max_out_bytes
+        self.buffers = buffers if buffers is not None else Buffers()   # the replies' data
         self.out_bytes = 0
         self.threads = Workers(loop, workers, "read", _read_job, self._read_done)
         self.closed = False
@@ -107,7 +114,7 @@ class ReadPool:
                     data += bytes(piece.length - len(data))
                 pieces[i] = data
                 continue
-            buf = bytearray(piece.length)
+            buf = self.buffers.take(piece.length)   # filled whole below (zeros past EOF)
             view = memoryview(buf)
             pieces[i] = buf
             if big or file.direct:

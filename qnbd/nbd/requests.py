@@ -46,8 +46,11 @@ class RequestParser:
     """Requests are taken one at a time (`pop`), so the server can stop taking them while
     its replies wait to be sent: unparsed bytes stay here (`backlog` counts them)."""
 
-    def __init__(self, max_payload: int = DEFAULT_MAX_REQUEST, extended: bool = False):
+    def __init__(self, max_payload: int = DEFAULT_MAX_REQUEST, extended: bool = False,
+                 take=bytearray):
         self.max_payload = max_payload
+        # take(length): the buffer a payload is received into (buffers.py reuses them).
+        self.take = take
         self.extended = extended
         self.header = p.EXT_REQUEST if extended else p.REQUEST
         self.magic = p.EXTENDED_REQUEST_MAGIC if extended else p.REQUEST_MAGIC
@@ -131,7 +134,7 @@ class RequestParser:
             self.pos = pos + length
             return Request(cookie, cmd, flags, offset, length, payload)
         # The rest of the payload is still on its way: receive it in place.
-        self.target = bytearray(length)
+        self.target = self.take(length)   # filled whole before the request is popped
         self.filled = end - pos
         with memoryview(buf) as view:
             self.target[:self.filled] = view[pos:end]

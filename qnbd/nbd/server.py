@@ -21,6 +21,7 @@ from ..errors import QnbdError
 from ..export import Export
 from ..memory import tune_malloc
 from . import tls
+from .buffers import Buffers
 from .catalog import Catalog
 from .connection import Connection
 from .reads import ReadPool
@@ -55,8 +56,9 @@ class Server:
         self.served = 0
         self.stopping = False
         self.stopped = loop.create_future()
+        self.buffers = Buffers()   # large READ replies' and WRITE payloads' (buffers.py)
         try:   # reads that miss the page cache (docs/DESIGN.md "I/O model")
-            self.reads = ReadPool(loop, aio=config.aio)
+            self.reads = ReadPool(loop, buffers=self.buffers, aio=config.aio)
         except RingUnavailable as e:   # --aio=io_uring: at start-up, as qemu-nbd
             raise QnbdError(f"Unable to use io_uring: {e}") from None
         self.writes = WritePool(loop)   # large writes (writes.py)
@@ -127,6 +129,8 @@ class Server:
             self._share_budget()
         elif conn in self.waiting:
             self.waiting.remove(conn)
+        if not self.active:
+            self.buffers.trim()   # nobody to reuse them for
         if not self.stopping and not self.config.persistent and self.served \
                 and not self.active and not self.waiting:
             # qemu-nbd without --persistent: exit once the last client has gone.

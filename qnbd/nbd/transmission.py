@@ -106,13 +106,13 @@ class Transmission:
     """One session's transmission phase: request bytes and an export in, reply pieces out."""
 
     def __init__(self, session: Session, max_request: int = DEFAULT_MAX_REQUEST,
-                 peer: str = "?", stats: ExportStats | None = None):
+                 peer: str = "?", stats: ExportStats | None = None, take=bytearray):
         self.session = session
         self.stats = stats if stats is not None else ExportStats()
         self.export = session.export
         self.max_request = max_request
         self.peer = peer
-        self.parser = RequestParser(max_request, session.extended)
+        self.parser = RequestParser(max_request, session.extended, take)
         self.replies = codec(session.structured, session.extended)
         self.allowed = allowed_flags(session)
         # A READ being answered in steps: (request, next offset, whole), where whole means

@@ -51,6 +51,9 @@ class Workers:
             except BaseException as e:   # reported to the request, never lost here
                 error = e
             results.append((job, error))
+            # Not kept while waiting for the next one: a job refers to its buffers, which
+            # are reused only once nothing does (buffers.py).
+            job = error = None
             with self.lock:
                 if self.woken:
                     continue   # a _completed call is queued and will take this one

@@ -1,6 +1,6 @@
 """Performing write plans off the event loop (docs/DESIGN.md, "I/O model").
 
-A WRITE of THREAD_BYTES or more is mapped and allocated on the loop, like every write,
+A WRITE of PLAN_BYTES or more is mapped and allocated on the loop, like every write,
 and answered with a write plan (qnbd/block/plan.py): its HostWrites go to a worker thread
 (os.pwritev releases the GIL), so the loop receives the next request's payload while the
 file is written, which is what qemu-nbd's thread pool overlaps too. When they are done the
@@ -25,7 +25,6 @@ What keeps it as safe as writing inline:
 """
 
 from . import protocol as p
-from .reads import THREAD_BYTES
 from .workers import Gate, Held, Workers
 
 # One thread: the kernel runs buffered writes to one file one at a time (the inode's
@@ -33,6 +32,9 @@ from .workers import Gate, Held, Workers
 # and cost 10-20% more CPU per GiB for no gain in rate.
 WORKERS = 1
 MAX_OUT_BYTES = 32 << 20
+# WRITEs this large go to the pool (the writes branch's measurements, bench/RESULTS.md);
+# reads have their own threshold (reads.py THREAD_BYTES).
+PLAN_BYTES = 128 << 10
 
 
 class WritePool:
@@ -63,7 +65,7 @@ class WritePool:
         """Whether a WRITE of `length` bytes on `export` goes to the pool (else inline).
         Not while a control command waits for no write out (`idle`): new writes leaving
         the loop could keep it waiting for ever."""
-        if length < THREAD_BYTES or self.closed or self.idle_waiters:
+        if length < PLAN_BYTES or self.closed or self.idle_waiters:
             return False
         if self.out_bytes + length > self.max_out_bytes:
             return False
