@@ -27,7 +27,6 @@ What keeps it safe:
   end of the file leaves zeros in the rest of its buffer, as the engines' reads do.
 """
 
-import errno
 import os
 
 # Submission queue entries: a loop turn rarely prepares more (clients x their queue
@@ -59,15 +58,11 @@ class Ring:
         self.finish = finish
         self.ring = lib.Ring()
         try:
-            try:
-                # Completions wait until _reap asks for them (io_uring_get_events) instead
-                # of interrupting the loop thread one by one; only this thread submits.
-                lib.io_uring_queue_init(entries, self.ring, lib.IORING_SETUP_DEFER_TASKRUN
-                                        | lib.IORING_SETUP_SINGLE_ISSUER)
-            except OSError as e:
-                if e.errno != errno.EINVAL:   # before Linux 6.1: no deferred task work
-                    raise
-                lib.io_uring_queue_init(entries, self.ring)
+            # Not IORING_SETUP_DEFER_TASKRUN: with it, completions wait as task work
+            # until io_uring_get_events runs it, and the eventfd was not signalled for
+            # all of it: cold reads stayed in the ring for good once the page cache
+            # dropped pages under reads in flight (the review reproduced it every run).
+            lib.io_uring_queue_init(entries, self.ring)
         except OSError as e:
             raise RingUnavailable("failed to init linux io_uring ring: "
                                   + os.strerror(e.errno)) from None
@@ -78,7 +73,6 @@ class Ring:
             self._teardown()
             raise RingUnavailable("failed to register the ring's eventfd: "
                                   + os.strerror(e.errno)) from None
-        self.deferred = bool(self.ring.flags & lib.IORING_SETUP_DEFER_TASKRUN)
         self.cqe = lib.Cqe()
         self.out: dict[int, tuple] = {}   # user_data -> (fd, view, offset, iovec, job)
         self.next_id = 0
@@ -148,8 +142,7 @@ class Ring:
         except BlockingIOError:
             pass
         continued = False
-        if self.deferred:
-            self.lib.io_uring_get_events(self.ring)
+        finished = []
         for ident, result in self._completions():
             fd, view, offset, _iov, job = self.out.pop(ident)
             if result.__class__ is int:
@@ -160,9 +153,19 @@ class Ring:
                 if result == 0 and len(view):   # end of file: the rest reads as zeros
                     view[:] = bytes(len(view))
                 result = None
-            self.finish(job, result)
+            finished.append((job, result))
         if continued and not self.flush_due:
             self.lib.io_uring_submit(self.ring)
+        # Their completions are consumed: each must get its finish even if one before
+        # it fails (a bug there), or its request would never be answered.
+        failure = None
+        for job, result in finished:
+            try:
+                self.finish(job, result)
+            except Exception as e:
+                failure = failure or e
+        if failure is not None:
+            raise failure
 
     def close(self) -> None:
         """Wait for every read still out (their results are dropped: nobody awaits them),
@@ -171,7 +174,10 @@ class Ring:
         lib = self.lib
         lib.io_uring_submit(self.ring)
         while self.out:
-            lib.io_uring_wait_cqe(self.ring, self.cqe)
+            try:
+                lib.io_uring_wait_cqe(self.ring, self.cqe)
+            except InterruptedError:   # a signal (a second SIGTERM): keep waiting
+                continue
             for ident, _result in self._completions():
                 self.out.pop(ident, None)
         self.loop.remove_reader(self.efd)
