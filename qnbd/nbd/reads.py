@@ -107,8 +107,8 @@ class ReadPool:
                 if read_cached is not None:
                     self.inline.add(export)
                 # Where no read can be told not to block (tmpfs answers EOPNOTSUPP; the
-                # tests' file seams): blocking, as before, into a fresh bytes object
-                # (uvloop keeps bytes it cannot send at once, but copies a bytearray).
+                # tests' file seams): blocking, as before, into the bytes object pread
+                # makes (the transport may keep it unsent as long as it needs).
                 data = file.pread(piece.length, piece.offset)
                 if len(data) < piece.length:   # past the end of the file: zeros
                     data += bytes(piece.length - len(data))
