@@ -23,20 +23,11 @@ from qnbd import fileio
 from qnbd.block.plan import HostRead
 from qnbd.nbd.reads import ReadPool
 from qnbd.nbd.uring import ENTRIES
+from test_read_pool import evict
 
 MiB = 1 << 20
 SIZE = 16 * MiB
 NOURING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nouring.py")
-
-
-def evict(path):
-    """Drop the file's pages from the page cache, so reads of it miss (RWF_NOWAIT fails)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def ring_completions(pid: int) -> int | None:
@@ -53,6 +44,15 @@ def ring_completions(pid: int) -> int | None:
         if int(info["SqMask"], 16) == ENTRIES - 1:
             return int(info["CqTail"])
     return None
+
+
+def random_file(directory, seed: int, size: int):
+    """A file of `size` random bytes: (its path, the bytes)."""
+    path = os.path.join(directory, "f")
+    data = random.Random(seed).randbytes(size)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path, data
 
 
 @pytest.fixture
@@ -174,10 +174,7 @@ def _pool_fill(pool, pieces, loop):
 def test_pool_ring_fills_misses_with_zeros_past_the_end(disk_dir):
     """ReadPool with a ring: misses of an evicted file go to it; the part of a read past
     the end of the file reads as zeros (the buffer's old bytes must not show)."""
-    path = os.path.join(disk_dir, "f")
-    data = random.Random(2).randbytes(64 * 1024 + 100)
-    with open(path, "wb") as f:
-        f.write(data)
+    path, data = random_file(disk_dir, 2, 64 * 1024 + 100)
     f = fileio.open_file(path, writable=False)
     loop = asyncio.new_event_loop()
     try:
@@ -229,10 +226,7 @@ def test_pool_ring_reports_eio_to_the_request():
 def test_pool_shutdown_waits_for_the_ring(disk_dir):
     """shutdown right after misses went to the ring (not even submitted yet): it returns
     once the kernel has filled every buffer, and no reply is delivered after."""
-    path = os.path.join(disk_dir, "f")
-    data = random.Random(3).randbytes(4 * MiB)
-    with open(path, "wb") as f:
-        f.write(data)
+    path, data = random_file(disk_dir, 3, 4 * MiB)
     f = fileio.open_file(path, writable=False)
     loop = asyncio.new_event_loop()
     try:
@@ -336,10 +330,7 @@ def test_after_a_miss_reads_go_to_the_ring_untried(disk_dir):
     try is what a cold read cost most); the one after is tried inline again."""
     from qnbd.nbd.reads import RING_RUN
 
-    path = os.path.join(disk_dir, "f")
-    data = random.Random(6).randbytes(8 * MiB)
-    with open(path, "wb") as f:
-        f.write(data)
+    path, data = random_file(disk_dir, 6, 8 * MiB)
     fd = os.open(path, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
     f = _CountingFile(path, fd, False)

@@ -8,7 +8,6 @@ import json
 import os
 import random
 import struct
-import subprocess
 import tempfile
 import threading
 import time
@@ -18,7 +17,7 @@ import pytest
 
 from inprocess import pooled_connections, read_request
 from nbdserver import RawClient, serve  # noqa: F401 (fixture)
-from peers import qemu_img, qemu_io, run
+from peers import check_clean, qemu_img, qemu_io, run
 from qnbd import fileio
 from qnbd.block.plan import HostWrite
 from qnbd.block.storage import Storage
@@ -224,8 +223,7 @@ def test_failed_data_write_answers_eio_and_maps_nothing(image, loop, monkeypatch
         server.writes.shutdown()
         server.reads.shutdown()
         export.close()
-    report = json.loads(qemu_img("check", "--output=json", image).stdout)
-    assert not report.get("leaks") and not report.get("corruptions")
+    check_clean(image)
     mapped = json.loads(qemu_img("map", "--output=json", image).stdout)
     assert not any(m["data"] for m in mapped if m["start"] < 3 * MiB
                    and m["start"] + m["length"] > 2 * MiB)
@@ -354,13 +352,24 @@ def test_multi_conn_large_writes_with_reads_flushes_zeroes(tmp_path, serve, fmt)
         qemu_img("check", path)
 
 
-def test_control_commands_wait_for_the_writes_out(image, loop, held_writes):
-    """A control-socket command (a checkpoint splits the bitmaps there) runs only once
-    no write is out: it sees every write sent before it completed."""
+def control_connection(server, answer):
+    """A control-socket connection in process on `server`'s pools: `answer(line)` stands
+    for the service's handling of each command line."""
     from types import SimpleNamespace
 
     from qnbd.control.service import ControlConnection
 
+    service = SimpleNamespace(writes=server.writes, answer=answer, clients=set())
+    control = ControlConnection(service)
+    control.transport = SimpleNamespace(is_closing=lambda: False, write=lambda data: None,
+                                        pause_reading=lambda: None,
+                                        resume_reading=lambda: None)
+    return control
+
+
+def test_control_commands_wait_for_the_writes_out(image, loop, held_writes):
+    """A control-socket command (a checkpoint splits the bitmaps there) runs only once
+    no write is out: it sees every write sent before it completed."""
     export = Export.open(ExportConfig(image=image, format="qcow2"))
     (a,), server = pooled_connections(loop, export)
     seen = []
@@ -369,11 +378,7 @@ def test_control_commands_wait_for_the_writes_out(image, loop, held_writes):
         seen.append((line, allocated(export, 2 * MiB, 256 * KiB)))
         return b"{}\n"
 
-    service = SimpleNamespace(writes=server.writes, answer=answer, clients=set())
-    control = ControlConnection(service)
-    control.transport = SimpleNamespace(is_closing=lambda: False, write=lambda data: None,
-                                        pause_reading=lambda: None,
-                                        resume_reading=lambda: None)
+    control = control_connection(server, answer)
     try:
         a.data_received(request(p.CMD_WRITE, 1, 2 * MiB, payload=b"\x55" * 256 * KiB))
         spin(loop, 0.1)

@@ -5,18 +5,18 @@ import errno
 import json
 import random
 import threading
-from types import SimpleNamespace
 import nbd
 import pytest
 
 from inprocess import pooled_connections
 from nbdserver import serve  # noqa: F401 (fixture)
-from peers import qemu_img, qemu_io, run
+from peers import check_clean, qemu_img, qemu_io, run
 from qnbd import fileio
 from qnbd.block.plan import HostWrite
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
-from test_write_pool import KiB, MiB, loop, replies, request, spin, wait  # noqa: F401
+from test_write_pool import (KiB, MiB, control_connection, loop,  # noqa: F401
+                             replies, request, spin, wait)
 
 
 @pytest.fixture
@@ -72,19 +72,12 @@ def test_a_waiting_control_command_is_not_overtaken_by_later_writes(
     new write leaves the loop (it cannot starve). A WRITE that arrives after the command
     runs inline instead: under a steady stream of large writes (a slow disk, one out at
     every moment) the command would otherwise wait for ever."""
-    from qnbd.control.service import ControlConnection
-
     path = str(tmp_path / "disk.raw")
     qemu_img("create", "-q", "-f", "raw", path, "4M")
     export = Export.open(ExportConfig(image=path, format="raw"))
     (a, b), server = pooled_connections(loop, export, 2)
     seen = []
-    service = SimpleNamespace(writes=server.writes, clients=set(),
-                              answer=lambda line: seen.append(line) or b"{}\n")
-    control = ControlConnection(service)
-    control.transport = SimpleNamespace(is_closing=lambda: False, write=lambda data: None,
-                                        pause_reading=lambda: None,
-                                        resume_reading=lambda: None)
+    control = control_connection(server, lambda line: seen.append(line) or b"{}\n")
     try:
         a.data_received(request(p.CMD_WRITE, 1, 1 * MiB, payload=b"\x55" * 256 * KiB))
         spin(loop, 0.05)
@@ -158,8 +151,7 @@ def test_a_failed_inline_write_leaks_no_cluster(tmp_path, loop, monkeypatch):  #
         server.writes.shutdown()
         server.reads.shutdown()
         export.close()
-    report = json.loads(qemu_img("check", "--output=json", path).stdout)
-    assert not report.get("leaks") and not report.get("corruptions")
+    check_clean(path)
     assert "verification failed" not in qemu_io(path, "qcow2", "read -P 0 0 4M").stdout
 
 
