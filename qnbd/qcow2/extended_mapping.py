@@ -21,7 +21,6 @@ class ExtendedMapper(Mapper):
         cb, cs, sb = layout.cluster_bits, layout.cluster_size, layout.subcluster_bits
         table_shift = layout.table_shift
         l2_mask = (1 << layout.l2_bits) - 1
-        external = layout.external
         l2_for_read = self.tables.l2_for_read
         runs: list[list] = []
         pos, end = offset, offset + length
