@@ -153,3 +153,11 @@ def pooled_connections(loop, export: Export, count: int = 1, structured: bool = 
         conn._transmission(types.SimpleNamespace(session=session, leftover=b""))
         conns.append(conn)
     return conns, server
+
+
+def close_pooled(server, export: Export) -> None:
+    """What the server does at exit, for `pooled_connections`: the writes still out
+    committed, the reads out waited for, then the export closed."""
+    server.writes.shutdown()
+    server.reads.shutdown()
+    export.close()

@@ -4,7 +4,8 @@ reviewing it: each test states the guarantee and failed on the code before its f
 import errno
 import os
 
-from inprocess import MiB, RecordingTransport, pooled_connections, read_request
+from inprocess import (MiB, RecordingTransport, close_pooled, pooled_connections,
+                       read_request)
 from peers import qemu_img, qemu_io
 from qnbd.export import Export, ExportConfig
 from qnbd.nbd import protocol as p
@@ -52,9 +53,7 @@ def test_a_read_error_on_the_loop_is_an_eio_reply(tmp_path, loop, monkeypatch): 
         wait(loop, lambda: len(a.transport.data) >= 16 + 4096 + 48 + 4096)
         assert replies(a.transport.data, {1: 4096, 4: 4096})[3] == (4, 0, b"\x11" * 4096)
     finally:
-        server.writes.shutdown()
-        server.reads.shutdown()
-        export.close()
+        close_pooled(server, export)
 
 
 class ClosingTransport(RecordingTransport):
@@ -85,6 +84,4 @@ def test_a_turn_queued_before_the_connection_was_lost_writes_nothing(tmp_path,  
         spin(loop, 0.05)
         assert not failures, failures[0].get("exception")
     finally:
-        server.writes.shutdown()
-        server.reads.shutdown()
-        export.close()
+        close_pooled(server, export)

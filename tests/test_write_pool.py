@@ -15,7 +15,7 @@ import time
 import nbd
 import pytest
 
-from inprocess import pooled_connections, read_request
+from inprocess import close_pooled, pooled_connections, read_request
 from nbdserver import RawClient, serve  # noqa: F401 (fixture)
 from peers import check_clean, qemu_img, qemu_io, run
 from qnbd import fileio
@@ -123,9 +123,7 @@ def test_flush_and_reads_wait_for_the_writes_before_them(image, loop, held_write
         assert [c for c, _e, _d in replies(b.transport.data, {})] == [4, 5]
         assert not server.writes.gate.exports and server.writes.out_bytes == 0
     finally:
-        server.writes.shutdown()
-        server.reads.shutdown()
-        export.close()
+        close_pooled(server, export)
     qemu_img("check", image)
     out = qemu_io(image, "qcow2", "read -P 0x11 0 1M", "read -P 0 3M 1M").stdout
     assert "verification failed" not in out
@@ -148,9 +146,7 @@ def test_a_refused_request_waits_for_no_write_out(image, loop, held_writes):
         wait(loop, lambda: len(a.transport.data) == 32)
         assert [e for _c, e, _d in replies(a.transport.data, {})] == [p.EINVAL, 0]
     finally:
-        server.writes.shutdown()
-        server.reads.shutdown()
-        export.close()
+        close_pooled(server, export)
 
 
 def test_overlapping_writes_wait_and_disjoint_ones_do_not(image, loop, held_writes):
@@ -186,9 +182,7 @@ def test_overlapping_writes_wait_and_disjoint_ones_do_not(image, loop, held_writ
             assert all(e == 0 for _c, e, _d in replies(conn.transport.data, {}))
         assert export.read(0, 4 * MiB) == model
     finally:
-        server.writes.shutdown()
-        server.reads.shutdown()
-        export.close()
+        close_pooled(server, export)
     qemu_img("check", image)
 
 
@@ -220,9 +214,7 @@ def test_failed_data_write_answers_eio_and_maps_nothing(image, loop, monkeypatch
         wait(loop, lambda: len(a.transport.data) == 48)
         assert [e for _c, e, _d in replies(a.transport.data, {})] == [p.EIO, 0, 0]
     finally:
-        server.writes.shutdown()
-        server.reads.shutdown()
-        export.close()
+        close_pooled(server, export)
     check_clean(image)
     mapped = json.loads(qemu_img("map", "--output=json", image).stdout)
     assert not any(m["data"] for m in mapped if m["start"] < 3 * MiB
@@ -275,9 +267,7 @@ def test_write_waits_for_a_read_out_and_a_read_for_a_write_out(image, loop, monk
             (4, 0, newer[4096:8192])
     finally:
         held_writes.set()
-        server.writes.shutdown()
-        server.reads.shutdown()
-        export.close()
+        close_pooled(server, export)
 
 
 def test_pool_bounds_the_bytes_out_and_small_writes_stay_inline():
@@ -389,9 +379,7 @@ def test_control_commands_wait_for_the_writes_out(image, loop, held_writes):
         wait(loop, lambda: seen)
         assert seen == [(b'{"command": "checkpoint"}', True)]
     finally:
-        server.writes.shutdown()
-        server.reads.shutdown()
-        export.close()
+        close_pooled(server, export)
 
 
 def test_shutdown_waits_for_the_writes_out_and_commits_them(image, loop, held_writes):
@@ -410,9 +398,7 @@ def test_shutdown_waits_for_the_writes_out_and_commits_them(image, loop, held_wr
         assert not a.transport.data
     finally:
         held_writes.set()
-        server.writes.shutdown()
-        server.reads.shutdown()
-        export.close()
+        close_pooled(server, export)
     qemu_img("check", image)
     assert qemu_io(image, "qcow2", "read -v 2M 16").stdout.split(":")[1].split()[:16] == \
         [f"{b:02x}" for b in data[:16]]

@@ -8,7 +8,7 @@ import threading
 import nbd
 import pytest
 
-from inprocess import pooled_connections
+from inprocess import close_pooled, pooled_connections
 from nbdserver import serve  # noqa: F401 (fixture)
 from peers import check_clean, qemu_img, qemu_io, run
 from qnbd import fileio
@@ -59,9 +59,7 @@ def test_probed_raw_block0_cannot_be_assembled_from_two_concurrent_writes(
             == [0, p.EPERM]
     finally:
         held_by_offset(4).set()
-        server.writes.shutdown()
-        server.reads.shutdown()
-        export.close()
+        close_pooled(server, export)
     info = run("qemu-img", "info", "--output=json", path)   # probes as the next open would
     assert json.loads(info.stdout)["format"] == "raw"
 
@@ -92,9 +90,7 @@ def test_a_waiting_control_command_is_not_overtaken_by_later_writes(
     finally:
         held_by_offset(1 * MiB).set()
         held_by_offset(2 * MiB).set()
-        server.writes.shutdown()
-        server.reads.shutdown()
-        export.close()
+        close_pooled(server, export)
 
 
 @pytest.mark.parametrize("cluster_size, offset", [("16k", 0), ("32k", 4096)])
@@ -148,9 +144,7 @@ def test_a_failed_inline_write_leaks_no_cluster(tmp_path, loop, monkeypatch):  #
         wait(loop, lambda: len(a.transport.data) == 32)
         assert [e for _c, e, _d in replies(a.transport.data, {})] == [p.EIO, 0]
     finally:
-        server.writes.shutdown()
-        server.reads.shutdown()
-        export.close()
+        close_pooled(server, export)
     check_clean(path)
     assert "verification failed" not in qemu_io(path, "qcow2", "read -P 0 0 4M").stdout
 
@@ -173,6 +167,4 @@ def test_a_client_waiting_for_a_write_out_is_not_idle(tmp_path, loop, held_by_of
         assert a.transport.closed   # idle once answered
     finally:
         held_by_offset(MiB).set()
-        server.writes.shutdown()
-        server.reads.shutdown()
-        export.close()
+        close_pooled(server, export)
