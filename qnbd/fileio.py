@@ -105,9 +105,9 @@ class File:
         """Fill `view` from the page cache without waiting for the disk (preadv2 with
         RWF_NOWAIT; docs/DESIGN.md, "I/O model"): (bytes read, complete). Incomplete
         means the rest would block: finish it with preadinto(view[got:], offset + got),
-        in a worker thread. Complete and short means end of file (the rest is zeroed). Where the file system
-        cannot tell (EOPNOTSUPP, EINVAL, or no RWF_NOWAIT at all) the read is done here,
-        blocking, as before, and every later one too."""
+        in a worker thread. Complete and short means end of file (the rest is zeroed).
+        Where the file system cannot tell (EOPNOTSUPP, EINVAL, or no RWF_NOWAIT at all)
+        the read is done here, blocking, as before, and every later one too."""
         if self.direct:
             return 0, False   # no page cache to hit: the read pool reads it in a thread
         total = 0

@@ -170,9 +170,9 @@ class _PooledWrites:
     the plans committed in a random order (a FUA plan's commit flushes: `flushed`).
     `failing` of them fail after a random number of their HostWrites landed and are
     aborted, as the pool does on an EIO: nothing mapped, their new clusters queued for
-    release, the range as it reads now. Meanwhile a FUA write touching none of their clusters runs inline, flush
-    included, as the server lets a small one do; anything else first waits for every
-    write out (settle)."""
+    release, the range as it reads now. Meanwhile a FUA write touching none of their
+    clusters runs inline, flush included, as the server lets a small one do; anything
+    else first waits for every write out (settle)."""
 
     def __init__(self, dev, model, rng: random.Random, failing: float, flushed):
         self.dev = dev

@@ -145,7 +145,7 @@ class ReadPool:
         state.out += 1
         self.out_bytes += size
         if threaded:
-            self._to_thread((missing, export, state, size, done))
+            self.threads.submit((missing, export, state, size, done))
             return False
         if self.ring is not None and self.ring.read_all(
                 missing, [len(missing), None, export, state, size, done]):
@@ -154,9 +154,6 @@ class ReadPool:
         if self.timer is None:
             self.timer = self.loop.call_later(RETRY_S, self._tick)
         return False
-
-    def _to_thread(self, job) -> None:
-        self.threads.submit(job)
 
     def _tick(self) -> None:
         self.timer = None
@@ -194,7 +191,7 @@ class ReadPool:
             job[0] = rest
             job[5] += tick
             if job[5] > MAX_RETRIES:
-                self._to_thread(tuple(job[:5]))
+                self.threads.submit(tuple(job[:5]))
             else:
                 self.parked.append(job)
         for (_missing, export, state, size, done, _n), error in finished:

@@ -3,11 +3,11 @@
 
 ReadPool.fill (reads.py) reads each HostRead inline with preadv2(RWF_NOWAIT); what misses
 comes here, and so do the reads after a miss, untried (reads.RING_RUN: the ring tries the
-page cache itself first). Each miss becomes a readv submission; the submissions of one loop turn go to
-the kernel in one io_uring_enter (a `call_soon` flush), the kernel performs them without
-a thread of ours (buffered reads wait for their pages inside the kernel), and each
-completion signals an eventfd that the loop watches, so the completions of a batch are
-reaped in one pass of `_reap`. A miss costs no thread switch, no GIL hand-off and no
+page cache itself first). Each miss becomes a read submission; the submissions of one
+loop turn go to the kernel in one io_uring_enter (a `call_soon` flush), the kernel
+performs them without a thread of ours (buffered reads wait for their pages inside the
+kernel), and each completion signals an eventfd that the loop watches, so the
+completions of a batch are reaped in one pass of `_reap`. A miss costs no thread switch, no GIL hand-off and no
 retries.
 
 The binding is `liburing` from PyPI (a maintained wrapper of C liburing, an abi3 wheel

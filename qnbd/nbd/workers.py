@@ -95,11 +95,12 @@ class Held:
 
 class Gate:
     """Per export: what a pool has out and who waits for it (docs/DESIGN.md, "I/O
-    model"). A request that must not overtake the jobs out waits (`hold`); while one
-    waits, or while the waiters run, no new job leaves the loop (`open` is False), so a
-    waiting request cannot starve. `settle`, after a job's end, resumes the waiters once
-    none is out, each in a callback queued now; jobs may leave again only from the
-    callback queued after them, so none overtakes them."""
+    model"). A request that must not overtake the jobs out waits (its resume goes in
+    the export's Held `waiters`); while one waits, or while the waiters run, no new job
+    leaves the loop (`open` is False), so a waiting request cannot starve. `settle`,
+    after a job's end, resumes the waiters once none is out, each in a callback queued
+    now; jobs may leave again only from the callback queued after them, so none
+    overtakes them."""
 
     def __init__(self, loop, empty):
         self.loop = loop
